@@ -1,0 +1,31 @@
+"""jlora: functional LoRA for JAX and Flax.
+
+>>> import jlora
+>>> cfg = jlora.LoraConfig(rank=8, alpha=16.0, targets=r".*/(query|value)/kernel")
+"""
+
+from jlora._config import LoraConfig as LoraConfig
+from jlora._config import Rule as Rule
+from jlora._init import init as init
+from jlora._layout import Layout as Layout
+from jlora._merge import merge as merge
+from jlora._merge import unmerge as unmerge
+from jlora._rewrite import Use as Use
+from jlora._summary import summary as summary
+from jlora._wrap import LoraApply as LoraApply
+from jlora._wrap import wrap as wrap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Layout",
+    "LoraApply",
+    "LoraConfig",
+    "Rule",
+    "Use",
+    "init",
+    "merge",
+    "summary",
+    "unmerge",
+    "wrap",
+]

@@ -1,0 +1,178 @@
+"""What to adapt and how: `LoraConfig` and its per-target `Rule`s."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+
+INIT_SCHEMES = ("kaiming_uniform", "gaussian")
+
+
+def _check_axes(name: str, value, owner: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, int):
+        value = (value,)
+    if not (isinstance(value, tuple | list) and all(isinstance(v, int) and v >= 0 for v in value)):
+        raise TypeError(
+            f"{owner}: {name} must be a tuple of non-negative axis numbers, got {value!r}; "
+            f"e.g. {name}=(0,)."
+        )
+    if len(set(value)) != len(value):
+        raise ValueError(f"{owner}: {name}={tuple(value)!r} repeats an axis.")
+    return tuple(value)
+
+
+def _compile(pattern: str, owner: str) -> re.Pattern:
+    if not isinstance(pattern, str):
+        raise TypeError(f"{owner}: pattern must be a regex string, got {pattern!r}.")
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{owner}: pattern {pattern!r} is not a valid regex ({e}).") from None
+
+
+def _check_rank(rank, owner: str) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"{owner}: rank must be an int, got {rank!r}.")
+    if rank <= 0:
+        raise ValueError(f"{owner}: rank must be > 0, got {rank}; use rank=8 as a start.")
+
+
+def _check_alpha(alpha, owner: str) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
+        raise TypeError(f"{owner}: alpha must be a number, got {alpha!r}.")
+    if not (alpha > 0 and math.isfinite(alpha)):
+        raise ValueError(
+            f"{owner}: alpha must be a finite number > 0, got {alpha}; "
+            "to switch an adapter off at run time pass lora_scale=0 instead."
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Rule:
+    """One target rule: a regex over '/'-joined leaf paths and its own settings.
+
+    Fields left as ``None`` take the value of the enclosing `LoraConfig`.
+
+    Args:
+      pattern: regex matched with ``re.fullmatch`` against leaf paths such as
+        ``params/encoder/layer_0/attention/query/kernel``.
+      rank: rank ``r`` of the adapters this rule creates.
+      alpha: scale numerator; the delta is ``alpha / r · a @ b`` (``alpha / sqrt(r)``
+        with rsLoRA).
+      in_axes: the kernel axes the consuming op contracts (its input side), as
+        axis numbers of the kernel. ``None`` picks them by the documented default:
+        all axes but the last, except the 3-D ``query``/``key``/``value`` kernels
+        of Flax attention, whose input is axis 0.
+      stack_axes: axes that index a stack of layers (``nn.scan``/``nnx.scan``);
+        each layer gets its own adapter.
+
+    >>> Rule(pattern=r".*/out/kernel", rank=4).rank
+    4
+    """
+
+    pattern: str
+    rank: int | None = None
+    alpha: float | None = None
+    in_axes: tuple[int, ...] | None = None
+    stack_axes: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        owner = f"Rule({self.pattern!r})"
+        _compile(self.pattern, owner)
+        if self.rank is not None:
+            _check_rank(self.rank, owner)
+        if self.alpha is not None:
+            _check_alpha(self.alpha, owner)
+        object.__setattr__(self, "in_axes", _check_axes("in_axes", self.in_axes, owner))
+        object.__setattr__(self, "stack_axes", _check_axes("stack_axes", self.stack_axes, owner))
+        if self.in_axes is not None and set(self.in_axes) & set(self.stack_axes):
+            raise ValueError(f"{owner}: an axis cannot be both in in_axes and stack_axes.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    """Which leaves get low-rank adapters, and how they are built.
+
+    Args:
+      rank: default adapter rank ``r``.
+      alpha: default scale numerator (PEFT's ``lora_alpha``, default 8).
+      targets: a regex, or a sequence of regexes and `Rule`s; the first rule whose
+        pattern fully matches a leaf path adapts that leaf. Every rule must match
+        at least one leaf.
+      rslora: use ``alpha / sqrt(r)`` instead of ``alpha / r`` (rank-stabilised LoRA).
+      train_in_full: regexes of leaves trained in full (PEFT's ``modules_to_save``),
+        e.g. a freshly initialised classifier head.
+      init: ``"kaiming_uniform"`` (PEFT's default: ``a ~ U(±1/sqrt(fan_in))``) or
+        ``"gaussian"`` (``a ~ N(0, 1/r²)``); ``b`` starts at zero either way.
+        Embedding tables get ``a ~ N(0, 1)``, mirroring PEFT's embedding init.
+      dtype: dtype of the adapter factors (default float32, whatever the base).
+
+    >>> cfg = LoraConfig(rank=8, alpha=16.0, targets=r".*/(query|value)/kernel")
+    >>> cfg.scale_for(cfg.rules[0])
+    2.0
+    """
+
+    rank: int = 8
+    alpha: float = 8.0
+    targets: str | Sequence[str | Rule] = ()
+    rslora: bool = False
+    train_in_full: str | Sequence[str] = ()
+    init: str = "kaiming_uniform"
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        _check_rank(self.rank, "LoraConfig")
+        _check_alpha(self.alpha, "LoraConfig")
+        targets = (self.targets,) if isinstance(self.targets, str | Rule) else tuple(self.targets)
+        rules = []
+        for t in targets:
+            if isinstance(t, str):
+                rules.append(Rule(pattern=t))
+            elif isinstance(t, Rule):
+                rules.append(t)
+            else:
+                raise TypeError(
+                    f"LoraConfig: each target must be a regex string or a jlora.Rule, got {t!r}."
+                )
+        object.__setattr__(self, "targets", tuple(rules))
+        full = (self.train_in_full,) if isinstance(self.train_in_full, str) else tuple(self.train_in_full)
+        for p in full:
+            _compile(p, "LoraConfig.train_in_full")
+        object.__setattr__(self, "train_in_full", full)
+        if not rules and not full:
+            raise ValueError(
+                "LoraConfig: nothing to train; set targets, e.g. targets=r'.*/(query|value)/kernel'."
+            )
+        if self.init not in INIT_SCHEMES:
+            raise ValueError(
+                f"LoraConfig: unknown init scheme {self.init!r}; choose one of {INIT_SCHEMES}."
+            )
+        try:
+            dtype = jnp.dtype(self.dtype)
+        except TypeError:
+            raise TypeError(f"LoraConfig: dtype {self.dtype!r} is not a dtype; e.g. 'float32'.") from None
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"LoraConfig: adapter dtype must be floating, got {dtype.name}.")
+        object.__setattr__(self, "dtype", dtype.name)
+        if not isinstance(self.rslora, bool):
+            raise TypeError(f"LoraConfig: rslora must be a bool, got {self.rslora!r}.")
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        """The target rules in match order."""
+        return self.targets  # normalised to a tuple of Rule in __post_init__
+
+    def rank_for(self, rule: Rule) -> int:
+        return self.rank if rule.rank is None else rule.rank
+
+    def scale_for(self, rule: Rule) -> float:
+        """``alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA) for one rule."""
+        r = self.rank_for(rule)
+        alpha = self.alpha if rule.alpha is None else rule.alpha
+        return float(alpha / math.sqrt(r) if self.rslora else alpha / r)

@@ -1,0 +1,69 @@
+"""`init`: split a parameter tree into frozen base and trainable adapters."""
+
+from __future__ import annotations
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+
+from jlora._config import LoraConfig
+from jlora._paths import flatten, nest
+from jlora._targets import Target, resolve
+
+
+def _adapter(key: jax.Array, t: Target, init: str, dtype) -> dict[str, jax.Array]:
+    a_shape = t.layout.a_shape(t.shape, t.rank)
+    if t.embedding:
+        # PEFT draws its embedding factor from N(0, 1) (the other factor is zero);
+        # here that factor is `a`, so a looked-up row of `a` is O(1).
+        a = jax.random.normal(key, a_shape, dtype)
+    elif init == "kaiming_uniform":
+        # torch's kaiming_uniform_(a=sqrt(5)) on PEFT's (r, fan_in) lora_A weight.
+        bound = 1.0 / t.layout.fan_in(t.shape) ** 0.5
+        a = jax.random.uniform(key, a_shape, dtype, -bound, bound)
+    else:  # "gaussian", as PEFT: std 1/r
+        a = jax.random.normal(key, a_shape, dtype) / t.rank
+    return {"a": a, "b": jnp.zeros(t.layout.b_shape(t.shape, t.rank), dtype)}
+
+
+def init(key: jax.Array, params, config: LoraConfig):
+    """Split ``params`` into ``(frozen, trainable)``.
+
+    ``frozen`` is ``params`` itself (same structure and values; leaves trained in
+    full keep their original value there, so ``lora_scale=0`` is the base model).
+    ``trainable`` is a plain nested dict: at each adapted kernel's path a dict with
+    ``a`` of shape ``(*stack, *in, r)`` (random) and ``b`` of shape
+    ``(*stack, r, *out)`` (zero); at each leaf trained in full, a copy of it.
+
+    Each adapter's key is ``fold_in(key, crc32(path))``: adding or removing a
+    target never changes the initial value of another.
+
+    Args:
+      key: a JAX PRNG key.
+      params: Linen variables (dict or FrozenDict) or NNX state from ``nnx.split``.
+      config: the `LoraConfig`.
+
+    Returns:
+      ``(frozen, trainable)``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> params = {"params": {"dense": {"kernel": jnp.ones((16, 4)), "bias": jnp.zeros(4)}}}
+    >>> cfg = LoraConfig(rank=2, targets=r".*/kernel")
+    >>> frozen, trainable = init(jax.random.key(0), params, cfg)
+    >>> jax.tree.map(jnp.shape, trainable)
+    {'params': {'dense': {'kernel': {'a': (16, 2), 'b': (2, 4)}}}}
+    """
+    if not isinstance(key, jax.Array):
+        raise TypeError(f"init: key must be a JAX PRNG key (jax.random.key(0)), got {type(key).__name__}.")
+    targets = resolve(config, params)
+    leaves = flatten(params)
+    dtype = jnp.dtype(config.dtype)
+    trainable = {}
+    for path, t in targets.items():
+        if t.is_lora:
+            sub = jax.random.fold_in(key, zlib.crc32(path.encode()))
+            trainable[path] = _adapter(sub, t, config.init, dtype)
+        else:
+            trainable[path] = jnp.array(leaves[path], copy=True)
+    return params, nest(trainable)

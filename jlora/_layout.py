@@ -1,0 +1,77 @@
+"""How an adapter's factors map onto the axes of the kernel they adapt.
+
+A kernel ``W`` has three kinds of axes: *stack* axes (one layer of a scanned stack
+each), *in* axes (contracted by the op that consumes ``W``) and *out* axes. Its
+adapter holds ``a`` of shape ``(*stack, *in, r)`` and ``b`` of shape
+``(*stack, r, *out)``; the delta is ``scale · a @ b`` laid back onto W's axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_QKV = re.compile(r"(.*/)?(query|key|value)/kernel")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Axis roles of one adapted kernel (positions are axes of ``W``)."""
+
+    in_axes: tuple[int, ...]
+    out_axes: tuple[int, ...]
+    stack_axes: tuple[int, ...] = ()
+
+    def a_shape(self, w_shape, rank: int) -> tuple[int, ...]:
+        return (*(w_shape[i] for i in self.stack_axes), *(w_shape[i] for i in self.in_axes), rank)
+
+    def b_shape(self, w_shape, rank: int) -> tuple[int, ...]:
+        return (*(w_shape[i] for i in self.stack_axes), rank, *(w_shape[i] for i in self.out_axes))
+
+    def fan_in(self, w_shape) -> int:
+        return math.prod(w_shape[i] for i in self.in_axes)
+
+
+def default_layout(path: str, ndim: int, in_axes=None, stack_axes=()) -> Layout:
+    """The documented default split of a kernel's axes.
+
+    Stack axes are the user's. Of the rest, the input axes are all but the last
+    (Dense ``(in, out)``, Conv ``(*window, in, out)``, attention out-projection
+    ``(heads, head_dim, out)``, embedding ``(vocab, features)``), except the 3-D
+    ``query``/``key``/``value`` kernels ``(in, heads, head_dim)`` of Flax attention,
+    whose input is their first axis.
+
+    >>> default_layout("params/attn/query/kernel", 3)
+    Layout(in_axes=(0,), out_axes=(1, 2), stack_axes=())
+    >>> default_layout("params/conv/kernel", 4)
+    Layout(in_axes=(0, 1, 2), out_axes=(3,), stack_axes=())
+    """
+    rest = [i for i in range(ndim) if i not in stack_axes]
+    if in_axes is None:
+        if len(rest) == 3 and _QKV.fullmatch(path):
+            in_axes = (rest[0],)
+        else:
+            in_axes = tuple(rest[:-1])
+    out_axes = tuple(i for i in rest if i not in in_axes)
+    return Layout(tuple(in_axes), out_axes, tuple(stack_axes))
+
+
+def delta(a: jax.Array, b: jax.Array, layout: Layout) -> jax.Array:
+    """``a @ b`` over the rank axis, laid out on W's axes (no scale applied)."""
+    s = len(layout.stack_axes)
+    stack = tuple(range(s))
+    d = lax.dot_general(a, b, (((a.ndim - 1,), (s,)), (stack, stack)))
+    order = (*layout.stack_axes, *layout.in_axes, *layout.out_axes)
+    return lax.transpose(d, tuple(order.index(i) for i in range(len(order))))
+
+
+def merged(w: jax.Array, a: jax.Array, b: jax.Array, layout: Layout, scale) -> jax.Array:
+    """``W + scale · a @ b`` in W's dtype, summed in the wider of W's and a's dtypes."""
+    acc = jnp.promote_types(w.dtype, a.dtype)
+    d = delta(a.astype(acc), b.astype(acc), layout)
+    return (w.astype(acc) + jnp.asarray(scale, acc) * d).astype(w.dtype)

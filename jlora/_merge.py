@@ -1,0 +1,101 @@
+"""`merge` adapters into the base weights, and `unmerge` them out again."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jlora._config import LoraConfig
+from jlora._layout import merged
+from jlora._paths import leaf_paths
+from jlora._targets import check_trainable, resolve
+
+
+def interpolate(base, trained, scale):
+    """``base + scale·(trained - base)``: the runtime scale for a leaf trained in full."""
+    if isinstance(scale, int | float) and scale == 1:
+        return trained.astype(base.dtype)
+    s = jnp.asarray(scale, base.dtype)
+    return base + s * (trained.astype(base.dtype) - base)
+
+
+def merged_leaves(frozen, trainable, config: LoraConfig, scale=1.0, sign: int = 1) -> list:
+    """Leaves of ``frozen`` with every adapter folded in (``sign=-1`` subtracts it)."""
+    targets = resolve(config, frozen)
+    values = check_trainable(targets, trainable)
+    out = []
+    for path, leaf in zip(leaf_paths(frozen), jax.tree_util.tree_leaves(frozen), strict=True):
+        t = targets.get(path)
+        if t is None:
+            out.append(leaf)
+        elif t.is_lora:
+            a, b = values[path]
+            out.append(merged(leaf, a, b, t.layout, sign * t.scale * scale))
+        else:
+            out.append(interpolate(leaf, values[path], scale) if sign > 0 else values[path].astype(leaf.dtype))
+    return out
+
+
+def _check_finite(tree, changed: set[str]) -> None:
+    bad = []
+    for path, leaf in zip(leaf_paths(tree), jax.tree_util.tree_leaves(tree), strict=True):
+        if path in changed:
+            if isinstance(leaf, jax.core.Tracer):
+                raise ValueError("merge(..., safe=True) checks values on the host; call it outside jax.jit.")
+            if not bool(jnp.all(jnp.isfinite(leaf))):
+                bad.append(path)
+    if bad:
+        raise ValueError(
+            "merge produced non-finite values (nan/inf) at: " + ", ".join(bad)
+            + ". The adapters or the base hold nan/inf; check the training run (learning rate, "
+            "loss scale) before serving these weights."
+        )
+
+
+def merge(frozen, trainable, config: LoraConfig, *, scale=1.0, safe: bool = False):
+    """Fold the adapters into the base: plain parameters with the structure of ``params``.
+
+    Each adapted kernel becomes ``W + scale·(alpha/r)·a@b`` in W's dtype; each leaf
+    trained in full takes its trained value (``scale`` interpolates from the base).
+    With ``b == 0`` the result equals the original ``params``.
+
+    Args:
+      frozen, trainable: from `init`.
+      config: the `LoraConfig` they were made with.
+      scale: adapter strength: 0 is the base model, 1 the trained adapter.
+      safe: check the merged leaves on the host and raise, naming every path, if
+        any holds nan or inf (nothing is returned then).
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jlora import LoraConfig, init
+    >>> params = {"w": {"kernel": jnp.ones((4, 3))}}
+    >>> cfg = LoraConfig(rank=2, targets="w/kernel")
+    >>> frozen, trainable = init(jax.random.key(0), params, cfg)
+    >>> bool((merge(frozen, trainable, cfg)["w"]["kernel"] == params["w"]["kernel"]).all())
+    True
+    """
+    leaves = merged_leaves(frozen, trainable, config, scale)
+    out = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(frozen), leaves)
+    if safe:
+        _check_finite(out, set(resolve(config, frozen)))
+    return out
+
+
+def unmerge(merged_params, trainable, config: LoraConfig, *, scale=1.0):
+    """The inverse of `merge`: subtract the adapters to recover the frozen base.
+
+    Leaves trained in full keep their merged (trained) value: the base value they
+    replaced is not recoverable from ``merged_params``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jlora import LoraConfig, init
+    >>> params = {"w": {"kernel": jnp.ones((4, 3))}}
+    >>> cfg = LoraConfig(rank=2, targets="w/kernel")
+    >>> frozen, trainable = init(jax.random.key(0), params, cfg)
+    >>> trainable["w"]["kernel"]["b"] = jnp.ones((2, 3))
+    >>> back = unmerge(merge(frozen, trainable, cfg), trainable, cfg)
+    >>> bool(jnp.allclose(back["w"]["kernel"], params["w"]["kernel"], atol=1e-6))
+    True
+    """
+    leaves = merged_leaves(merged_params, trainable, config, scale, sign=-1)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(merged_params), leaves)

@@ -1,0 +1,58 @@
+"""Leaf paths of parameter trees (Linen dicts, FrozenDicts, NNX state) and nested dicts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+from flax import nnx
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def leaf_paths(tree) -> list[str]:
+    """'/'-joined paths aligned with ``jax.tree_util.tree_leaves(tree)``.
+
+    An NNX ``Variable`` holding one array is named by the Variable's own path: the
+    trailing ``value`` key of its pytree child is dropped, so ``attn/value/kernel``
+    (the kernel of a module named ``value``) reads the same in NNX and Linen.
+
+    >>> leaf_paths({"params": {"dense": {"kernel": 1, "bias": 2}}})
+    ['params/dense/bias', 'params/dense/kernel']
+    """
+    paths = []
+    entries, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_variable)
+    for key_path, node in entries:
+        if _is_variable(node):
+            inner, _ = jax.tree_util.tree_flatten_with_path(node)
+            if len(inner) == 1:
+                paths.append(_keystr(key_path))
+            else:
+                paths.extend(_keystr(key_path + sub) for sub, _ in inner)
+        else:
+            paths.append(_keystr(key_path))
+    return paths
+
+
+def _keystr(key_path) -> str:
+    return jax.tree_util.keystr(key_path, simple=True, separator="/")
+
+
+def nest(flat: Mapping[str, Any]) -> dict:
+    """``{'a/b': x}`` -> ``{'a': {'b': x}}`` (plain dicts, string keys)."""
+    out: dict = {}
+    for path, value in flat.items():
+        node = out
+        *parents, last = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return out
+
+
+def flatten(tree) -> dict[str, Any]:
+    """Leaves of any pytree keyed by their '/'-joined path."""
+    return dict(zip(leaf_paths(tree), jax.tree_util.tree_leaves(tree), strict=True))

@@ -1,0 +1,463 @@
+"""Evaluate a jaxpr with adapted kernels kept factored.
+
+The model's apply function is traced to a jaxpr with the base parameters, then
+evaluated equation by equation. An adapted kernel travels as a `Lora` value: its
+base array ``w`` plus factors ``a``/``b`` and the `Layout` saying which of W's
+axes are input, output and stack axes. Ops that consume the kernel get a rule
+that adds the low-rank branch instead of forming ``W + s·a@b``:
+
+* ``dot_general``: ``x·W + s·(x·a)·b``; a transposed use (a tied embedding head,
+  ``x·Wᵀ``) contracts the output axes, so b is applied first and a second;
+* ``conv_general_dilated``: a is a conv with W's window, b a 1x1 over features;
+* ``gather`` of whole rows (an embedding lookup): ``W[i] + s·a[i]·b``;
+* ``transpose``/``convert_element_type``/``copy``/``sharding_constraint`` move
+  the kernel (its factors follow), and ``slice``/``dynamic_slice``/``squeeze`` of
+  stack axes pick layers out of a scanned stack;
+* ``jit`` (pjit) and ``custom_jvp_call`` are inlined; ``scan``, ``checkpoint``
+  (remat), ``cond`` and ``while`` are rebuilt around a rewritten body.
+
+Any other equation that consumes an adapted kernel gets the merged weight, which
+is correct but forms W + s·a@b; each such use is recorded as a fallback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend.core import Literal
+
+from jlora._layout import Layout, merged
+
+
+@dataclasses.dataclass(frozen=True)
+class Lora:
+    """An adapted kernel in flight: base ``w``, factors and their axis roles."""
+
+    path: str
+    w: Any
+    a: Any
+    b: Any
+    scale: Any  # scalar; alpha/r times the runtime adapter scale
+    layout: Layout
+
+    def materialize(self):
+        return merged(self.w, self.a, self.b, self.layout, self.scale)
+
+    def arrays(self):
+        return (self.w, self.a, self.b, self.scale)
+
+    def with_arrays(self, arrays):
+        w, a, b, scale = arrays
+        return dataclasses.replace(self, w=w, a=a, b=b, scale=scale)
+
+
+class Use(NamedTuple):
+    """How one equation consumed an adapted kernel."""
+
+    path: str
+    primitive: str
+    factored: bool
+
+
+class LayoutError(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class Context:
+    fallback: str = "merge"  # or "error"
+    uses: list[Use] | None = None
+
+    def record(self, lora: Lora, primitive: str, factored: bool):
+        if self.uses is not None:
+            self.uses.append(Use(lora.path, primitive, factored))
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def eval_jaxpr(ctx: Context, jaxpr, consts: Sequence, args: Sequence) -> list:
+    env: dict = {}
+
+    def read(v):
+        return v.val if isinstance(v, Literal) else env[v]
+
+    for v, x in zip(jaxpr.constvars, consts, strict=True):
+        env[v] = x
+    for v, x in zip(jaxpr.invars, args, strict=True):
+        env[v] = x
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        with eqn.ctx.manager:
+            if any(isinstance(x, Lora) for x in invals):
+                rule = _RULES.get(eqn.primitive.name, _fallback)
+                outs = rule(ctx, eqn, invals)
+            else:
+                outs = _bind(eqn, invals)
+        for v, x in zip(eqn.outvars, outs, strict=True):
+            env[v] = x
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _bind(eqn, invals, **override):
+    params = eqn.primitive.get_bind_params({**eqn.params, **override})
+    out = eqn.primitive.bind(*invals, **params)
+    return out if eqn.primitive.multiple_results else [out]
+
+
+def _plain(x):
+    return x.materialize() if isinstance(x, Lora) else x
+
+
+def _fallback(ctx: Context, eqn, invals):
+    for x in invals:
+        if isinstance(x, Lora):
+            if ctx.fallback == "error":
+                raise ValueError(
+                    f"{x.path}: no factored rule for '{eqn.primitive.name}', which consumes this "
+                    "adapted kernel; the merged weight would be formed. Use fallback='merge' to "
+                    "allow it, or exclude the kernel from targets."
+                )
+            ctx.record(x, eqn.primitive.name, False)
+    return _bind(eqn, [_plain(x) for x in invals])
+
+
+# ---------------------------------------------------------------- consuming ops
+
+
+def _factor_maps(lora: Lora):
+    """Axis maps W-axis -> factor-axis for a and b, and their rank axes."""
+    lay, s = lora.layout, len(lora.layout.stack_axes)
+    a_map = {w: i for i, w in enumerate(lay.stack_axes)} | {w: s + i for i, w in enumerate(lay.in_axes)}
+    b_map = {w: i for i, w in enumerate(lay.stack_axes)} | {w: s + 1 + i for i, w in enumerate(lay.out_axes)}
+    return (lora.a, a_map, s + len(lay.in_axes)), (lora.b, b_map, s)
+
+
+def _layout_error(lora: Lora, op: str, axes) -> LayoutError:
+    lay = lora.layout
+    return LayoutError(
+        f"{lora.path}: '{op}' contracts kernel axes {tuple(sorted(axes))}, but the adapter treats "
+        f"{lay.in_axes} as input and {lay.out_axes} as output axes (stack axes {lay.stack_axes}). "
+        f"Set the split for this kernel: jlora.Rule(pattern=..., in_axes={tuple(sorted(axes))}), "
+        "and declare layer axes of scanned stacks with stack_axes=(0,)."
+    )
+
+
+def _dot_general(ctx: Context, eqn, invals):
+    lhs, rhs = invals
+    if isinstance(lhs, Lora) and isinstance(rhs, Lora):
+        return _fallback(ctx, eqn, invals)
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    w_is_rhs = isinstance(rhs, Lora)
+    lora, x = (rhs, lhs) if w_is_rhs else (lhs, rhs)
+    xc, wc, xb, wb = (lc, rc, lb, rb) if w_is_rhs else (rc, lc, rb, lb)
+    lay = lora.layout
+    if set(wb) != set(lay.stack_axes):
+        return _fallback(ctx, eqn, invals)
+    a_side, b_side = _factor_maps(lora)
+    if set(wc) == set(lay.in_axes):
+        first, second, free = a_side, b_side, lay.out_axes
+    elif set(wc) == set(lay.out_axes):
+        first, second, free = b_side, a_side, lay.in_axes
+    else:
+        raise _layout_error(lora, "dot_general", wc)
+
+    base = _bind(eqn, [x, lora.w] if w_is_rhs else [lora.w, x])[0]
+    dt = lora.w.dtype
+    precision, pet = eqn.params.get("precision"), eqn.params.get("preferred_element_type")
+    f_arr, f_map, f_r = first
+    s_arr, s_map, s_r = second
+    # u = x · first over W's contracted axes, batched over the stack axes: (*batch, *x_free, r)
+    u = lax.dot_general(
+        x, f_arr.astype(dt),
+        ((tuple(xc), tuple(f_map[w] for w in wc)), (tuple(xb), tuple(f_map[w] for w in wb))),
+        precision=precision, preferred_element_type=pet,
+    )
+    u = u * jnp.asarray(lora.scale).astype(u.dtype)
+    nb = len(xb)
+    # v = u · second over r: (*batch, *x_free, *free in factor order)
+    v = lax.dot_general(
+        u, s_arr.astype(dt),
+        (((u.ndim - 1,), (s_r,)), (tuple(range(nb)), tuple(s_map[w] for w in wb))),
+        precision=precision, preferred_element_type=pet,
+    )
+    # Reorder to dot_general's output: batch, lhs free, rhs free (free W axes ascending).
+    n_xfree = v.ndim - nb - len(free)
+    batch = list(range(nb))
+    x_free = list(range(nb, nb + n_xfree))
+    w_free = [nb + n_xfree + free.index(w) for w in sorted(free)]
+    perm = batch + (x_free + w_free if w_is_rhs else w_free + x_free)
+    v = lax.transpose(v, tuple(perm))
+    ctx.record(lora, "dot_general", True)
+    return [base + v.astype(base.dtype)]
+
+
+def _conv(ctx: Context, eqn, invals):
+    x, lora = invals
+    p = eqn.params
+    if isinstance(x, Lora) or p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+        return _fallback(ctx, eqn, invals)
+    lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
+    out_dim, in_dim, *spatial = rhs_spec
+    lay = lora.layout
+    if lay.stack_axes or lay.out_axes != (out_dim,) or set(lay.in_axes) != {in_dim, *spatial}:
+        raise _layout_error(lora, "conv_general_dilated", (in_dim, *spatial))
+    base = _bind(eqn, [x, lora.w])[0]
+    dt = lora.w.dtype
+    # a as a conv kernel in W's layout: W's output-feature axis carries the rank.
+    src = {w: i for i, w in enumerate(lay.in_axes)} | {out_dim: len(lay.in_axes)}
+    a_kernel = lax.transpose(lora.a.astype(dt), tuple(src[i] for i in range(lora.w.ndim)))
+    u = _bind(eqn, [x, a_kernel])[0]
+    feat = out_spec[1]
+    u = u * jnp.asarray(lora.scale).astype(u.dtype)
+    v = lax.dot_general(u, lora.b.astype(dt), (((feat,), (0,)), ((), ())),
+                        precision=p["precision"], preferred_element_type=p["preferred_element_type"])
+    v = jnp.moveaxis(v, -1, feat)
+    ctx.record(lora, "conv_general_dilated", True)
+    return [base + v.astype(base.dtype)]
+
+
+def _gather(ctx: Context, eqn, invals):
+    lora, idx = invals
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    lay = lora.layout
+    if (
+        isinstance(idx, Lora) or lora.w.ndim != 2 or lay.in_axes != (0,) or lay.stack_axes
+        or tuple(dn.collapsed_slice_dims) != (0,) or tuple(dn.start_index_map) != (0,)
+        or dn.operand_batching_dims or tuple(p["slice_sizes"]) != (1, lora.w.shape[1])
+    ):
+        return _fallback(ctx, eqn, invals)
+    base = _bind(eqn, [lora.w, idx])[0]
+    dt = lora.w.dtype
+    rank = lora.a.shape[-1]
+    u = _bind(eqn, [lora.a.astype(dt), idx], slice_sizes=(1, rank))[0]
+    feat = dn.offset_dims[0]
+    u = u * jnp.asarray(lora.scale).astype(u.dtype)
+    v = lax.dot_general(u, lora.b.astype(dt), (((feat,), (0,)), ((), ())))
+    v = jnp.moveaxis(v, -1, feat)
+    ctx.record(lora, "gather", True)
+    return [base + v.astype(base.dtype)]
+
+
+# ------------------------------------------------------------ ops that move W
+
+
+def _transpose(ctx: Context, eqn, invals):
+    (lora,) = invals
+    perm = eqn.params["permutation"]
+    new = {old: i for i, old in enumerate(perm)}
+    lay = lora.layout
+    layout = Layout(tuple(new[i] for i in lay.in_axes), tuple(new[i] for i in lay.out_axes),
+                    tuple(new[i] for i in lay.stack_axes))
+    return [dataclasses.replace(lora, w=_bind(eqn, [lora.w])[0], layout=layout)]
+
+
+def _same_axes(ctx: Context, eqn, invals):
+    """Ops that change W's values or placement but not its axes (dtype, copy, sharding)."""
+    lora, *rest = invals
+    if any(isinstance(x, Lora) for x in rest):
+        return _fallback(ctx, eqn, invals)
+    return [dataclasses.replace(lora, w=_bind(eqn, [lora.w, *rest])[0])]
+
+
+def _drop_axes(layout: Layout, dropped: Sequence[int]) -> Layout:
+    def shift(axes):
+        return tuple(a - sum(d < a for d in dropped) for a in axes if a not in dropped)
+
+    return Layout(shift(layout.in_axes), shift(layout.out_axes), shift(layout.stack_axes))
+
+
+def _stack_index(lora: Lora, axis: int) -> int:
+    return lora.layout.stack_axes.index(axis)
+
+
+def _slice_stack(ctx: Context, eqn, invals, starts, sizes):
+    """Narrow W along stack axes only; a and b are narrowed the same way."""
+    lora = invals[0]
+    lay = lora.layout
+    changed = [i for i, n in enumerate(sizes) if n != lora.w.shape[i]]
+    if not set(changed) <= set(lay.stack_axes):
+        return _fallback(ctx, eqn, invals)
+    w = _bind(eqn, [lora.w, *invals[1:]])[0]
+    ns = len(lay.stack_axes)
+
+    def narrow(f):
+        f_starts = [starts[w_ax] for w_ax in lay.stack_axes] + [0] * (f.ndim - ns)
+        f_sizes = [sizes[w_ax] for w_ax in lay.stack_axes] + list(f.shape[ns:])
+        return lax.dynamic_slice(f, f_starts, f_sizes)
+
+    return [dataclasses.replace(lora, w=w, a=narrow(lora.a), b=narrow(lora.b))]
+
+
+def _slice(ctx: Context, eqn, invals):
+    p = eqn.params
+    if p.get("strides") not in (None, (1,) * invals[0].w.ndim):
+        return _fallback(ctx, eqn, invals)
+    sizes = [hi - lo for lo, hi in zip(p["start_indices"], p["limit_indices"], strict=True)]
+    return _slice_stack(ctx, eqn, invals, list(p["start_indices"]), sizes)
+
+
+def _dynamic_slice(ctx: Context, eqn, invals):
+    lora, *idx = invals
+    if any(isinstance(i, Lora) for i in idx) or len(idx) != lora.w.ndim:
+        return _fallback(ctx, eqn, invals)
+    return _slice_stack(ctx, eqn, invals, idx, list(eqn.params["slice_sizes"]))
+
+
+def _squeeze(ctx: Context, eqn, invals):
+    (lora,) = invals
+    dims = tuple(d % lora.w.ndim for d in eqn.params["dimensions"])
+    if not set(dims) <= set(lora.layout.stack_axes):
+        return _fallback(ctx, eqn, invals)
+    fdims = tuple(_stack_index(lora, d) for d in dims)
+    return [Lora(lora.path, _bind(eqn, [lora.w])[0], lax.squeeze(lora.a, fdims),
+                 lax.squeeze(lora.b, fdims), lora.scale, _drop_axes(lora.layout, dims))]
+
+
+# ------------------------------------------------------------ control flow
+
+
+def _flat(vals):
+    """Split values into arrays and a function that rebuilds them (Lora included)."""
+    arrays, spec = [], []
+    for x in vals:
+        if isinstance(x, Lora):
+            spec.append(x)
+            arrays.extend(x.arrays())
+        else:
+            spec.append(None)
+            arrays.append(x)
+
+    def rebuild(flat):
+        out, i = [], 0
+        for s in spec:
+            if s is None:
+                out.append(flat[i])
+                i += 1
+            else:
+                out.append(s.with_arrays(flat[i:i + 4]))
+                i += 4
+        return out
+
+    return arrays, rebuild
+
+
+def _pjit(ctx: Context, eqn, invals):
+    closed = eqn.params["jaxpr"]
+    return eval_jaxpr(ctx, closed.jaxpr, closed.consts, invals)
+
+
+def _custom_jvp(ctx: Context, eqn, invals):
+    # Inlined: the custom derivative rule is dropped for this call, the primal is kept.
+    closed = eqn.params["call_jaxpr"]
+    return eval_jaxpr(ctx, closed.jaxpr, closed.consts, invals)
+
+
+def _checkpoint(ctx: Context, eqn, invals):
+    arrays, rebuild = _flat(invals)
+    jaxpr = eqn.params["jaxpr"]
+
+    def body(*flat):
+        return eval_jaxpr(ctx, jaxpr, (), rebuild(list(flat)))
+
+    fn = jax.checkpoint(body, prevent_cse=eqn.params["prevent_cse"], policy=eqn.params["policy"])
+    return fn(*arrays)
+
+
+def _scan(ctx: Context, eqn, invals):
+    p = eqn.params
+    nc, ncarry = p["num_consts"], p["num_carry"]
+    consts, carry, xs = invals[:nc], invals[nc:nc + ncarry], invals[nc + ncarry:]
+    carry = [_plain(c) for c in carry]  # a kernel in the loop carry is rare: merge it
+    for c in invals[nc:nc + ncarry]:
+        if isinstance(c, Lora):
+            ctx.record(c, "scan carry", False)
+    xs_in = []
+    for x in xs:
+        if isinstance(x, Lora):
+            if 0 not in x.layout.stack_axes:
+                raise _layout_error(x, "scan (slicing axis 0 per step)", x.layout.in_axes)
+            j = _stack_index(x, 0)
+            inner = Lora(x.path, x.w, jnp.moveaxis(x.a, j, 0), jnp.moveaxis(x.b, j, 0),
+                         jnp.broadcast_to(jnp.asarray(x.scale), (x.w.shape[0],)), x.layout)
+            xs_in.append(inner)
+        else:
+            xs_in.append(x)
+    const_arrays, const_rebuild = _flat(consts)
+    xs_arrays, xs_rebuild = _flat(xs_in)
+    closed = p["jaxpr"]
+
+    # One step sees W without axis 0; a and b without their (front-moved) stack axis.
+    step_layouts = [_drop_axes(x.layout, (0,)) if isinstance(x, Lora) else None for x in xs_in]
+
+    def body(carry_vals, xs_flat):
+        c = const_rebuild(const_arrays)
+        x_vals = xs_rebuild(list(xs_flat))
+        x_vals = [v if lay is None else dataclasses.replace(v, layout=lay)
+                  for lay, v in zip(step_layouts, x_vals, strict=True)]
+        outs = eval_jaxpr(ctx, closed.jaxpr, closed.consts, [*c, *carry_vals, *x_vals])
+        outs = [_plain(o) for o in outs]
+        return outs[:ncarry], outs[ncarry:]
+
+    carry_out, ys = lax.scan(body, list(carry), xs_arrays, length=p["length"],
+                             reverse=p["reverse"], unroll=p["unroll"])
+    return [*carry_out, *ys]
+
+
+def _cond(ctx: Context, eqn, invals):
+    index, *ops = invals
+    arrays, rebuild = _flat(ops)
+
+    def branch(closed):
+        return lambda *flat: [_plain(o) for o in eval_jaxpr(ctx, closed.jaxpr, closed.consts, rebuild(list(flat)))]
+
+    return lax.switch(_plain(index), [branch(b) for b in eqn.params["branches"]], *arrays)
+
+
+def _while(ctx: Context, eqn, invals):
+    p = eqn.params
+    cn, bn = p["cond_nconsts"], p["body_nconsts"]
+    cconsts, bconsts, init = invals[:cn], invals[cn:cn + bn], invals[cn + bn:]
+    for c in init:
+        if isinstance(c, Lora):
+            ctx.record(c, "while carry", False)
+    init = [_plain(c) for c in init]
+    cj, bj = p["cond_jaxpr"], p["body_jaxpr"]
+
+    def cond_fn(carry):
+        return eval_jaxpr(ctx, cj.jaxpr, cj.consts, [*cconsts, *carry])[0]
+
+    def body_fn(carry):
+        return [_plain(o) for o in eval_jaxpr(ctx, bj.jaxpr, bj.consts, [*bconsts, *carry])]
+
+    return lax.while_loop(cond_fn, body_fn, init)
+
+
+_RULES: dict[str, Callable] = {
+    "dot_general": _dot_general,
+    "conv_general_dilated": _conv,
+    "gather": _gather,
+    "transpose": _transpose,
+    "convert_element_type": _same_axes,
+    "copy": _same_axes,
+    "copy_p": _same_axes,
+    "sharding_constraint": _same_axes,
+    "slice": _slice,
+    "dynamic_slice": _dynamic_slice,
+    "squeeze": _squeeze,
+    "pjit": _pjit,
+    "jit": _pjit,
+    "closed_call": _pjit,
+    "custom_jvp_call": _custom_jvp,
+    "checkpoint": _checkpoint,
+    "remat": _checkpoint,
+    "scan": _scan,
+    "cond": _cond,
+    "while": _while,
+}

@@ -1,0 +1,58 @@
+"""`summary`: what is adapted, at which rank, and how many parameters train."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from jlora._paths import flatten
+
+
+def summary(frozen, trainable) -> str:
+    """A table per adapted or fully-trained path, then the totals.
+
+    An adapter is recognised as a dict holding exactly ``a`` and ``b`` at the path
+    of a frozen leaf; any other leaf of ``trainable`` is trained in full.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jlora import LoraConfig, init
+    >>> params = {"dense": {"kernel": jnp.ones((64, 32)), "bias": jnp.zeros(32)}}
+    >>> frozen, trainable = init(jax.random.key(0), params, LoraConfig(rank=4, targets="dense/kernel"))
+    >>> print(summary(frozen, trainable))
+    path          kind  shape     rank  parameters
+    ------------  ----  --------  ----  ----------
+    dense/kernel  lora  (64, 32)     4         384
+    Total parameters: 2,464, thereof trainable: 384 (15.58%)
+    """
+    base = flatten(frozen)
+    flat = flatten(trainable)
+    rows, trained = [], 0
+    seen = set()
+    for path, leaf in flat.items():
+        parent, _, name = path.rpartition("/")
+        if name in ("a", "b") and parent in base and {f"{parent}/a", f"{parent}/b"} <= flat.keys():
+            if parent in seen:
+                continue
+            seen.add(parent)
+            a, b = flat[f"{parent}/a"], flat[f"{parent}/b"]
+            n = int(np.size(a) + np.size(b))
+            rows.append((parent, "lora", str(tuple(np.shape(base[parent]))), str(np.shape(a)[-1]), n))
+        else:
+            n = int(np.size(leaf))
+            rows.append((path, "full", str(tuple(np.shape(leaf))), "-", n))
+        trained += n
+    total = sum(int(np.size(x)) for x in base.values())
+    total += sum(r[4] for r in rows if r[1] == "lora")
+    header = ("path", "kind", "shape", "rank", "parameters")
+    cells = [header] + [(p, k, s, r, f"{n:,}") for p, k, s, r, n in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(5)]
+    right = (False, False, False, True, True)
+
+    def line(c):
+        return "  ".join(x.rjust(w) if r else x.ljust(w) for x, w, r in zip(c, widths, right)).rstrip()
+
+    lines = [line(header), "  ".join("-" * w for w in widths)] + [line(c) for c in cells[1:]]
+    pct = 100.0 * trained / total if total else math.nan
+    lines.append(f"Total parameters: {total:,}, thereof trainable: {trained:,} ({pct:.2f}%)")
+    return "\n".join(lines)

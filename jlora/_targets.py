@@ -1,0 +1,152 @@
+"""Select, then act: resolve a `LoraConfig` against the leaves of a parameter tree.
+
+`resolve` decides, for every leaf path, whether it is adapted (and with which rank,
+scale and axis layout), trained in full, or frozen. `init`, `wrap` and `merge` all
+call it, so they agree by construction. `check_trainable` checks a `trainable`
+tree against that decision and reports every mismatch at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlora._config import LoraConfig
+from jlora._layout import Layout, default_layout
+from jlora._paths import flatten, leaf_paths
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What happens to one leaf: an adapter (``layout`` set) or full training."""
+
+    path: str
+    shape: tuple[int, ...]
+    rank: int = 0
+    scale: float = 0.0
+    layout: Layout | None = None
+    embedding: bool = False
+
+    @property
+    def is_lora(self) -> bool:
+        return self.layout is not None
+
+
+def _close(pattern: str, paths: list[str]) -> str:
+    close = difflib.get_close_matches(pattern, paths, n=3, cutoff=0.3) or paths[:3]
+    return ", ".join(close)
+
+
+def _floating(x) -> bool:
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jnp.floating)
+
+
+def _lora_target(path, leaf, rule, config) -> tuple[Target | None, str | None]:
+    shape = tuple(np.shape(leaf))
+    where = f"rule {rule.pattern!r} matched {path} (shape {shape}"
+    if not _floating(leaf):
+        return None, f"{where}, dtype {getattr(leaf, 'dtype', type(leaf).__name__)}): LoRA adapts floating-point kernels only; narrow the pattern, e.g. '.*/kernel'."
+    if any(ax >= len(shape) for ax in rule.stack_axes + (rule.in_axes or ())):
+        return None, f"{where}): its axes {rule.in_axes or ()} / stack_axes {rule.stack_axes} do not exist on a {len(shape)}-D leaf."
+    if len(shape) - len(rule.stack_axes) < 2:
+        return None, f"{where}): LoRA cannot adapt a leaf with fewer than 2 axes (a bias or a scalar); narrow the pattern, e.g. '.*/kernel', or train it in full with train_in_full."
+    layout = default_layout(path, len(shape), rule.in_axes, rule.stack_axes)
+    if not layout.in_axes or not layout.out_axes:
+        return None, f"{where}): in_axes={layout.in_axes} leave no input or no output axis; pick in_axes that split the kernel."
+    rank = config.rank_for(rule)
+    fan_in = layout.fan_in(shape)
+    fan_out = int(np.prod([shape[i] for i in layout.out_axes]))
+    if rank > min(fan_in, fan_out):
+        return None, f"{where}): rank {rank} exceeds min(fan_in={fan_in}, fan_out={fan_out}); use rank <= {min(fan_in, fan_out)} via Rule({rule.pattern!r}, rank=...)."
+    embedding = path.rsplit("/", 1)[-1] == "embedding"
+    return Target(path, shape, rank, config.scale_for(rule), layout, embedding), None
+
+
+def resolve(config: LoraConfig, tree) -> dict[str, Target]:
+    """Map every adapted or fully-trained leaf path of ``tree`` to its `Target`.
+
+    Raises:
+      ValueError: listing every problem at once: a rule or ``train_in_full``
+        pattern that matches nothing (with the paths that look closest), a rule
+        that matches a leaf LoRA cannot adapt, a rank too large for a kernel, a
+        leaf both adapted and trained in full.
+    """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"expected a jlora.LoraConfig, got {type(config).__name__}.")
+    paths = leaf_paths(tree)
+    leaves = jax.tree_util.tree_leaves(tree)
+    errors: list[str] = []
+    rule_hits = [0] * len(config.rules)
+    full_hits = [0] * len(config.train_in_full)
+    targets: dict[str, Target] = {}
+    for path, leaf in zip(paths, leaves, strict=True):
+        rule_i = next((i for i, r in enumerate(config.rules) if re.fullmatch(r.pattern, path)), None)
+        full_i = [i for i, p in enumerate(config.train_in_full) if re.fullmatch(p, path)]
+        for i in full_i:
+            full_hits[i] += 1
+        if rule_i is not None:
+            rule_hits[rule_i] += 1
+            if full_i:
+                errors.append(
+                    f"{path} is both adapted (rule {config.rules[rule_i].pattern!r}) and trained in full "
+                    f"(train_in_full {config.train_in_full[full_i[0]]!r}); drop it from one of them."
+                )
+                continue
+            target, error = _lora_target(path, leaf, config.rules[rule_i], config)
+            if error:
+                errors.append(error)
+            else:
+                targets[path] = target
+        elif full_i:
+            if not _floating(leaf):
+                errors.append(f"train_in_full matched {path} (dtype {getattr(leaf, 'dtype', None)}): only floating-point leaves can be trained.")
+                continue
+            targets[path] = Target(path, tuple(np.shape(leaf)))
+    for rule, hits in zip(config.rules, rule_hits, strict=True):
+        if not hits:
+            errors.append(f"LoRA rule {rule.pattern!r} matched no parameter. Paths that look close: {_close(rule.pattern, paths)}")
+    for pattern, hits in zip(config.train_in_full, full_hits, strict=True):
+        if not hits:
+            errors.append(f"train_in_full pattern {pattern!r} matched no parameter. Paths that look close: {_close(pattern, paths)}")
+    if errors:
+        raise ValueError("\n".join(errors))
+    return targets
+
+
+def check_trainable(targets: dict[str, Target], trainable) -> dict[str, jax.Array | tuple[jax.Array, jax.Array]]:
+    """Check ``trainable`` fits the targets; return ``{path: leaf or (a, b)}``.
+
+    Raises:
+      ValueError: naming every missing, unexpected or mis-shaped path.
+    """
+    flat = flatten(trainable)
+    errors, out = [], {}
+    expected = {}
+    for path, t in targets.items():
+        if t.is_lora:
+            expected[f"{path}/a"] = t.layout.a_shape(t.shape, t.rank)
+            expected[f"{path}/b"] = t.layout.b_shape(t.shape, t.rank)
+        else:
+            expected[path] = t.shape
+    for path, shape in expected.items():
+        if path not in flat:
+            errors.append(f"missing {path} (expected shape {shape})")
+        elif tuple(np.shape(flat[path])) != shape:
+            errors.append(f"{path} has shape {tuple(np.shape(flat[path]))}, expected {shape}")
+    for path in flat:
+        if path not in expected:
+            errors.append(f"unexpected {path} (shape {tuple(np.shape(flat[path]))}): no target of this config has that path")
+    if errors:
+        raise ValueError(
+            "trainable does not fit frozen and config:\n  " + "\n  ".join(errors)
+            + "\nMake trainable with jlora.init(key, params, config) using the same config."
+        )
+    for path, t in targets.items():
+        out[path] = (flat[f"{path}/a"], flat[f"{path}/b"]) if t.is_lora else flat[path]
+    return out
