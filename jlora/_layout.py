@@ -70,8 +70,22 @@ def delta(a: jax.Array, b: jax.Array, layout: Layout) -> jax.Array:
     return lax.transpose(d, tuple(order.index(i) for i in range(len(order))))
 
 
+def wider(x, y) -> jnp.dtype:
+    """The wider of two float dtypes (float32 for bfloat16 vs float16).
+
+    Spelled out rather than ``jnp.promote_types`` so it also holds under
+    ``jax_numpy_dtype_promotion="strict"``.
+    """
+    x, y = jnp.dtype(x), jnp.dtype(y)
+    if x == y:
+        return x
+    if x.itemsize != y.itemsize:
+        return x if x.itemsize > y.itemsize else y
+    return jnp.dtype(jnp.float32)
+
+
 def merged(w: jax.Array, a: jax.Array, b: jax.Array, layout: Layout, scale) -> jax.Array:
     """``W + scale · a @ b`` in W's dtype, summed in the wider of W's and a's dtypes."""
-    acc = jnp.promote_types(w.dtype, a.dtype)
+    acc = wider(w.dtype, a.dtype)
     d = delta(a.astype(acc), b.astype(acc), layout)
     return (w.astype(acc) + jnp.asarray(scale, acc) * d).astype(w.dtype)

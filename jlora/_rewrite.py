@@ -362,12 +362,17 @@ def _custom_jvp(ctx: Context, eqn, invals):
 def _checkpoint(ctx: Context, eqn, invals):
     arrays, rebuild = _flat(invals)
     jaxpr = eqn.params["jaxpr"]
+    out_spec = []
 
     def body(*flat):
-        return eval_jaxpr(ctx, jaxpr, (), rebuild(list(flat)))
+        # Flax's lifted remat hands the variables back out: kernels leave as factors too.
+        outs, rebuild_out = _flat(eval_jaxpr(ctx, jaxpr, (), rebuild(list(flat))))
+        out_spec.append(rebuild_out)
+        return outs
 
     fn = jax.checkpoint(body, prevent_cse=eqn.params["prevent_cse"], policy=eqn.params["policy"])
-    return fn(*arrays)
+    flat_out = fn(*arrays)
+    return out_spec[-1](flat_out)
 
 
 def _scan(ctx: Context, eqn, invals):
@@ -457,6 +462,7 @@ _RULES: dict[str, Callable] = {
     "custom_jvp_call": _custom_jvp,
     "checkpoint": _checkpoint,
     "remat": _checkpoint,
+    "remat2": _checkpoint,
     "scan": _scan,
     "cond": _cond,
     "while": _while,

@@ -1,0 +1,113 @@
+"""init: pure, deterministic, PEFT's initialisation, Linen and NNX trees."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from flax.core import FrozenDict
+from models import LinenScan, LinenZoo, NnxModel, nnx_apply
+
+import jlora
+
+TOKENS = jnp.array([[1, 2, 3, 4]])
+
+
+def _linen_zoo():
+    return LinenZoo().init(jax.random.key(0), TOKENS)
+
+
+def test_shapes_and_b_zero(key):
+    params = _linen_zoo()
+    cfg = jlora.LoraConfig(rank=2, targets=r".*(kernel|embedding)")
+    frozen, trainable = jlora.init(key, params, cfg)
+    assert frozen is params
+    p = trainable["params"]
+    assert p["attn"]["query"]["kernel"]["a"].shape == (16, 2)
+    assert p["attn"]["query"]["kernel"]["b"].shape == (2, 2, 8)
+    assert p["attn"]["out"]["kernel"]["a"].shape == (2, 8, 2)
+    assert p["conv"]["kernel"]["a"].shape == (3, 16, 2)
+    assert p["embed"]["embedding"]["a"].shape == (40, 2)
+    for leaf_path, leaf in jax.tree_util.tree_leaves_with_path(trainable):
+        if jax.tree_util.keystr(leaf_path).endswith("['b']"):
+            assert not leaf.any()
+        assert leaf.dtype == jnp.float32
+
+
+def test_deterministic_and_key_dependent(key):
+    params = _linen_zoo()
+    cfg = jlora.LoraConfig(rank=2, targets=r".*kernel")
+    t1 = jlora.init(key, params, cfg)[1]
+    t2 = jlora.init(key, params, cfg)[1]
+    t3 = jlora.init(jax.random.key(1), params, cfg)[1]
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), t1, t2))
+    assert not (t1["params"]["dense"]["kernel"]["a"] == t3["params"]["dense"]["kernel"]["a"]).all()
+
+
+def test_adding_a_target_leaves_the_others_unchanged(key):
+    params = _linen_zoo()
+    small = jlora.init(key, params, jlora.LoraConfig(rank=2, targets=r".*/dense/kernel"))[1]
+    big = jlora.init(key, params, jlora.LoraConfig(rank=2, targets=r".*kernel"))[1]
+    np.testing.assert_array_equal(small["params"]["dense"]["kernel"]["a"], big["params"]["dense"]["kernel"]["a"])
+
+
+def test_kaiming_uniform_bound_is_one_over_sqrt_fan_in(key):
+    params = {"w": jnp.zeros((400, 300))}
+    a = jlora.init(key, params, jlora.LoraConfig(rank=64, targets="w"))[1]["w"]["a"]
+    bound = 1 / np.sqrt(400)
+    assert float(jnp.abs(a).max()) <= bound
+    assert float(jnp.abs(a).max()) > 0.99 * bound
+    assert abs(float(a.std()) - bound / np.sqrt(3)) < 0.02 * bound
+
+
+def test_gaussian_std_is_one_over_rank(key):
+    params = {"w": jnp.zeros((400, 300))}
+    a = jlora.init(key, params, jlora.LoraConfig(rank=16, targets="w", init="gaussian"))[1]["w"]["a"]
+    assert abs(float(a.std()) - 1 / 16) < 0.04 / 16  # 6,400 draws: ~0.9% std error
+
+
+def test_embedding_a_is_standard_normal(key):
+    params = {"embed": {"embedding": jnp.zeros((1000, 64))}}
+    a = jlora.init(key, params, jlora.LoraConfig(rank=8, targets=".*embedding"))[1]["embed"]["embedding"]["a"]
+    assert abs(float(a.std()) - 1.0) < 0.03
+
+
+def test_adapter_dtype_is_the_configs(key):
+    params = {"w": jnp.zeros((8, 8), jnp.bfloat16)}
+    t = jlora.init(key, params, jlora.LoraConfig(rank=2, targets="w", dtype="bfloat16"))[1]
+    assert t["w"]["a"].dtype == t["w"]["b"].dtype == jnp.bfloat16
+
+
+def test_train_in_full_copies_and_extra_collections_pass_through(key):
+    model = nn.Sequential([nn.Dense(8), nn.BatchNorm(use_running_average=True), nn.Dense(3)])
+    params = FrozenDict(model.init(key, jnp.ones((2, 4))))
+    cfg = jlora.LoraConfig(rank=2, targets=r"params/layers_0/kernel", train_in_full=r"params/layers_2/.*")
+    frozen, trainable = jlora.init(key, params, cfg)
+    assert frozen is params and "batch_stats" in frozen
+    assert set(trainable["params"]) == {"layers_0", "layers_2"}
+    head = trainable["params"]["layers_2"]["kernel"]
+    np.testing.assert_array_equal(head, params["params"]["layers_2"]["kernel"])
+    assert head is not params["params"]["layers_2"]["kernel"]
+
+
+def test_nnx_state(key):
+    _, state = nnx_apply(NnxModel(nnx.Rngs(0)))
+    cfg = jlora.LoraConfig(rank=2, targets=(jlora.Rule(pattern=r"layers/.*/kernel", stack_axes=(0,)),
+                                            r"attn/value/kernel", r"embed/embedding"))
+    frozen, trainable = jlora.init(key, state, cfg)
+    assert trainable["attn"]["value"]["kernel"]["b"].shape == (2, 2, 8)
+    assert trainable["layers"]["up"]["kernel"]["a"].shape == (3, 16, 2)
+    assert trainable["layers"]["up"]["kernel"]["b"].shape == (3, 2, 32)
+
+
+def test_scanned_linen_stack_needs_stack_axes(key):
+    params = LinenScan().init(key, jnp.ones((2, 16)))
+    cfg = jlora.LoraConfig(rank=2, targets=jlora.Rule(pattern=r".*/kernel", stack_axes=(0,)))
+    trainable = jlora.init(key, params, cfg)[1]
+    assert trainable["params"]["layers"]["up"]["kernel"]["a"].shape == (3, 16, 2)
+
+
+def test_key_must_be_a_jax_key():
+    with pytest.raises(TypeError, match=r"key must be a JAX PRNG key"):
+        jlora.init(0, {"w": jnp.zeros((2, 2))}, jlora.LoraConfig(rank=1, targets="w"))

@@ -1,0 +1,92 @@
+"""resolve: which leaves are adapted, trained in full or frozen — and every error at once."""
+
+import jax.numpy as jnp
+import pytest
+
+import jlora
+from jlora._layout import Layout
+from jlora._targets import check_trainable, resolve
+
+PARAMS = {
+    "params": {
+        "encoder": {
+            "query": {"kernel": jnp.ones((8, 2, 4)), "bias": jnp.ones((2, 4))},
+            "out": {"kernel": jnp.ones((2, 4, 8)), "bias": jnp.ones(8)},
+        },
+        "head": {"kernel": jnp.ones((8, 3)), "bias": jnp.ones(3)},
+        "step": jnp.array(3),
+    }
+}
+
+
+def test_first_rule_wins_and_full_training():
+    cfg = jlora.LoraConfig(
+        rank=2,
+        targets=(jlora.Rule(pattern=".*/query/kernel", rank=1), ".*/kernel"),
+        train_in_full=r"params/head/bias",
+    )
+    t = resolve(cfg, PARAMS)
+    assert set(t) == {"params/encoder/query/kernel", "params/encoder/out/kernel", "params/head/kernel",
+                      "params/head/bias"}
+    assert t["params/encoder/query/kernel"].rank == 1
+    assert t["params/encoder/query/kernel"].layout == Layout((0,), (1, 2))
+    assert t["params/encoder/out/kernel"].layout == Layout((0, 1), (2,))
+    assert not t["params/head/bias"].is_lora
+
+
+def test_fullmatch_not_search():
+    cfg = jlora.LoraConfig(rank=2, targets="kernel")
+    with pytest.raises(ValueError, match=r"'kernel' matched no parameter"):
+        resolve(cfg, PARAMS)
+
+
+def test_unmatched_rule_shows_close_paths():
+    cfg = jlora.LoraConfig(rank=2, targets=r"params/encoder/qurey/kernel")
+    with pytest.raises(ValueError, match=r"matched no parameter\. Paths that look close: params/encoder/query/kernel"):
+        resolve(cfg, PARAMS)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        (dict(targets=r".*/bias"), r"rule '\.\*/bias' matched params/encoder/out/bias \(shape \(8,\)\): LoRA cannot adapt a leaf with fewer than 2 axes"),
+        (dict(targets=r"params/step"), r"matched params/step .*dtype int32.*floating-point kernels only"),
+        (dict(rank=4, targets=r"params/head/kernel"), r"params/head/kernel \(shape \(8, 3\)\): rank 4 exceeds min\(fan_in=8, fan_out=3\); use rank <= 3"),
+        (dict(targets=r".*/kernel", train_in_full=r"params/head/kernel"), r"params/head/kernel is both adapted .* and trained in full"),
+        (dict(targets=r"params/head/kernel", train_in_full="nothing"), r"train_in_full pattern 'nothing' matched no parameter"),
+        (dict(targets=jlora.Rule(pattern="params/head/kernel", in_axes=(0, 1))), r"leave no input or no output axis"),
+        (dict(targets=jlora.Rule(pattern="params/head/kernel", stack_axes=(2,))), r"do not exist on a 2-D leaf"),
+    ],
+)
+def test_resolve_errors(cfg, message):
+    cfg = jlora.LoraConfig(**{"rank": 2, **cfg})
+    with pytest.raises(ValueError, match=message):
+        resolve(cfg, PARAMS)
+
+
+def test_every_error_is_reported_at_once():
+    cfg = jlora.LoraConfig(rank=2, targets=(r".*/bias", r"nope"))
+    with pytest.raises(ValueError) as info:
+        resolve(cfg, PARAMS)
+    msg = str(info.value)
+    assert msg.count("fewer than 2 axes") == 2 and "nope" in msg  # two 1-D biases (query's is 2-D)
+
+
+def test_check_trainable_lists_every_bad_path():
+    cfg = jlora.LoraConfig(rank=2, targets=r".*/out/kernel", train_in_full="params/head/bias")
+    targets = resolve(cfg, PARAMS)
+    bad = {"params": {"encoder": {"out": {"kernel": {"a": jnp.ones((2, 4, 3))}}}, "extra": jnp.ones(2),
+                      "head": {"bias": jnp.ones(4)}}}
+    with pytest.raises(ValueError) as info:
+        check_trainable(targets, bad)
+    msg = str(info.value)
+    assert "params/encoder/out/kernel/a has shape (2, 4, 3), expected (2, 4, 2)" in msg
+    assert "missing params/encoder/out/kernel/b (expected shape (2, 8))" in msg
+    assert "unexpected params/extra (shape (2,))" in msg
+    assert "params/head/bias has shape (4,), expected (3,)" in msg
+    assert "jlora.init(key, params, config)" in msg
+
+
+def test_resolve_rejects_a_non_config():
+    with pytest.raises(TypeError, match=r"expected a jlora.LoraConfig, got dict"):
+        resolve({"rank": 2}, PARAMS)
