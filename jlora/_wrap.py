@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jlora._config import LoraConfig
@@ -64,6 +65,19 @@ def _split(args, kwargs):
     return dynamic, _Static(treedef, static)
 
 
+def _as_scale(lora_scale):
+    """Any number or scalar array as one float32 value, so no value or type retraces.
+
+    ``None`` (the adapter as trained) stays static: leaves trained in full then take
+    their trained value exactly rather than ``base + 1·(trained - base)``.
+    """
+    if lora_scale is None:
+        return None
+    if np.ndim(lora_scale) != 0:
+        raise ValueError(f"lora_scale must be a scalar, got shape {np.shape(lora_scale)}.")
+    return jnp.asarray(lora_scale, jnp.float32)
+
+
 class LoraApply:
     """``lora_apply(frozen, trainable, *args, lora_scale=None, **kwargs)``.
 
@@ -81,7 +95,7 @@ class LoraApply:
 
     def __call__(self, frozen, trainable, *args, lora_scale=None, **kwargs):
         dynamic, static = _split(args, kwargs)
-        return self._jitted(frozen, trainable, dynamic, lora_scale, static=static)
+        return self._jitted(frozen, trainable, dynamic, _as_scale(lora_scale), static=static)
 
     def uses(self, frozen, trainable, *args, lora_scale=None, **kwargs) -> list[Use]:
         """Trace once (abstractly) and report how each adapted kernel was consumed.
@@ -93,7 +107,7 @@ class LoraApply:
         dynamic, static = _split(args, kwargs)
         ctx = Context(fallback=self.fallback, uses=[])
         jax.make_jaxpr(lambda f, t, d, s: self._run(f, t, d, s, static=static, ctx=ctx))(
-            frozen, trainable, dynamic, lora_scale
+            frozen, trainable, dynamic, _as_scale(lora_scale)
         )
         return ctx.uses
 

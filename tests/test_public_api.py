@@ -1,0 +1,18 @@
+"""The public surface: exactly the documented names, each documented."""
+
+import inspect
+
+import jlora
+
+
+def test_all_names_are_exported_and_documented():
+    assert sorted(jlora.__all__) == sorted(
+        ["Layout", "LoraApply", "LoraConfig", "Rule", "Use", "init", "merge", "summary", "unmerge", "wrap"]
+    )
+    for name in jlora.__all__:
+        obj = getattr(jlora, name)
+        assert inspect.getdoc(obj), name
+
+
+def test_version():
+    assert isinstance(jlora.__version__, str)

@@ -1,0 +1,218 @@
+"""wrap: factored LoRA for whole Linen and NNX models, under jit, grad and vmap."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from models import LinenScan, LinenZoo, NnxModel, bump, nnx_apply
+
+import jlora
+
+TOKENS = jnp.array([[1, 2, 3, 4, 5], [39, 0, 7, 7, 2]])
+ZOO_CFG = jlora.LoraConfig(rank=2, alpha=4.0, targets=r".*(kernel|embedding)")
+STACK_CFG = jlora.LoraConfig(rank=2, alpha=4.0, targets=jlora.Rule(pattern=r".*layers/.*kernel", stack_axes=(0,)))
+NNX_CFG = jlora.LoraConfig(
+    rank=2, alpha=4.0,
+    targets=(jlora.Rule(pattern=r"layers/.*/kernel", stack_axes=(0,)), r"attn/.*/kernel", r"conv/kernel",
+             r"embed/embedding"),
+)
+
+
+def manual_merge(frozen, trainable, scale):
+    """W + scale·a@b written out: every default layout here has its input axes first."""
+    flat = {jax.tree_util.keystr(p, simple=True, separator="/"): v
+            for p, v in jax.tree_util.tree_leaves_with_path(trainable)}
+
+    def fold(path, w):
+        key = jax.tree_util.keystr(path, simple=True, separator="/").removesuffix("/value")
+        if f"{key}/a" not in flat:
+            return w
+        a, b = flat[f"{key}/a"], flat[f"{key}/b"]
+        if "layers" in key:  # stacked: one adapter per layer
+            d = jax.vmap(lambda a, b: jnp.tensordot(a, b, axes=1))(a, b)
+        else:
+            d = jnp.tensordot(a, b, axes=1)
+        return w + scale * d
+
+    return jax.tree_util.tree_map_with_path(fold, frozen)
+
+
+def _models():
+    zoo = LinenZoo()
+    scan = LinenScan()
+    nnx_fn, nnx_state = nnx_apply(NnxModel(nnx.Rngs(0)))
+    x16 = jax.random.normal(jax.random.key(3), (2, 16))
+    return {
+        "linen_zoo": (zoo.apply, zoo.init(jax.random.key(0), TOKENS), ZOO_CFG, TOKENS),
+        "linen_scan_remat": (scan.apply, scan.init(jax.random.key(0), x16), STACK_CFG, x16),
+        "nnx_scan_remat": (nnx_fn, nnx_state, NNX_CFG, TOKENS),
+    }
+
+
+MODELS = _models()
+
+
+@pytest.fixture(params=sorted(MODELS))
+def model(request):
+    return MODELS[request.param]
+
+
+def test_no_fallback_and_equal_to_manual_maths(model):
+    apply_fn, params, cfg, x = model
+    frozen, trainable = jlora.init(jax.random.key(1), params, cfg)
+    trainable = bump(trainable)
+    lora_apply = jlora.wrap(apply_fn, cfg, fallback="error")
+    uses = lora_apply.uses(frozen, trainable, x)
+    assert uses and all(u.factored for u in uses), [u for u in uses if not u.factored]
+    adapted = {p for p in jlora._paths.flatten(trainable)}
+    assert {f"{u.path}/a" for u in uses} == {p for p in adapted if p.endswith("/a")}
+    want = apply_fn(manual_merge(frozen, trainable, cfg.scale_for(cfg.rules[0])), x)
+    np.testing.assert_allclose(lora_apply(frozen, trainable, x), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jlora.wrap(apply_fn, cfg, "merge")(frozen, trainable, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_zero_b_is_the_base_model_exactly(model):
+    apply_fn, params, cfg, x = model
+    frozen, trainable = jlora.init(jax.random.key(1), params, cfg)
+    # Compared with the jitted base: eager and jitted XLA differ in the last bit on their own.
+    np.testing.assert_array_equal(jlora.wrap(apply_fn, cfg)(frozen, trainable, x), jax.jit(apply_fn)(params, x))
+
+
+def test_gradients_reach_trainable_only_and_match_merge(model):
+    apply_fn, params, cfg, x = model
+    frozen, trainable = jlora.init(jax.random.key(1), params, cfg)
+    trainable = bump(trainable, 0.05)
+
+    def loss(strategy):
+        lora_apply = jlora.wrap(apply_fn, cfg, strategy)
+        return lambda f, t: jnp.mean(lora_apply(f, t, x) ** 2)
+
+    g_factored = jax.grad(loss("factored"), argnums=1)(frozen, trainable)
+    g_merge = jax.jit(jax.grad(loss("merge"), argnums=1))(frozen, trainable)
+    assert jax.tree.structure(g_factored) == jax.tree.structure(trainable)
+    for got, want in zip(jax.tree.leaves(g_factored), jax.tree.leaves(g_merge), strict=True):
+        assert bool(jnp.any(got != 0))
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6)
+    # The frozen base gets no gradient: it is closed over, not an argument of the step.
+    step = jax.jit(jax.value_and_grad(loss("factored"), argnums=1))
+    text = step.lower(frozen, trainable).as_text()
+    assert text.count("stablehlo.dot_general") > 0
+
+
+def test_runtime_scale_interpolates_without_retracing():
+    model = nn.Dense(5)
+    x = jax.random.normal(jax.random.key(0), (3, 4))
+    params = model.init(jax.random.key(1), x)
+    cfg = jlora.LoraConfig(rank=2, targets=".*/kernel")
+    frozen, trainable = jlora.init(jax.random.key(2), params, cfg)
+    trainable = bump(trainable)
+    traces = []
+
+    def apply_fn(p, x):
+        traces.append(1)
+        return model.apply(p, x)
+
+    lora_apply = jlora.wrap(apply_fn, cfg)
+    scales = (0.0, 0.5, 1.0, jnp.float32(0.25), np.float64(0.75))
+    outs = {float(s): lora_apply(frozen, trainable, x, lora_scale=s) for s in scales}
+    assert len(traces) == 1
+    np.testing.assert_array_equal(outs[0.0], model.apply(params, x))
+    for s in (0.25, 0.5, 0.75, 1.0):
+        want = model.apply(manual_merge(frozen, trainable, s * cfg.scale_for(cfg.rules[0])), x)
+        np.testing.assert_allclose(outs[s], want, rtol=1e-5, atol=1e-6)
+
+    step_traces = []
+
+    @jax.jit
+    def step(trainable, s):
+        step_traces.append(1)
+        return lora_apply(frozen, trainable, x, lora_scale=s).sum()
+
+    for s in (0.1, 0.2, 0.3):
+        step(trainable, s)
+    assert len(step_traces) == 1 and len(traces) <= 2
+
+
+def test_vmap_over_inputs_and_adapters():
+    model = nn.Dense(3)
+    xs = jax.random.normal(jax.random.key(0), (4, 2, 6))
+    params = model.init(jax.random.key(1), xs[0])
+    cfg = jlora.LoraConfig(rank=2, targets=".*/kernel")
+    frozen, trainable = jlora.init(jax.random.key(2), params, cfg)
+    lora_apply = jlora.wrap(model.apply, cfg)
+    many = jax.vmap(lambda i: jax.tree.map(lambda v: v + 0.1 * i.astype(v.dtype), trainable))(jnp.arange(4))
+    got = jax.vmap(lambda t, x: lora_apply(frozen, t, x))(many, xs)
+    for i in range(4):
+        t_i = jax.tree.map(lambda v, i=i: v[i], many)
+        np.testing.assert_allclose(got[i], lora_apply(frozen, t_i, xs[i]), rtol=1e-5, atol=1e-6)
+
+
+def test_static_arguments_and_methods():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, *, train: bool):
+            h = nn.Dropout(0.5, deterministic=not train)(nn.Dense(8, name="d")(x))
+            return nn.Dense(2, name="o")(h)
+
+        def features(self, x):
+            return self.d(x) if False else x  # pragma: no cover
+
+    net = Net()
+    x = jnp.ones((2, 4))
+    params = net.init(jax.random.key(0), x, train=False)
+    cfg = jlora.LoraConfig(rank=2, targets=".*/kernel")
+    frozen, trainable = jlora.init(jax.random.key(1), params, cfg)
+    lora_apply = jlora.wrap(net.apply, cfg)
+    eval_out = lora_apply(frozen, trainable, x, train=False)
+    np.testing.assert_array_equal(eval_out, net.apply(params, x, train=False))
+    train_out = lora_apply(frozen, trainable, x, train=True, rngs={"dropout": jax.random.key(5)})
+    np.testing.assert_array_equal(train_out, net.apply(params, x, train=True, rngs={"dropout": jax.random.key(5)}))
+
+
+def test_low_precision_base_keeps_its_dtype():
+    model = nn.Dense(8, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    x = jnp.ones((2, 16), jnp.bfloat16)
+    params = model.init(jax.random.key(0), x)
+    cfg = jlora.LoraConfig(rank=4, targets=".*/kernel")
+    frozen, trainable = jlora.init(jax.random.key(1), params, cfg)
+    out = jlora.wrap(model.apply, cfg, fallback="error")(frozen, bump(trainable), x)
+    assert out.dtype == jnp.bfloat16
+    assert trainable["params"]["kernel"]["a"].dtype == jnp.float32
+    g = jax.grad(lambda t: jlora.wrap(model.apply, cfg)(frozen, t, x).astype(jnp.float32).sum())(bump(trainable))
+    assert g["params"]["kernel"]["a"].dtype == jnp.float32
+
+
+def test_train_in_full_leaf_is_used_and_scaled():
+    model = nn.Dense(3)
+    x = jnp.ones((2, 4))
+    params = model.init(jax.random.key(0), x)
+    cfg = jlora.LoraConfig(rank=2, targets=".*/kernel", train_in_full=".*/bias")
+    frozen, trainable = jlora.init(jax.random.key(1), params, cfg)
+    trainable["params"]["bias"] = trainable["params"]["bias"] + 1.0
+    lora_apply = jlora.wrap(model.apply, cfg)
+    np.testing.assert_allclose(lora_apply(frozen, trainable, x), model.apply(params, x) + 1.0, rtol=1e-6)
+    np.testing.assert_allclose(lora_apply(frozen, trainable, x, lora_scale=0.5), model.apply(params, x) + 0.5,
+                               rtol=1e-6)
+
+
+def test_errors():
+    model = nn.Dense(3)
+    x = jnp.ones((2, 4))
+    params = model.init(jax.random.key(0), x)
+    cfg = jlora.LoraConfig(rank=2, targets=".*/kernel")
+    frozen, trainable = jlora.init(jax.random.key(1), params, cfg)
+    with pytest.raises(ValueError, match=r"unknown strategy 'fast'; choose one of \('factored', 'merge'\)"):
+        jlora.wrap(model.apply, cfg, "fast")
+    with pytest.raises(ValueError, match=r"unknown fallback 'ignore'"):
+        jlora.wrap(model.apply, cfg, fallback="ignore")
+    with pytest.raises(TypeError, match=r"apply_fn must be callable, got dict"):
+        jlora.wrap(params, cfg)
+    with pytest.raises(TypeError, match=r"expected a jlora.LoraConfig, got dict"):
+        jlora.wrap(model.apply, {"rank": 2})
+    wrong = jlora.init(jax.random.key(1), params, jlora.LoraConfig(rank=3, targets=".*/kernel"))[1]
+    for strategy in ("factored", "merge"):
+        with pytest.raises(ValueError, match=r"(?s)params/kernel/a has shape \(4, 3\), expected \(4, 2\).*"
+                                             r"params/kernel/b has shape \(3, 3\), expected \(2, 3\)"):
+            jlora.wrap(model.apply, cfg, strategy)(frozen, wrong, x)
