@@ -10,6 +10,7 @@ from jlora._init import init as init
 from jlora._layout import Layout as Layout
 from jlora._merge import merge as merge
 from jlora._merge import unmerge as unmerge
+from jlora._optimizer import optimizer as optimizer
 from jlora._rewrite import Use as Use
 from jlora._summary import summary as summary
 from jlora._wrap import LoraApply as LoraApply
@@ -25,6 +26,7 @@ __all__ = [
     "Use",
     "init",
     "merge",
+    "optimizer",
     "summary",
     "unmerge",
     "wrap",

@@ -56,3 +56,25 @@ def nest(flat: Mapping[str, Any]) -> dict:
 def flatten(tree) -> dict[str, Any]:
     """Leaves of any pytree keyed by their '/'-joined path."""
     return dict(zip(leaf_paths(tree), jax.tree_util.tree_leaves(tree), strict=True))
+
+
+ADAPTER_KEYS = ("a", "b", "m")  # m: DoRA's magnitude
+
+
+def adapter_of(path: str, flat: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(kernel_path, factor)`` if ``path`` is a factor of an adapter in ``flat``.
+
+    An adapter is recognised by structure alone: a node holding leaves ``a`` and
+    ``b`` (and DoRA's ``m``) and nothing else.
+
+    >>> flat = {"dense/kernel/a": 1, "dense/kernel/b": 2, "head/bias": 3}
+    >>> adapter_of("dense/kernel/b", flat), adapter_of("head/bias", flat)
+    (('dense/kernel', 'b'), None)
+    """
+    parent, _, name = path.rpartition("/")
+    if name not in ADAPTER_KEYS or f"{parent}/a" not in flat or f"{parent}/b" not in flat:
+        return None
+    siblings = [p for p in flat if p.rpartition("/")[0] == parent]
+    if not all(p.rpartition("/")[2] in ADAPTER_KEYS for p in siblings):
+        return None
+    return parent, name

@@ -6,14 +6,14 @@ import math
 
 import numpy as np
 
-from jlora._paths import flatten
+from jlora._paths import adapter_of, flatten
 
 
 def summary(frozen, trainable) -> str:
     """A table per adapted or fully-trained path, then the totals.
 
-    An adapter is recognised as a dict holding exactly ``a`` and ``b`` at the path
-    of a frozen leaf; any other leaf of ``trainable`` is trained in full.
+    An adapter is recognised as a dict holding ``a`` and ``b`` (and DoRA's ``m``) at
+    the path of a frozen leaf; any other leaf of ``trainable`` is trained in full.
 
     >>> import jax, jax.numpy as jnp
     >>> from jlora import LoraConfig, init
@@ -30,14 +30,15 @@ def summary(frozen, trainable) -> str:
     rows, trained = [], 0
     seen = set()
     for path, leaf in flat.items():
-        parent, _, name = path.rpartition("/")
-        if name in ("a", "b") and parent in base and {f"{parent}/a", f"{parent}/b"} <= flat.keys():
+        adapter = adapter_of(path, flat)
+        if adapter is not None and adapter[0] in base:
+            parent = adapter[0]
             if parent in seen:
                 continue
             seen.add(parent)
-            a, b = flat[f"{parent}/a"], flat[f"{parent}/b"]
-            n = int(np.size(a) + np.size(b))
-            rows.append((parent, "lora", str(tuple(np.shape(base[parent]))), str(np.shape(a)[-1]), n))
+            parts = [flat[p] for p in flat if p.rpartition("/")[0] == parent]
+            n = int(sum(np.size(x) for x in parts))
+            rows.append((parent, "lora", str(tuple(np.shape(base[parent]))), str(np.shape(flat[f"{parent}/a"])[-1]), n))
         else:
             n = int(np.size(leaf))
             rows.append((path, "full", str(tuple(np.shape(leaf))), "-", n))

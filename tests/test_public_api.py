@@ -7,7 +7,8 @@ import jlora
 
 def test_all_names_are_exported_and_documented():
     assert sorted(jlora.__all__) == sorted(
-        ["Layout", "LoraApply", "LoraConfig", "Rule", "Use", "init", "merge", "summary", "unmerge", "wrap"]
+        ["Layout", "LoraApply", "LoraConfig", "Rule", "Use", "init", "merge", "optimizer", "summary", "unmerge",
+         "wrap"]
     )
     for name in jlora.__all__:
         obj = getattr(jlora, name)

@@ -1,0 +1,162 @@
+"""optimizer: LoRA+ ratios per group, schedules, auto ratios, no state for frozen leaves."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jlora
+from jlora._optimizer import auto_ratio, labels
+
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):
+        h = nn.Embed(50, 16, name="embed")(tokens)
+        h = nn.Dense(64, name="up")(h)
+        h = nn.Dense(16, name="down")(jax.nn.relu(h))
+        return nn.Dense(3, name="head")(h.mean(1))
+
+
+TOKENS = jnp.array([[1, 2, 3], [4, 5, 6]])
+CFG = jlora.LoraConfig(rank=4, targets=(r".*/(up|down)/kernel", r".*/embedding"), train_in_full=r".*/head/.*")
+
+
+def _setup():
+    params = Net().init(jax.random.key(0), TOKENS)
+    return jlora.init(jax.random.key(1), params, CFG)
+
+
+def _ones(tree):
+    return jax.tree.map(jnp.ones_like, tree)
+
+
+def test_labels_follow_the_tree():
+    _, trainable = _setup()
+    lab = labels(trainable)["params"]
+    assert lab["up"]["kernel"] == {"a": "a", "b": "b"}
+    assert lab["embed"]["embedding"] == {"a": "embedding", "b": "embedding"}
+    assert lab["head"] == {"bias": "full", "kernel": "full"}
+
+
+@pytest.mark.parametrize("ratio", [1.0, 16.0, 2.5])
+def test_sgd_b_update_is_ratio_times_a_update(ratio):
+    _, trainable = _setup()
+    tx = jlora.optimizer(CFG, 0.01, lr_ratio=ratio, embedding_lr=0.003, full_lr=0.5, base=optax.sgd)
+    updates, _ = jax.jit(tx.update)(_ones(trainable), tx.init(trainable), trainable)
+    u = updates["params"]
+    for name in ("up", "down"):
+        np.testing.assert_allclose(u[name]["kernel"]["a"], -0.01, rtol=1e-6)
+        np.testing.assert_allclose(u[name]["kernel"]["b"], -0.01 * ratio, rtol=1e-6)
+    np.testing.assert_allclose(u["embed"]["embedding"]["a"], -0.003, rtol=1e-6)
+    np.testing.assert_allclose(u["embed"]["embedding"]["b"], -0.003, rtol=1e-6)
+    np.testing.assert_allclose(u["head"]["kernel"], -0.5, rtol=1e-6)
+
+
+def test_schedule_learning_rate():
+    _, trainable = _setup()
+    schedule = optax.linear_schedule(0.1, 0.0, 10)
+    tx = jlora.optimizer(CFG, schedule, lr_ratio=4.0, base=optax.sgd)
+    state = tx.init(trainable)
+    step = jax.jit(tx.update)
+    for k in range(3):
+        updates, state = step(_ones(trainable), state, trainable)
+        # optax schedules count the updates already applied
+        want = schedule(k)
+        np.testing.assert_allclose(updates["params"]["up"]["kernel"]["a"], -want, rtol=1e-5)
+        np.testing.assert_allclose(updates["params"]["up"]["kernel"]["b"], -4 * want, rtol=1e-5)
+
+
+def test_auto_ratio_per_adapter():
+    _, trainable = _setup()
+    tx = jlora.optimizer(CFG, 0.01, lr_ratio="auto", base=optax.sgd)
+    updates, _ = tx.update(_ones(trainable), tx.init(trainable), trainable)
+    u = updates["params"]
+    up, down = auto_ratio(16, 64, 4), auto_ratio(64, 16, 4)
+    assert (up, down) == (1.0, min(4 * math.sqrt(16), 64.0))  # (16/64)·sqrt(4) = 0.5 clipped to 1; 4·4 = 16
+    np.testing.assert_allclose(u["up"]["kernel"]["b"], -0.01 * up, rtol=1e-6)
+    np.testing.assert_allclose(u["down"]["kernel"]["b"], -0.01 * down, rtol=1e-6)
+    np.testing.assert_allclose(u["down"]["kernel"]["a"], -0.01, rtol=1e-6)
+    np.testing.assert_allclose(u["embed"]["embedding"]["b"], -0.01, rtol=1e-6)
+
+
+def test_auto_ratio_of_stacked_adapters_ignores_the_layer_axis():
+    cfg = jlora.LoraConfig(rank=2, targets=jlora.Rule(pattern="w", stack_axes=(0,)))
+    _, trainable = jlora.init(jax.random.key(0), {"w": jnp.ones((3, 32, 8))}, cfg)
+    tx = jlora.optimizer(cfg, 1.0, lr_ratio="auto", base=optax.sgd)
+    updates, _ = tx.update(_ones(trainable), tx.init(trainable), trainable)
+    np.testing.assert_allclose(updates["w"]["b"], -auto_ratio(32, 8, 2), rtol=1e-6)
+
+
+@pytest.mark.standard_promotion
+def test_frozen_leaves_hold_no_state_and_adam_state_is_two_moments():
+    frozen, trainable = _setup()
+    state = jlora.optimizer(CFG, 1e-3).init(trainable)
+    n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
+    n_state = sum(x.size for x in jax.tree.leaves(state) if x.ndim > 0)
+    assert n_state == 2 * n_trainable
+    assert n_trainable < sum(x.size for x in jax.tree.leaves(frozen))
+
+
+@pytest.mark.standard_promotion
+def test_adamw_weight_decay_scales_with_the_group_rate():
+    _, trainable = _setup()
+    trainable = jax.tree.map(lambda v: jnp.full_like(v, 2.0), trainable)
+    tx = jlora.optimizer(CFG, 0.1, lr_ratio=4.0, weight_decay=0.01)
+    zeros = jax.tree.map(jnp.zeros_like, trainable)
+    updates, _ = tx.update(zeros, tx.init(trainable), trainable)
+    np.testing.assert_allclose(updates["params"]["up"]["kernel"]["a"], -0.1 * 0.01 * 2.0, rtol=1e-5)
+    np.testing.assert_allclose(updates["params"]["up"]["kernel"]["b"], -0.4 * 0.01 * 2.0, rtol=1e-5)
+
+
+@pytest.mark.standard_promotion
+def test_training_with_wrap_lowers_the_loss():
+    frozen, trainable = _setup()
+    lora_apply = jlora.wrap(Net().apply, CFG)
+    labels_ = jnp.array([0, 2])
+    tx = jlora.optimizer(CFG, 3e-2)
+
+    def loss_fn(t):
+        return optax.softmax_cross_entropy_with_integer_labels(lora_apply(frozen, t, TOKENS), labels_).mean()
+
+    @jax.jit
+    def step(t, s):
+        loss, g = jax.value_and_grad(loss_fn)(t)
+        u, s = tx.update(g, s, t)
+        return optax.apply_updates(t, u), s, loss
+
+    state = tx.init(trainable)
+    first = None
+    for _ in range(20):
+        trainable, state, loss = step(trainable, state)
+        first = loss if first is None else first
+    assert float(loss) < 0.5 * float(first)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"lr_ratio": 0.0}, ValueError, r"lr_ratio must be a finite number > 0 or 'auto', got 0.0"),
+        ({"lr_ratio": "fast"}, ValueError, r"lr_ratio must be .* got 'fast'"),
+        ({"learning_rate": -1.0}, ValueError, r"learning_rate must be a finite number >= 0 or an optax schedule"),
+        ({"full_lr": float("inf")}, ValueError, r"full_lr must be a finite number"),
+        ({"base": "adam"}, TypeError, r"base must be an optax optimizer factory"),
+    ],
+)
+def test_errors(kwargs, error, message):
+    kwargs = {"learning_rate": 1e-3, **kwargs}
+    with pytest.raises(error, match=message):
+        jlora.optimizer(CFG, **kwargs)
+
+
+def test_auto_needs_the_config_that_made_trainable():
+    _, trainable = _setup()
+    other = jlora.LoraConfig(rank=4, targets=r".*/up/kernel")
+    with pytest.raises(ValueError, match=r"adapter at params/down/kernel, but no target of the config matches"):
+        jlora.optimizer(other, 1e-3, lr_ratio="auto").init(trainable)
+    with pytest.raises(TypeError, match=r"expected a jlora.LoraConfig"):
+        jlora.optimizer({}, 1e-3)
