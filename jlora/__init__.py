@@ -4,8 +4,11 @@
 >>> cfg = jlora.LoraConfig(rank=8, alpha=16.0, targets=r".*/(query|value)/kernel")
 """
 
+from jlora._config import NONLINEARITIES as NONLINEARITIES
 from jlora._config import LoraConfig as LoraConfig
 from jlora._config import Rule as Rule
+from jlora._dylora import rank_sweep as rank_sweep
+from jlora._dylora import truncate as truncate
 from jlora._init import init as init
 from jlora._layout import Layout as Layout
 from jlora._merge import merge as merge
@@ -19,6 +22,7 @@ from jlora._wrap import wrap as wrap
 __version__ = "0.1.0"
 
 __all__ = [
+    "NONLINEARITIES",
     "Layout",
     "LoraApply",
     "LoraConfig",
@@ -27,7 +31,9 @@ __all__ = [
     "init",
     "merge",
     "optimizer",
+    "rank_sweep",
     "summary",
+    "truncate",
     "unmerge",
     "wrap",
 ]

@@ -7,9 +7,23 @@ import math
 import re
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 
-INIT_SCHEMES = ("kaiming_uniform", "gaussian")
+INIT_SCHEMES = ("kaiming_uniform", "gaussian", "pissa")
+DYLORA_MODES = ("frozen", "plain")
+# The function f in the branch ``s·f(x·a)·b``: named so it can travel in checkpoint metadata.
+NONLINEARITIES = {
+    "identity": lambda u: u,
+    "relu": jax.nn.relu,
+    "gelu": lambda u: jax.nn.gelu(u, approximate=False),
+    "gelu_tanh": lambda u: jax.nn.gelu(u, approximate=True),
+    "silu": jax.nn.silu,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "softplus": jax.nn.softplus,
+    "elu": jax.nn.elu,
+}
 
 
 def _check_axes(name: str, value, owner: str) -> tuple[int, ...] | None:
@@ -109,9 +123,23 @@ class LoraConfig:
       train_in_full: regexes of leaves trained in full (PEFT's ``modules_to_save``),
         e.g. a freshly initialised classifier head.
       init: ``"kaiming_uniform"`` (PEFT's default: ``a ~ U(±1/sqrt(fan_in))``) or
-        ``"gaussian"`` (``a ~ N(0, 1/r²)``); ``b`` starts at zero either way.
-        Embedding tables get ``a ~ N(0, 1)``, mirroring PEFT's embedding init.
+        ``"gaussian"`` (``a ~ N(0, 1/r²)``); ``b`` starts at zero either way, and
+        embedding tables get ``a ~ N(0, 1)``, mirroring PEFT's embedding init.
+        ``"pissa"``: ``scale·a@b`` is the top-r SVD part of W and ``frozen`` holds
+        the residual, so the model's function at init is unchanged.
       dtype: dtype of the adapter factors (default float32, whatever the base).
+      dropout: rate of dropout on the LoRA branch's input (``s·(drop(x)·a)·b``),
+        active only in calls given ``lora_rng``; embedding lookups take none (as PEFT).
+      nonlinearity: ``f`` in ``s·f(x·a)·b``, one of `NONLINEARITIES`. Anything but
+        ``"identity"`` makes the delta non-linear: `merge` refuses it, the factored
+        forward computes it.
+      dora: weight-decomposed LoRA (DoRA): each output unit's weight vector is
+        ``m · V/‖V‖`` with ``V = W + s·a@b``, ``m`` trainable (init ``‖W‖``) and the
+        norm treated as a constant in backprop, as in the DoRA paper.
+      dylora: ``None``, ``"frozen"`` or ``"plain"``. DyLoRA trains every rank at once:
+        each training call samples ``k ~ U{1..r}``, only the first ``k`` components act
+        and the scale is ``alpha/k``. ``"frozen"`` (the paper's mode) also holds the
+        components below ``k`` fixed that step, so only the ``k``-th one learns.
 
     >>> cfg = LoraConfig(rank=8, alpha=16.0, targets=r".*/(query|value)/kernel")
     >>> cfg.scale_for(cfg.rules[0])
@@ -125,6 +153,10 @@ class LoraConfig:
     train_in_full: str | Sequence[str] = ()
     init: str = "kaiming_uniform"
     dtype: str = "float32"
+    dropout: float = 0.0
+    nonlinearity: str = "identity"
+    dora: bool = False
+    dylora: str | None = None
 
     def __post_init__(self):
         _check_rank(self.rank, "LoraConfig")
@@ -162,11 +194,42 @@ class LoraConfig:
         object.__setattr__(self, "dtype", dtype.name)
         if not isinstance(self.rslora, bool):
             raise TypeError(f"LoraConfig: rslora must be a bool, got {self.rslora!r}.")
+        if not isinstance(self.dora, bool):
+            raise TypeError(f"LoraConfig: dora must be a bool, got {self.dora!r}.")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float) or not 0 <= self.dropout < 1:
+            raise ValueError(f"LoraConfig: dropout must be a rate in [0, 1), got {self.dropout!r}.")
+        if self.nonlinearity not in NONLINEARITIES:
+            raise ValueError(
+                f"LoraConfig: unknown nonlinearity {self.nonlinearity!r}; choose one of {tuple(NONLINEARITIES)}."
+            )
+        if self.dylora is not None and self.dylora not in DYLORA_MODES:
+            raise ValueError(
+                f"LoraConfig: unknown dylora mode {self.dylora!r}; choose None or one of {DYLORA_MODES}."
+            )
+        if self.dora and self.nonlinearity != "identity":
+            raise ValueError(
+                "LoraConfig: dora=True needs the merged weight W + s·a@b for its norm, which does not exist "
+                f"with nonlinearity={self.nonlinearity!r}; use one or the other."
+            )
+        if self.init == "pissa" and (self.nonlinearity != "identity" or self.dylora is not None):
+            raise ValueError(
+                "LoraConfig: init='pissa' splits W into a@b plus a residual, which needs a linear delta at "
+                "full rank; it cannot be combined with a nonlinearity or dylora."
+            )
+
+    @property
+    def linear(self) -> bool:
+        """Whether the delta is the linear map ``s·a@b`` (so a merged weight exists)."""
+        return self.nonlinearity == "identity"
 
     @property
     def rules(self) -> tuple[Rule, ...]:
         """The target rules in match order."""
         return self.targets  # normalised to a tuple of Rule in __post_init__
+
+    def rule_for(self, path: str) -> Rule | None:
+        """The first rule whose pattern fully matches ``path``, or None."""
+        return next((r for r in self.rules if re.fullmatch(r.pattern, path)), None)
 
     def rank_for(self, rule: Rule) -> int:
         return self.rank if rule.rank is None else rule.rank

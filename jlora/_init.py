@@ -6,9 +6,11 @@ import zlib
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jlora._config import LoraConfig
-from jlora._paths import flatten, nest
+from jlora._layout import weight_norm
+from jlora._paths import flatten, leaf_paths, nest
 from jlora._targets import Target, resolve
 
 
@@ -27,14 +29,38 @@ def _adapter(key: jax.Array, t: Target, init: str, dtype) -> dict[str, jax.Array
     return {"a": a, "b": jnp.zeros(t.layout.b_shape(t.shape, t.rank), dtype)}
 
 
+def _pissa(w, t: Target, dtype):
+    """Top-r SVD of W split as ``scale·a@b`` (PEFT's PiSSA), and the residual W - scale·a@b."""
+    lay = t.layout
+    n_stack = len(lay.stack_axes)
+    order = (*lay.stack_axes, *lay.in_axes, *lay.out_axes)
+    wt = lax.transpose(w, order).astype(jnp.float32)
+    shape = wt.shape
+    fan_in = lay.fan_in(t.shape)
+    wm = wt.reshape(*shape[:n_stack], fan_in, -1)
+    u, s, vh = jnp.linalg.svd(wm, full_matrices=False)
+    root = jnp.sqrt(s[..., : t.rank] / t.scale)
+    a = u[..., : t.rank] * root[..., None, :]
+    b = root[..., :, None] * vh[..., : t.rank, :]
+    residual = (wm - t.scale * (a @ b)).reshape(shape)
+    inverse = tuple(order.index(i) for i in range(w.ndim))
+    a = a.reshape(lay.a_shape(t.shape, t.rank))
+    b = b.reshape(lay.b_shape(t.shape, t.rank))
+    return {"a": a.astype(dtype), "b": b.astype(dtype)}, lax.transpose(residual, inverse).astype(w.dtype)
+
+
 def init(key: jax.Array, params, config: LoraConfig):
     """Split ``params`` into ``(frozen, trainable)``.
 
     ``frozen`` is ``params`` itself (same structure and values; leaves trained in
     full keep their original value there, so ``lora_scale=0`` is the base model).
+    With ``init="pissa"`` it is a copy whose adapted kernels hold the SVD residual
+    ``W - scale·a@b`` (``params`` is not changed), and ``lora_scale=0`` is that
+    residual model.
     ``trainable`` is a plain nested dict: at each adapted kernel's path a dict with
     ``a`` of shape ``(*stack, *in, r)`` (random) and ``b`` of shape
-    ``(*stack, r, *out)`` (zero); at each leaf trained in full, a copy of it.
+    ``(*stack, r, *out)`` (zero); with DoRA also ``m`` of shape ``(*stack, *out)``
+    (``‖W‖`` per output unit); at each leaf trained in full, a copy of it.
 
     Each adapter's key is ``fold_in(key, crc32(path))``: adding or removing a
     target never changes the initial value of another.
@@ -59,11 +85,20 @@ def init(key: jax.Array, params, config: LoraConfig):
     targets = resolve(config, params)
     leaves = flatten(params)
     dtype = jnp.dtype(config.dtype)
-    trainable = {}
+    trainable, residuals = {}, {}
     for path, t in targets.items():
-        if t.is_lora:
+        if not t.is_lora:
+            trainable[path] = jnp.array(leaves[path], copy=True)
+            continue
+        if config.init == "pissa":
+            trainable[path], residuals[path] = _pissa(leaves[path], t, dtype)
+        else:
             sub = jax.random.fold_in(key, zlib.crc32(path.encode()))
             trainable[path] = _adapter(sub, t, config.init, dtype)
-        else:
-            trainable[path] = jnp.array(leaves[path], copy=True)
-    return params, nest(trainable)
+        if t.dora:
+            trainable[path]["m"] = weight_norm(leaves[path], t.layout).astype(dtype)
+    frozen = params
+    if residuals:
+        new = [residuals.get(p, x) for p, x in zip(leaf_paths(params), jax.tree_util.tree_leaves(params), strict=True)]
+        frozen = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), new)
+    return frozen, nest(trainable)

@@ -89,3 +89,67 @@ def merged(w: jax.Array, a: jax.Array, b: jax.Array, layout: Layout, scale) -> j
     acc = wider(w.dtype, a.dtype)
     d = delta(a.astype(acc), b.astype(acc), layout)
     return (w.astype(acc) + jnp.asarray(scale, acc) * d).astype(w.dtype)
+
+
+def _to_matrix(x, n_stack: int, n_rows: int):
+    """``(*stack, *rows, *cols)`` -> ``(prod(stack), prod(rows), prod(cols))``."""
+    s = x.shape
+    stack, rows = math.prod(s[:n_stack]), math.prod(s[n_stack:n_stack + n_rows])
+    return x.reshape(stack, rows, -1)
+
+
+def _w_matrix(w, layout: Layout):
+    """W as ``(prod(stack), fan_in, fan_out)`` with a's and b's axis orders."""
+    order = (*layout.stack_axes, *layout.in_axes, *layout.out_axes)
+    return _to_matrix(lax.transpose(w, order), len(layout.stack_axes), len(layout.in_axes))
+
+
+def m_shape(w_shape, layout: Layout) -> tuple[int, ...]:
+    """Shape of DoRA's magnitude: one per output unit (and stacked layer)."""
+    return (*(w_shape[i] for i in layout.stack_axes), *(w_shape[i] for i in layout.out_axes))
+
+
+def weight_norm(w, layout: Layout) -> jax.Array:
+    """``‖W‖`` per output unit (over the input axes), float32, shape `m_shape`."""
+    wm = _w_matrix(w, layout).astype(jnp.float32)
+    return jnp.sqrt(jnp.sum(wm * wm, axis=1)).reshape(m_shape(w.shape, layout))
+
+
+def column_norm(w, a, b, layout: Layout, scale) -> jax.Array:
+    """``‖W + s·a@b‖`` per output unit, without forming ``W + s·a@b``.
+
+    ``‖w + s·A b‖² = ‖w‖² + 2s·⟨Aᵀw, b⟩ + s²·bᵀ(AᵀA)b`` column by column: O(r·|W|)
+    flops like the merged weight, but no |W|-sized temporary beyond W itself.
+    Float32, shape `m_shape`, with no gradient (DoRA treats the norm as a constant).
+    """
+    w, a, b = (lax.stop_gradient(x).astype(jnp.float32) for x in (w, a, b))
+    s = lax.stop_gradient(jnp.asarray(scale, jnp.float32))
+    n_stack = len(layout.stack_axes)
+    wm = _w_matrix(w, layout)  # (p, n, m)
+    am = _to_matrix(a, n_stack, a.ndim - n_stack - 1)  # (p, n, r)
+    bm = _to_matrix(b, n_stack, 1)  # (p, r, m)
+    ww = jnp.sum(wm * wm, axis=1)
+    cross = jnp.sum(jnp.einsum("pnr,pnm->prm", am, wm) * bm, axis=1)
+    gram = jnp.einsum("pnr,pns->prs", am, am)
+    bb = jnp.sum(bm * jnp.einsum("prs,psm->prm", gram, bm), axis=1)
+    sq = ww + 2.0 * s * cross + s * s * bb
+    return jnp.sqrt(jnp.maximum(sq, 0.0)).reshape(m_shape(w.shape, layout))
+
+
+def dora_merged(w, a, b, m, layout: Layout, scale) -> jax.Array:
+    """``m · V/‖V‖`` per output unit with ``V = W + scale·a@b``, in W's dtype."""
+    acc = wider(w.dtype, a.dtype)
+    v = merged(w.astype(acc), a, b, layout, scale)
+    factor = m.astype(acc) / column_norm(w, a, b, layout, scale).astype(acc)
+    return (v * _on_w_axes(factor, layout, w.ndim)).astype(w.dtype)
+
+
+def _on_w_axes(factor, layout: Layout, ndim: int):
+    """Broadcast a ``(*stack, *out)`` array against W's axes."""
+    src = (*layout.stack_axes, *layout.out_axes)
+    order = sorted(range(len(src)), key=lambda i: src[i])
+    expanded = lax.transpose(factor, tuple(order))
+    shape = [1] * ndim
+    for axis in sorted(src):
+        shape[axis] = factor.shape[src.index(axis)]
+    return expanded.reshape(shape)

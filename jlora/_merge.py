@@ -6,21 +6,39 @@ import jax
 import jax.numpy as jnp
 
 from jlora._config import LoraConfig
-from jlora._layout import merged
+from jlora._effective import effective
+from jlora._layout import dora_merged, merged
 from jlora._paths import leaf_paths
 from jlora._targets import check_trainable, resolve
 
 
 def interpolate(base, trained, scale):
     """``base + scale·(trained - base)``: the runtime scale for a leaf trained in full."""
-    if isinstance(scale, int | float) and scale == 1:
+    if scale is None:
         return trained.astype(base.dtype)
     s = jnp.asarray(scale, base.dtype)
     return base + s * (trained.astype(base.dtype) - base)
 
 
-def merged_leaves(frozen, trainable, config: LoraConfig, scale=1.0, sign: int = 1) -> list:
-    """Leaves of ``frozen`` with every adapter folded in (``sign=-1`` subtracts it)."""
+def _as_runtime_scale(scale):
+    """``1`` (a Python number) means the adapter as trained: no arithmetic at all."""
+    return None if isinstance(scale, int | float) and not isinstance(scale, bool) and scale == 1 else scale
+
+
+def merged_leaves(frozen, trainable, config: LoraConfig, scale=None, sign: int = 1, rank=None, train=False) -> list:
+    """Leaves of ``frozen`` with every adapter folded in (``sign=-1`` takes it out)."""
+    if not config.linear:
+        raise ValueError(
+            f"merge: with nonlinearity={config.nonlinearity!r} the delta s·f(x·a)·b is no longer a linear "
+            "map of x, so no merged weight W' with x·W' = x·W + s·f(x·a)·b exists. Serve with "
+            "jlora.wrap(..., strategy='factored'), or train with nonlinearity='identity'."
+        )
+    if sign < 0 and config.dora:
+        raise ValueError(
+            "unmerge: a DoRA merge rescales every output unit by m/‖W + s·a@b‖, which depends on the base "
+            "weight that unmerge is asked to recover; keep the frozen base instead of unmerging."
+        )
+    scale = _as_runtime_scale(scale)
     targets = resolve(config, frozen)
     values = check_trainable(targets, trainable)
     out = []
@@ -29,8 +47,11 @@ def merged_leaves(frozen, trainable, config: LoraConfig, scale=1.0, sign: int = 
         if t is None:
             out.append(leaf)
         elif t.is_lora:
-            a, b = values[path]
-            out.append(merged(leaf, a, b, t.layout, sign * t.scale * scale))
+            e = effective(t, config, leaf, *values[path], scale=scale, rank=rank, train=train)
+            if e.m is not None:
+                out.append(dora_merged(leaf, e.a, e.b, e.m, t.layout, e.scale))
+            else:
+                out.append(merged(leaf, e.a, e.b, t.layout, sign * e.scale))
         else:
             out.append(interpolate(leaf, values[path], scale) if sign > 0 else values[path].astype(leaf.dtype))
     return out
@@ -52,17 +73,19 @@ def _check_finite(tree, changed: set[str]) -> None:
         )
 
 
-def merge(frozen, trainable, config: LoraConfig, *, scale=1.0, safe: bool = False):
+def merge(frozen, trainable, config: LoraConfig, *, scale=1.0, rank=None, safe: bool = False):
     """Fold the adapters into the base: plain parameters with the structure of ``params``.
 
-    Each adapted kernel becomes ``W + scale·(alpha/r)·a@b`` in W's dtype; each leaf
-    trained in full takes its trained value (``scale`` interpolates from the base).
-    With ``b == 0`` the result equals the original ``params``.
+    Each adapted kernel becomes ``W + scale·(alpha/r)·a@b`` in W's dtype (with DoRA,
+    ``m·V/‖V‖`` per output unit); each leaf trained in full takes its trained value
+    (``scale`` interpolates from the base). With ``b == 0`` the result equals the
+    original ``params``. A config with a nonlinearity has no merged form: refused.
 
     Args:
       frozen, trainable: from `init`.
       config: the `LoraConfig` they were made with.
       scale: adapter strength: 0 is the base model, 1 the trained adapter.
+      rank: for a DyLoRA adapter, the rank ``k`` to merge at (default: full rank).
       safe: check the merged leaves on the host and raise, naming every path, if
         any holds nan or inf (nothing is returned then).
 
@@ -74,7 +97,7 @@ def merge(frozen, trainable, config: LoraConfig, *, scale=1.0, safe: bool = Fals
     >>> bool((merge(frozen, trainable, cfg)["w"]["kernel"] == params["w"]["kernel"]).all())
     True
     """
-    leaves = merged_leaves(frozen, trainable, config, scale)
+    leaves = merged_leaves(frozen, trainable, config, scale, rank=rank)
     out = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(frozen), leaves)
     if safe:
         _check_finite(out, set(resolve(config, frozen)))

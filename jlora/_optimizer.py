@@ -44,7 +44,6 @@ off, or use another ``base``.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -90,7 +89,7 @@ def labels(trainable) -> Any:
 
 
 def _stack_count(config: LoraConfig, kernel_path: str) -> int:
-    rule = next((r for r in config.rules if re.fullmatch(r.pattern, kernel_path)), None)
+    rule = config.rule_for(kernel_path)
     if rule is None:
         raise ValueError(
             f"optimizer: trainable holds an adapter at {kernel_path}, but no target of the config "

@@ -31,12 +31,17 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend.core import Literal
 
-from jlora._layout import Layout, merged
+from jlora._config import NONLINEARITIES
+from jlora._layout import Layout, column_norm, dora_merged, merged
 
 
 @dataclasses.dataclass(frozen=True)
 class Lora:
-    """An adapted kernel in flight: base ``w``, factors and their axis roles."""
+    """An adapted kernel in flight: base ``w``, factors and their axis roles.
+
+    ``key`` (dropout on the branch input) and ``m`` (DoRA's magnitude in effect) are
+    ``None`` when not in use; ``f`` names the nonlinearity between ``a`` and ``b``.
+    """
 
     path: str
     w: Any
@@ -44,16 +49,44 @@ class Lora:
     b: Any
     scale: Any  # scalar; alpha/r times the runtime adapter scale
     layout: Layout
+    key: Any = None
+    m: Any = None
+    f: str = "identity"
+    rate: float = 0.0
 
     def materialize(self):
+        if self.f != "identity":
+            raise ValueError(
+                f"{self.path}: an op with no factored rule consumes this kernel, and with "
+                f"nonlinearity={self.f!r} no merged weight exists to give it; exclude the kernel from "
+                "targets or use nonlinearity='identity'."
+            )
+        if self.m is not None:
+            return dora_merged(self.w, self.a, self.b, self.m, self.layout, self.scale)
         return merged(self.w, self.a, self.b, self.layout, self.scale)
 
     def arrays(self):
-        return (self.w, self.a, self.b, self.scale)
+        return (self.w, self.a, self.b, self.scale, self.key, self.m)
 
     def with_arrays(self, arrays):
-        w, a, b, scale = arrays
-        return dataclasses.replace(self, w=w, a=a, b=b, scale=scale)
+        w, a, b, scale, key, m = arrays
+        return dataclasses.replace(self, w=w, a=a, b=b, scale=scale, key=key, m=m)
+
+    def drop(self, x):
+        """Dropout on the branch input (identity without a key)."""
+        if self.key is None or self.rate == 0:
+            return x
+        keep = jax.random.bernoulli(self.key, 1.0 - self.rate, x.shape)
+        return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros((), x.dtype))
+
+    def nonlinear(self, u):
+        return NONLINEARITIES[self.f](u)
+
+    def dora_factor(self):
+        """``m/‖W + s·a@b‖`` per output unit (float32, shape ``(*stack, *out)``), or None."""
+        if self.m is None:
+            return None
+        return self.m.astype(jnp.float32) / column_norm(self.w, self.a, self.b, self.layout, self.scale)
 
 
 class Use(NamedTuple):
@@ -161,11 +194,17 @@ def _dot_general(ctx: Context, eqn, invals):
         return _fallback(ctx, eqn, invals)
     a_side, b_side = _factor_maps(lora)
     if set(wc) == set(lay.in_axes):
-        first, second, free = a_side, b_side, lay.out_axes
+        first, second, free, forward = a_side, b_side, lay.out_axes, True
     elif set(wc) == set(lay.out_axes):
-        first, second, free = b_side, a_side, lay.in_axes
+        first, second, free, forward = b_side, a_side, lay.in_axes, False
     else:
         raise _layout_error(lora, "dot_general", wc)
+    if not forward and (lora.f != "identity" or lora.m is not None):
+        raise ValueError(
+            f"{lora.path}: this dot_general uses the kernel transposed (contracting its output axes, as a "
+            "tied embedding head does); with a nonlinearity or DoRA the adapter defines no transposed map. "
+            "Adapt the kernel only where it is used forward, or drop the nonlinearity/DoRA."
+        )
 
     base = _bind(eqn, [x, lora.w] if w_is_rhs else [lora.w, x])[0]
     dt = lora.w.dtype
@@ -174,11 +213,11 @@ def _dot_general(ctx: Context, eqn, invals):
     s_arr, s_map, s_r = second
     # u = x · first over W's contracted axes, batched over the stack axes: (*batch, *x_free, r)
     u = lax.dot_general(
-        x, f_arr.astype(dt),
+        lora.drop(x), f_arr.astype(dt),
         ((tuple(xc), tuple(f_map[w] for w in wc)), (tuple(xb), tuple(f_map[w] for w in wb))),
         precision=precision, preferred_element_type=pet,
     )
-    u = u * jnp.asarray(lora.scale).astype(u.dtype)
+    u = lora.nonlinear(u) * jnp.asarray(lora.scale).astype(u.dtype)
     nb = len(xb)
     # v = u · second over r: (*batch, *x_free, *free in factor order)
     v = lax.dot_general(
@@ -192,9 +231,19 @@ def _dot_general(ctx: Context, eqn, invals):
     x_free = list(range(nb, nb + n_xfree))
     w_free = [nb + n_xfree + free.index(w) for w in sorted(free)]
     perm = batch + (x_free + w_free if w_is_rhs else w_free + x_free)
-    v = lax.transpose(v, tuple(perm))
+    out = base + lax.transpose(v, tuple(perm)).astype(base.dtype)
+    factor = lora.dora_factor()
+    if factor is not None:
+        # (*stack, *out) -> the output's batch and W-free positions, 1 on x's free axes.
+        ns = len(lay.stack_axes)
+        src = [lay.stack_axes.index(w) for w in wb] + [ns + lay.out_axes.index(w) for w in sorted(free)]
+        factor = lax.transpose(factor, tuple(src))
+        shape = list(factor.shape[:nb]) + (
+            [1] * n_xfree + list(factor.shape[nb:]) if w_is_rhs else list(factor.shape[nb:]) + [1] * n_xfree
+        )
+        out = (out * factor.reshape(shape).astype(out.dtype)).astype(base.dtype)
     ctx.record(lora, "dot_general", True)
-    return [base + v.astype(base.dtype)]
+    return [out]
 
 
 def _conv(ctx: Context, eqn, invals):
@@ -212,14 +261,19 @@ def _conv(ctx: Context, eqn, invals):
     # a as a conv kernel in W's layout: W's output-feature axis carries the rank.
     src = {w: i for i, w in enumerate(lay.in_axes)} | {out_dim: len(lay.in_axes)}
     a_kernel = lax.transpose(lora.a.astype(dt), tuple(src[i] for i in range(lora.w.ndim)))
-    u = _bind(eqn, [x, a_kernel])[0]
+    u = _bind(eqn, [lora.drop(x), a_kernel])[0]
     feat = out_spec[1]
-    u = u * jnp.asarray(lora.scale).astype(u.dtype)
+    u = lora.nonlinear(u) * jnp.asarray(lora.scale).astype(u.dtype)
     v = lax.dot_general(u, lora.b.astype(dt), (((feat,), (0,)), ((), ())),
                         precision=p["precision"], preferred_element_type=p["preferred_element_type"])
-    v = jnp.moveaxis(v, -1, feat)
+    out = base + jnp.moveaxis(v, -1, feat).astype(base.dtype)
+    factor = lora.dora_factor()
+    if factor is not None:
+        shape = [1] * out.ndim
+        shape[feat] = factor.shape[0]
+        out = (out * factor.reshape(shape).astype(out.dtype)).astype(base.dtype)
     ctx.record(lora, "conv_general_dilated", True)
-    return [base + v.astype(base.dtype)]
+    return [out]
 
 
 def _gather(ctx: Context, eqn, invals):
@@ -228,7 +282,7 @@ def _gather(ctx: Context, eqn, invals):
     dn = p["dimension_numbers"]
     lay = lora.layout
     if (
-        isinstance(idx, Lora) or lora.w.ndim != 2 or lay.in_axes != (0,) or lay.stack_axes
+        isinstance(idx, Lora) or lora.w.ndim != 2 or lay.in_axes != (0,) or lay.stack_axes or lora.m is not None
         or tuple(dn.collapsed_slice_dims) != (0,) or tuple(dn.start_index_map) != (0,)
         or dn.operand_batching_dims or tuple(p["slice_sizes"]) != (1, lora.w.shape[1])
     ):
@@ -238,7 +292,8 @@ def _gather(ctx: Context, eqn, invals):
     rank = lora.a.shape[-1]
     u = _bind(eqn, [lora.a.astype(dt), idx], slice_sizes=(1, rank))[0]
     feat = dn.offset_dims[0]
-    u = u * jnp.asarray(lora.scale).astype(u.dtype)
+    # No dropout on a lookup (as PEFT's embedding layer): x is one-hot.
+    u = lora.nonlinear(u) * jnp.asarray(lora.scale).astype(u.dtype)
     v = lax.dot_general(u, lora.b.astype(dt), (((feat,), (0,)), ((), ())))
     v = jnp.moveaxis(v, -1, feat)
     ctx.record(lora, "gather", True)
@@ -288,11 +343,17 @@ def _slice_stack(ctx: Context, eqn, invals, starts, sizes):
     ns = len(lay.stack_axes)
 
     def narrow(f):
+        if f is None:
+            return None
         f_starts = [starts[w_ax] for w_ax in lay.stack_axes] + [0] * (f.ndim - ns)
         f_sizes = [sizes[w_ax] for w_ax in lay.stack_axes] + list(f.shape[ns:])
         return lax.dynamic_slice(f, f_starts, f_sizes)
 
-    return [dataclasses.replace(lora, w=w, a=narrow(lora.a), b=narrow(lora.b))]
+    key = lora.key
+    if key is not None:  # each layer picked out of a stack draws its own dropout mask
+        for w_ax in lay.stack_axes:
+            key = jax.random.fold_in(key, starts[w_ax])
+    return [dataclasses.replace(lora, w=w, a=narrow(lora.a), b=narrow(lora.b), m=narrow(lora.m), key=key)]
 
 
 def _slice(ctx: Context, eqn, invals):
@@ -316,8 +377,10 @@ def _squeeze(ctx: Context, eqn, invals):
     if not set(dims) <= set(lora.layout.stack_axes):
         return _fallback(ctx, eqn, invals)
     fdims = tuple(_stack_index(lora, d) for d in dims)
-    return [Lora(lora.path, _bind(eqn, [lora.w])[0], lax.squeeze(lora.a, fdims),
-                 lax.squeeze(lora.b, fdims), lora.scale, _drop_axes(lora.layout, dims))]
+    return [dataclasses.replace(
+        lora, w=_bind(eqn, [lora.w])[0], a=lax.squeeze(lora.a, fdims), b=lax.squeeze(lora.b, fdims),
+        m=None if lora.m is None else lax.squeeze(lora.m, fdims), layout=_drop_axes(lora.layout, dims),
+    )]
 
 
 # ------------------------------------------------------------ control flow
@@ -341,8 +404,8 @@ def _flat(vals):
                 out.append(flat[i])
                 i += 1
             else:
-                out.append(s.with_arrays(flat[i:i + 4]))
-                i += 4
+                out.append(s.with_arrays(flat[i:i + 6]))
+                i += 6
         return out
 
     return arrays, rebuild
@@ -389,8 +452,13 @@ def _scan(ctx: Context, eqn, invals):
             if 0 not in x.layout.stack_axes:
                 raise _layout_error(x, "scan (slicing axis 0 per step)", x.layout.in_axes)
             j = _stack_index(x, 0)
-            inner = Lora(x.path, x.w, jnp.moveaxis(x.a, j, 0), jnp.moveaxis(x.b, j, 0),
-                         jnp.broadcast_to(jnp.asarray(x.scale), (x.w.shape[0],)), x.layout)
+            n = x.w.shape[0]
+            inner = dataclasses.replace(
+                x, a=jnp.moveaxis(x.a, j, 0), b=jnp.moveaxis(x.b, j, 0),
+                scale=jnp.broadcast_to(jnp.asarray(x.scale), (n,)),
+                m=None if x.m is None else jnp.moveaxis(x.m, j, 0),
+                key=None if x.key is None else jax.random.split(x.key, n),
+            )
             xs_in.append(inner)
         else:
             xs_in.append(x)

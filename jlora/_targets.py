@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora._config import LoraConfig
-from jlora._layout import Layout, default_layout
+from jlora._layout import Layout, default_layout, m_shape
 from jlora._paths import flatten, leaf_paths
 
 
@@ -31,6 +31,7 @@ class Target:
     scale: float = 0.0
     layout: Layout | None = None
     embedding: bool = False
+    dora: bool = False
 
     @property
     def is_lora(self) -> bool:
@@ -65,7 +66,9 @@ def _lora_target(path, leaf, rule, config) -> tuple[Target | None, str | None]:
     if rank > min(fan_in, fan_out):
         return None, f"{where}): rank {rank} exceeds min(fan_in={fan_in}, fan_out={fan_out}); use rank <= {min(fan_in, fan_out)} via Rule({rule.pattern!r}, rank=...)."
     embedding = path.rsplit("/", 1)[-1] == "embedding"
-    return Target(path, shape, rank, config.scale_for(rule), layout, embedding), None
+    if embedding and config.dora:
+        return None, f"{where}): DoRA rescales a layer's output units and is not defined here for embedding tables; exclude them from targets or set dora=False."
+    return Target(path, shape, rank, config.scale_for(rule), layout, embedding, config.dora), None
 
 
 def resolve(config: LoraConfig, tree) -> dict[str, Target]:
@@ -119,8 +122,8 @@ def resolve(config: LoraConfig, tree) -> dict[str, Target]:
     return targets
 
 
-def check_trainable(targets: dict[str, Target], trainable) -> dict[str, jax.Array | tuple[jax.Array, jax.Array]]:
-    """Check ``trainable`` fits the targets; return ``{path: leaf or (a, b)}``.
+def check_trainable(targets: dict[str, Target], trainable) -> dict[str, jax.Array | tuple]:
+    """Check ``trainable`` fits the targets; return ``{path: leaf or (a, b, m or None)}``.
 
     Raises:
       ValueError: naming every missing, unexpected or mis-shaped path.
@@ -132,6 +135,8 @@ def check_trainable(targets: dict[str, Target], trainable) -> dict[str, jax.Arra
         if t.is_lora:
             expected[f"{path}/a"] = t.layout.a_shape(t.shape, t.rank)
             expected[f"{path}/b"] = t.layout.b_shape(t.shape, t.rank)
+            if t.dora:
+                expected[f"{path}/m"] = m_shape(t.shape, t.layout)
         else:
             expected[path] = t.shape
     for path, shape in expected.items():
@@ -148,5 +153,5 @@ def check_trainable(targets: dict[str, Target], trainable) -> dict[str, jax.Arra
             + "\nMake trainable with jlora.init(key, params, config) using the same config."
         )
     for path, t in targets.items():
-        out[path] = (flat[f"{path}/a"], flat[f"{path}/b"]) if t.is_lora else flat[path]
+        out[path] = (flat[f"{path}/a"], flat[f"{path}/b"], flat.get(f"{path}/m")) if t.is_lora else flat[path]
     return out

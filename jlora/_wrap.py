@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import jax
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora._config import LoraConfig
+from jlora._effective import effective, sample_rank
 from jlora._merge import interpolate, merged_leaves
 from jlora._paths import leaf_paths
 from jlora._rewrite import Context, Lora, Use, eval_jaxpr
@@ -65,39 +67,54 @@ def _split(args, kwargs):
     return dynamic, _Static(treedef, static)
 
 
-def _as_scale(lora_scale):
-    """Any number or scalar array as one float32 value, so no value or type retraces.
+def _knobs(lora_scale, lora_rank, lora_rng) -> dict:
+    """The runtime knobs as traced values of fixed type, so no value of them retraces.
 
-    ``None`` (the adapter as trained) stays static: leaves trained in full then take
-    their trained value exactly rather than ``base + 1·(trained - base)``.
+    ``None`` stays static: no scale means the adapter as trained (leaves trained in
+    full then take their trained value exactly), no rank the full rank, no key an
+    evaluation call (no dropout, no DyLoRA sampling).
     """
-    if lora_scale is None:
-        return None
-    if np.ndim(lora_scale) != 0:
-        raise ValueError(f"lora_scale must be a scalar, got shape {np.shape(lora_scale)}.")
-    return jnp.asarray(lora_scale, jnp.float32)
+    knobs = {}
+    if lora_scale is not None:
+        if np.ndim(lora_scale) != 0:
+            raise ValueError(f"lora_scale must be a scalar, got shape {np.shape(lora_scale)}; e.g. lora_scale=0.5.")
+        knobs["scale"] = jnp.asarray(lora_scale, jnp.float32)
+    if lora_rank is not None:
+        if np.ndim(lora_rank) != 0 or not jnp.issubdtype(jnp.result_type(lora_rank), jnp.integer):
+            raise ValueError(f"lora_rank must be an integer scalar, got {lora_rank!r}; e.g. lora_rank=4.")
+        knobs["rank"] = jnp.asarray(lora_rank, jnp.int32)
+    if lora_rng is not None:
+        if not (isinstance(lora_rng, jax.Array) and jnp.issubdtype(lora_rng.dtype, jax.dtypes.prng_key)):
+            raise TypeError(f"lora_rng must be a JAX PRNG key (jax.random.key(0)), got {type(lora_rng).__name__}.")
+        knobs["rng"] = lora_rng
+    return knobs
 
 
 class LoraApply:
-    """``lora_apply(frozen, trainable, *args, lora_scale=None, **kwargs)``.
+    """``lora_apply(frozen, trainable, *args, lora_scale=None, lora_rank=None, lora_rng=None, **kwargs)``.
 
     Calls ``apply_fn(params, *args, **kwargs)`` with the adapters of ``trainable``
-    added. ``lora_scale`` (a value, not a shape: changing it never recompiles)
-    multiplies every adapter: 0 gives the base model, 1 the trained adapter.
-    Array arguments are traced; every other argument (flags such as
+    added. Array arguments are traced; every other argument (flags such as
     ``train=False``, strings, methods) is static, as with ``jax.jit``'s
-    ``static_argnames``.
+    ``static_argnames``. The three knobs are values, not shapes: changing them
+    never recompiles.
+
+    * ``lora_scale``: multiplies every adapter; 0 gives the base model, 1 the
+      trained adapter, values between interpolate.
+    * ``lora_rank``: a DyLoRA adapter evaluated at rank ``k`` (default: full rank).
+    * ``lora_rng``: a key marks a training call: it draws the dropout masks of the
+      LoRA branches and, with DyLoRA, the rank ``k`` of this step.
     """
 
     def __init__(self, apply_fn, config: LoraConfig, strategy: str, fallback: str):
         self.apply_fn, self.config, self.strategy, self.fallback = apply_fn, config, strategy, fallback
         self._jitted = jax.jit(self._run, static_argnames=("static",))
 
-    def __call__(self, frozen, trainable, *args, lora_scale=None, **kwargs):
+    def __call__(self, frozen, trainable, *args, lora_scale=None, lora_rank=None, lora_rng=None, **kwargs):
         dynamic, static = _split(args, kwargs)
-        return self._jitted(frozen, trainable, dynamic, _as_scale(lora_scale), static=static)
+        return self._jitted(frozen, trainable, dynamic, _knobs(lora_scale, lora_rank, lora_rng), static=static)
 
-    def uses(self, frozen, trainable, *args, lora_scale=None, **kwargs) -> list[Use]:
+    def uses(self, frozen, trainable, *args, lora_scale=None, lora_rank=None, lora_rng=None, **kwargs) -> list[Use]:
         """Trace once (abstractly) and report how each adapted kernel was consumed.
 
         Each `Use` names the path, the primitive and whether it stayed factored, so
@@ -106,21 +123,31 @@ class LoraApply:
         """
         dynamic, static = _split(args, kwargs)
         ctx = Context(fallback=self.fallback, uses=[])
-        jax.make_jaxpr(lambda f, t, d, s: self._run(f, t, d, s, static=static, ctx=ctx))(
-            frozen, trainable, dynamic, _as_scale(lora_scale)
+        jax.make_jaxpr(lambda f, t, d, k: self._run(f, t, d, k, static=static, ctx=ctx))(
+            frozen, trainable, dynamic, _knobs(lora_scale, lora_rank, lora_rng)
         )
         return ctx.uses
 
-    def _run(self, frozen, trainable, dynamic, lora_scale, *, static: _Static, ctx: Context | None = None):
-        scale = 1.0 if lora_scale is None else lora_scale
+    def _run(self, frozen, trainable, dynamic, knobs, *, static: _Static, ctx: Context | None = None):
+        config = self.config
+        scale, rank, rng = knobs.get("scale"), knobs.get("rank"), knobs.get("rng")
+        targets = resolve(config, frozen)
+        values = check_trainable(targets, trainable)
+        train = rng is not None
+        if train and config.dylora is not None and rank is None:
+            rank = sample_rank(rng, config, targets)
+
         if self.strategy == "merge":
-            leaves = merged_leaves(frozen, trainable, self.config, scale)
+            if train and config.dropout > 0:
+                raise ValueError(
+                    "strategy='merge' folds the adapter into W, so it cannot drop out the LoRA branch's input; "
+                    "train with strategy='factored', or set dropout=0."
+                )
+            leaves = merged_leaves(frozen, trainable, config, scale, rank=rank, train=train)
             params = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(frozen), leaves)
             args, kwargs = static.rebuild(dynamic)
             return self.apply_fn(params, *args, **kwargs)
 
-        targets = resolve(self.config, frozen)
-        values = check_trainable(targets, trainable)
         leaves, treedef = jax.tree_util.tree_flatten(frozen)
 
         def traced(param_leaves, dyn):
@@ -134,8 +161,12 @@ class LoraApply:
             if t is None:
                 invals.append(leaf)
             elif t.is_lora:
-                a, b = values[path]
-                invals.append(Lora(path, leaf, a, b, t.scale * scale, t.layout))
+                e = effective(t, config, leaf, *values[path], scale=scale, rank=rank, train=train)
+                key = None
+                if train and config.dropout > 0:
+                    key = jax.random.fold_in(rng, zlib.crc32(path.encode()))
+                invals.append(Lora(path, leaf, e.a, e.b, e.scale, t.layout, key=key, m=e.m,
+                                   f=config.nonlinearity, rate=config.dropout))
             else:
                 invals.append(interpolate(leaf, values[path], scale))
         invals.extend(jax.tree_util.tree_leaves(dynamic))
@@ -159,7 +190,8 @@ def wrap(apply_fn, config: LoraConfig, strategy: str = "factored", *, fallback: 
         ``uses``), ``"error"`` raises.
 
     Returns:
-      a `LoraApply`: ``lora_apply(frozen, trainable, *args, lora_scale=None, **kwargs)``.
+      a `LoraApply`: ``lora_apply(frozen, trainable, *args, lora_scale=None, lora_rank=None,
+      lora_rng=None, **kwargs)``.
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn
     >>> from jlora import LoraConfig, init

@@ -57,6 +57,12 @@ def test_dtype_is_normalised():
         ({"targets": ()}, ValueError, r"nothing to train; set targets"),
         ({"rslora": 1}, TypeError, r"rslora must be a bool"),
         ({"train_in_full": "["}, ValueError, r"train_in_full: pattern '\[' is not a valid regex"),
+        ({"dropout": 1.0}, ValueError, r"dropout must be a rate in \[0, 1\), got 1.0"),
+        ({"nonlinearity": "swish"}, ValueError, r"unknown nonlinearity 'swish'; choose one of \('identity'"),
+        ({"dylora": "on"}, ValueError, r"unknown dylora mode 'on'; choose None or one of \('frozen', 'plain'\)"),
+        ({"dora": 1}, TypeError, r"dora must be a bool"),
+        ({"dora": True, "nonlinearity": "relu"}, ValueError, r"dora=True needs the merged weight"),
+        ({"init": "pissa", "dylora": "plain"}, ValueError, r"init='pissa' .* cannot be combined"),
     ],
 )
 def test_config_errors(kwargs, error, message):

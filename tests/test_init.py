@@ -111,3 +111,50 @@ def test_scanned_linen_stack_needs_stack_axes(key):
 def test_key_must_be_a_jax_key():
     with pytest.raises(TypeError, match=r"key must be a JAX PRNG key"):
         jlora.init(0, {"w": jnp.zeros((2, 2))}, jlora.LoraConfig(rank=1, targets="w"))
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_pissa_keeps_the_function_and_freezes_the_residual(key, stacked):
+    w = jax.random.normal(key, (3, 12, 8) if stacked else (12, 8))
+    x = jax.random.normal(jax.random.key(1), (5, 12))
+    rule = jlora.Rule(pattern="w", stack_axes=(0,) if stacked else ())
+    cfg = jlora.LoraConfig(rank=3, alpha=6.0, targets=rule, init="pissa")
+    frozen, trainable = jlora.init(key, {"w": w}, cfg)
+    a, b = trainable["w"]["a"], trainable["w"]["b"]
+    top = jnp.einsum("...ir,...ro->...io", a, b) * 2.0
+    np.testing.assert_allclose(frozen["w"] + top, w, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jlora.merge(frozen, trainable, cfg)["w"], w, rtol=1e-5, atol=1e-5)
+    # scale·a@b is the best rank-3 approximation: its singular values are W's top three.
+    s_w = np.linalg.svd(np.asarray(w), compute_uv=False)[..., :3]
+    np.testing.assert_allclose(np.linalg.svd(np.asarray(top), compute_uv=False)[..., :3], s_w, rtol=1e-4)
+    fn = (lambda p, x: jnp.einsum("bi,lio->lbo", x, p["w"])) if stacked else (lambda p, x: x @ p["w"])
+    np.testing.assert_allclose(jlora.wrap(fn, cfg)(frozen, trainable, x), fn({"w": w}, x), rtol=1e-4, atol=1e-4)
+
+
+def test_pissa_on_a_linen_attention_model(key):
+    params = _linen_zoo()
+    cfg = jlora.LoraConfig(rank=2, targets=r".*attn/.*/kernel", init="pissa")
+    frozen, trainable = jlora.init(key, params, cfg)
+    assert frozen is not params
+    assert (frozen["params"]["dense"]["kernel"] == params["params"]["dense"]["kernel"]).all()
+    out = jlora.wrap(LinenZoo().apply, cfg)(frozen, trainable, TOKENS)
+    np.testing.assert_allclose(out, LinenZoo().apply(params, TOKENS), rtol=1e-4, atol=1e-4)
+
+
+def test_dora_magnitude_starts_at_the_weight_norm(key):
+    params = _linen_zoo()
+    cfg = jlora.LoraConfig(rank=2, targets=r".*attn/(query|out)/kernel", dora=True)
+    _, trainable = jlora.init(key, params, cfg)
+    q, o = params["params"]["attn"]["query"]["kernel"], params["params"]["attn"]["out"]["kernel"]
+    np.testing.assert_allclose(trainable["params"]["attn"]["query"]["kernel"]["m"], jnp.linalg.norm(q, axis=0),
+                               rtol=1e-6)
+    np.testing.assert_allclose(trainable["params"]["attn"]["out"]["kernel"]["m"],
+                               jnp.sqrt(jnp.sum(o * o, axis=(0, 1))), rtol=1e-6)
+    out = jlora.wrap(LinenZoo().apply, cfg, fallback="error")(*jlora.init(key, params, cfg), TOKENS)
+    np.testing.assert_allclose(out, LinenZoo().apply(params, TOKENS), rtol=1e-5, atol=1e-5)
+
+
+def test_dora_is_refused_on_embedding_tables(key):
+    cfg = jlora.LoraConfig(rank=2, targets=r".*embedding", dora=True)
+    with pytest.raises(ValueError, match=r"params/embed/embedding .*DoRA .* not defined here for embedding tables"):
+        jlora.init(key, _linen_zoo(), cfg)

@@ -48,3 +48,19 @@ def test_merged_keeps_w_dtype_and_sums_wide():
     out = merged(w, a, b, Layout((0,), (1,)), 2.0)
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out, np.float32), np.full((4, 3), 1.0 + 4e-3, np.float32), rtol=1e-2)
+
+
+def test_column_norm_without_forming_the_merged_weight():
+    from jlora._layout import column_norm, dora_merged, m_shape
+
+    w = jax.random.normal(jax.random.key(0), (3, 5, 4, 2))
+    lay = Layout(in_axes=(1,), out_axes=(0, 3), stack_axes=(2,))
+    a = jax.random.normal(jax.random.key(1), (4, 5, 3))
+    b = jax.random.normal(jax.random.key(2), (4, 3, 3, 2))
+    v = merged(w, a, b, lay, 0.7)
+    want = jnp.transpose(jnp.sqrt(jnp.sum(v * v, axis=1)), (1, 0, 2))  # (stack, out0, out1)
+    assert m_shape(w.shape, lay) == (4, 3, 2)
+    np.testing.assert_allclose(column_norm(w, a, b, lay, 0.7), want, rtol=1e-5)
+    m = jnp.full((4, 3, 2), 2.0)
+    out = dora_merged(w, a, b, m, lay, 0.7)
+    np.testing.assert_allclose(jnp.sqrt(jnp.sum(out * out, axis=1)), 2.0, rtol=1e-5)

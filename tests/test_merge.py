@@ -107,3 +107,27 @@ def test_merge_rejects_a_mismatched_trainable(key):
         jlora.merge(params, {"w": {"b": jnp.zeros((2, 4))}, "v": jnp.ones(3)}, cfg)
     with pytest.raises(ValueError, match=r"missing w/a"):
         jlora.unmerge(params, {"w": {"b": jnp.zeros((2, 4))}}, cfg)
+
+
+def test_nonlinear_adapters_have_no_merged_form(key):
+    cfg = jlora.LoraConfig(rank=2, targets="w", nonlinearity="gelu")
+    frozen, tr = jlora.init(key, {"w": jnp.ones((4, 4))}, cfg)
+    with pytest.raises(ValueError, match=r"nonlinearity='gelu' .* no longer a linear map .*strategy='factored'"):
+        jlora.merge(frozen, tr, cfg)
+    with pytest.raises(ValueError, match=r"no longer a linear map"):
+        jlora.wrap(lambda p, x: x @ p["w"], cfg, "merge")(frozen, tr, jnp.ones((1, 4)))
+
+
+def test_dora_merge_is_the_paper_formula_and_unmerge_is_refused(key):
+    w = jax.random.normal(key, (6, 4))
+    cfg = jlora.LoraConfig(rank=2, alpha=4.0, targets="w", dora=True)
+    frozen, tr = jlora.init(key, {"w": w}, cfg)
+    np.testing.assert_allclose(jlora.merge(frozen, tr, cfg)["w"], w, rtol=1e-6)  # b = 0, m = ‖W‖
+    tr = bump(tr, 0.2)
+    v = w + 2.0 * tr["w"]["a"] @ tr["w"]["b"]
+    want = tr["w"]["m"][None, :] * v / jnp.linalg.norm(v, axis=0)[None, :]
+    merged = jlora.merge(frozen, tr, cfg)["w"]
+    np.testing.assert_allclose(merged, want, rtol=1e-5)
+    np.testing.assert_allclose(jnp.linalg.norm(merged, axis=0), tr["w"]["m"], rtol=1e-5)
+    with pytest.raises(ValueError, match=r"unmerge: a DoRA merge rescales every output unit"):
+        jlora.unmerge(merged, tr, cfg)

@@ -6,10 +6,10 @@ import jlora
 
 
 def test_all_names_are_exported_and_documented():
-    assert sorted(jlora.__all__) == sorted(
-        ["Layout", "LoraApply", "LoraConfig", "Rule", "Use", "init", "merge", "optimizer", "summary", "unmerge",
-         "wrap"]
-    )
+    assert sorted(jlora.__all__) == sorted([
+        "Layout", "LoraApply", "LoraConfig", "NONLINEARITIES", "Rule", "Use", "init", "merge", "optimizer",
+        "rank_sweep", "summary", "truncate", "unmerge", "wrap",
+    ])
     for name in jlora.__all__:
         obj = getattr(jlora, name)
         assert inspect.getdoc(obj), name

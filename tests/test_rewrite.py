@@ -1,5 +1,7 @@
 """Each factored rule against hand-written maths (and never a fallback)."""
 
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -171,3 +173,139 @@ def test_scan_over_kernel_without_stack_axes_names_the_fix():
     fn = lambda p, x: lax.scan(lambda h, wl: (h @ wl, None), x, p["w"])[0]  # noqa: E731
     with pytest.raises(ValueError, match=r"w: 'scan.*stack_axes=\(0,\)"):
         jlora.wrap(fn, cfg)(frozen, tr, jnp.ones((2, 4)))
+
+
+# ------------------------------------------------------------------ variants
+
+
+def _variant(params, targets, **cfg):
+    cfg = jlora.LoraConfig(rank=2, alpha=3.0, targets=targets, **cfg)
+    frozen, tr = jlora.init(jax.random.key(1), params, cfg)
+    tr = jax.tree.map(lambda v: v + 0.3 * jax.random.normal(jax.random.key(7), v.shape, v.dtype), tr)
+    return cfg, frozen, tr
+
+
+@pytest.mark.parametrize("name", sorted(jlora.NONLINEARITIES))
+def test_nonlinearity_is_f_of_x_a_then_b(name):
+    w = jax.random.normal(jax.random.key(0), (6, 4))
+    x = jax.random.normal(jax.random.key(1), (3, 6))
+    cfg, frozen, tr = _variant({"w": w}, "w", nonlinearity=name)
+    lora_apply = jlora.wrap(lambda p, x: x @ p["w"], cfg, fallback="error")
+    f = jlora.NONLINEARITIES[name]
+    want = x @ w + 1.5 * f(x @ tr["w"]["a"]) @ tr["w"]["b"]
+    np.testing.assert_allclose(lora_apply(frozen, tr, x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_nonlinearity_in_conv_and_embedding_lookup():
+    conv_w = jax.random.normal(jax.random.key(0), (3, 4, 5))  # (window, in, out)
+    table = jax.random.normal(jax.random.key(1), (10, 4))
+    x = jax.random.normal(jax.random.key(2), (2, 7, 4))
+    tokens = jnp.array([[1, 9, 3]])
+    cfg, frozen, tr = _variant({"conv": conv_w, "embedding": table}, "conv|embedding", nonlinearity="tanh")
+
+    def conv(x, k):
+        return lax.conv_general_dilated(x, k, (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC"))
+
+    fn = lambda p, x, t: (conv(x, p["conv"]), jnp.take(p["embedding"], t, axis=0))  # noqa: E731
+    got_conv, got_emb = jlora.wrap(fn, cfg, fallback="error")(frozen, tr, x, tokens)
+    a_kernel = tr["conv"]["a"]  # (window, in, r): a conv kernel with W's window
+    want_conv = conv(x, conv_w) + 1.5 * jnp.tanh(conv(x, a_kernel)) @ tr["conv"]["b"]
+    want_emb = table[tokens] + 1.5 * jnp.tanh(tr["embedding"]["a"][tokens]) @ tr["embedding"]["b"]
+    np.testing.assert_allclose(got_conv, want_conv, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_emb, want_emb, rtol=1e-5, atol=1e-6)
+
+
+def test_nonlinearity_refuses_a_transposed_use_and_a_fallback():
+    table = jax.random.normal(jax.random.key(1), (10, 4))
+    cfg, frozen, tr = _variant({"embedding": table}, "embedding", nonlinearity="relu")
+    head = lambda p, h: h @ p["embedding"].T  # noqa: E731
+    with pytest.raises(ValueError, match=r"embedding: this dot_general uses the kernel transposed"):
+        jlora.wrap(head, cfg)(frozen, tr, jnp.ones((2, 4)))
+    doubled = lambda p, h: h @ (2.0 * p["embedding"]).T  # noqa: E731
+    with pytest.raises(ValueError, match=r"embedding: an op with no factored rule .* no merged weight exists"):
+        jlora.wrap(doubled, cfg)(frozen, tr, jnp.ones((2, 4)))
+
+
+def test_dropout_only_with_a_key_and_with_the_documented_mask():
+    w = jax.random.normal(jax.random.key(0), (6, 4))
+    x = jax.random.normal(jax.random.key(1), (3, 6))
+    cfg, frozen, tr = _variant({"w": w}, "w", dropout=0.5)
+    lora_apply = jlora.wrap(lambda p, x: x @ p["w"], cfg, fallback="error")
+    clean = x @ w + 1.5 * (x @ tr["w"]["a"]) @ tr["w"]["b"]
+    np.testing.assert_allclose(lora_apply(frozen, tr, x), clean, rtol=1e-5)  # eval: no dropout
+    rng = jax.random.key(3)
+    keep = jax.random.bernoulli(jax.random.fold_in(rng, zlib.crc32(b"w")), 0.5, x.shape)
+    dropped = jnp.where(keep, x / 0.5, 0.0)
+    want = x @ w + 1.5 * (dropped @ tr["w"]["a"]) @ tr["w"]["b"]
+    np.testing.assert_allclose(lora_apply(frozen, tr, x, lora_rng=rng), want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(lora_apply(frozen, tr, x, lora_rng=jax.random.key(4)), want)
+    with pytest.raises(ValueError, match=r"strategy='merge' .* cannot drop out"):
+        jlora.wrap(lambda p, x: x @ p["w"], cfg, strategy="merge")(frozen, tr, x, lora_rng=rng)
+
+
+def test_dropout_masks_differ_per_scanned_layer():
+    w = jax.random.normal(jax.random.key(0), (2, 5, 5)) * 0.1
+    x = jnp.ones((1, 5))
+    cfg = jlora.LoraConfig(rank=2, targets=jlora.Rule(pattern="w", stack_axes=(0,)), dropout=0.5)
+    tr = jax.tree.map(lambda v: v + 1.0, jlora.init(jax.random.key(1), {"w": w}, cfg)[1])
+
+    def fn(p, x):
+        _, ys = lax.scan(lambda h, wl: (h, h @ wl), x, p["w"])
+        return ys
+
+    # Both layers see the same input and the same adapter values; only the mask differs.
+    tr_same = {"w": {"a": jnp.broadcast_to(tr["w"]["a"][:1], tr["w"]["a"].shape),
+                     "b": jnp.broadcast_to(tr["w"]["b"][:1], tr["w"]["b"].shape)}}
+    frozen_same = {"w": jnp.broadcast_to(w[:1], w.shape)}
+    ys = jlora.wrap(fn, cfg, fallback="error")(frozen_same, tr_same, x, lora_rng=jax.random.key(0))
+    assert not np.allclose(ys[0], ys[1])
+
+
+def _dora_manual(w, a, b, m, scale, in_axes):
+    """The DoRA paper: W' = m · V/‖V‖_c, V = W + s·a@b, norm over the input axes."""
+    v = w + scale * jnp.tensordot(a, b, axes=1)
+    norm = jnp.sqrt(jnp.sum(v * v, axis=in_axes, keepdims=True))
+    return m.reshape(norm.shape) * v / norm
+
+
+@pytest.mark.parametrize(
+    ("shape", "in_axes", "spec"),
+    [((6, 4), (0,), "bi,io->bo"), ((6, 2, 3), (0,), "bi,ihk->bhk"), ((2, 3, 5), (0, 1), "bhk,hko->bo")],
+)
+def test_dora_equals_the_paper_formula(shape, in_axes, spec):
+    w = jax.random.normal(jax.random.key(0), shape)
+    x = jax.random.normal(jax.random.key(1), (4,) + shape[: len(in_axes)])
+    cfg, frozen, tr = _variant({"w": w}, jlora.Rule(pattern="w", in_axes=in_axes), dora=True)
+    fn = lambda p, x: jnp.einsum(spec, x, p["w"])  # noqa: E731
+    factored, merged = _run_both(fn, cfg, frozen, tr, x)
+    want = fn({"w": _dora_manual(w, tr["w"]["a"], tr["w"]["b"], tr["w"]["m"], 1.5, in_axes)}, x)
+    np.testing.assert_allclose(factored, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(merged, want, rtol=1e-5, atol=1e-5)
+
+
+def test_dora_conv_and_gradients_match_merge():
+    w = jax.random.normal(jax.random.key(0), (3, 4, 5))
+    x = jax.random.normal(jax.random.key(1), (2, 7, 4))
+    cfg, frozen, tr = _variant({"w": w}, "w", dora=True)
+
+    def fn(p, x):
+        return lax.conv_general_dilated(x, p["w"], (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC"))
+
+    factored, merged = _run_both(fn, cfg, frozen, tr, x)
+    np.testing.assert_allclose(factored, merged, rtol=1e-5, atol=1e-5)
+    want = fn({"w": _dora_manual(w, tr["w"]["a"], tr["w"]["b"], tr["w"]["m"], 1.5, (0, 1))}, x)
+    np.testing.assert_allclose(factored, want, rtol=1e-5, atol=1e-5)
+    grads = [jax.grad(lambda t, s=s: jnp.sum(jlora.wrap(fn, cfg, s)(frozen, t, x) ** 2))(tr)
+             for s in ("factored", "merge")]
+    for got, want in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_dora_in_a_scanned_stack():
+    w = jax.random.normal(jax.random.key(0), (3, 5, 5)) * 0.5
+    x = jax.random.normal(jax.random.key(1), (2, 5))
+    cfg, frozen, tr = _variant({"w": w}, jlora.Rule(pattern="w", stack_axes=(0,)), dora=True)
+    fn = lambda p, x: lax.scan(lambda h, wl: (jnp.tanh(h @ wl), None), x, p["w"])[0]  # noqa: E731
+    factored, merged = _run_both(fn, cfg, frozen, tr, x)
+    layers = [_dora_manual(w[i], tr["w"]["a"][i], tr["w"]["b"][i], tr["w"]["m"][i], 1.5, (0,)) for i in range(3)]
+    np.testing.assert_allclose(factored, fn({"w": jnp.stack(layers)}, x), rtol=1e-5, atol=1e-5)
