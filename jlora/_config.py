@@ -227,6 +227,49 @@ class LoraConfig:
         """The target rules in match order."""
         return self.targets  # normalised to a tuple of Rule in __post_init__
 
+    def to_dict(self) -> dict:
+        """Plain JSON-ready values (rules as dicts, tuples as lists); `from_dict` inverts it.
+
+        >>> cfg = LoraConfig(rank=4, targets=(Rule(pattern="q", rank=2), "v"))
+        >>> LoraConfig.from_dict(cfg.to_dict()) == cfg
+        True
+        """
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["targets"] = [
+            {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(r).items()}
+            for r in self.rules
+        ]
+        out["train_in_full"] = list(self.train_in_full)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LoraConfig:
+        """The config `to_dict` wrote; unknown keys are an error (a newer jlora wrote them)."""
+        if not isinstance(data, dict):
+            raise TypeError(f"LoraConfig.from_dict: expected a dict, got {type(data).__name__}.")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(
+                f"LoraConfig.from_dict: unknown fields {unknown}; they were written by a newer jlora "
+                "or by hand. Upgrade jlora or remove them."
+            )
+        data = dict(data)
+        rule_fields = {f.name for f in dataclasses.fields(Rule)}
+        rules = []
+        for r in data.get("targets", ()):
+            if isinstance(r, str):
+                rules.append(r)
+                continue
+            if not isinstance(r, dict) or set(r) - rule_fields:
+                raise ValueError(f"LoraConfig.from_dict: a target must be a regex or a Rule's fields, got {r!r}.")
+            r = {k: tuple(v) if isinstance(v, list) else v for k, v in r.items()}
+            rules.append(Rule(**r))
+        data["targets"] = tuple(rules)
+        if "train_in_full" in data:
+            data["train_in_full"] = tuple(data["train_in_full"])
+        return cls(**data)
+
     def rule_for(self, path: str) -> Rule | None:
         """The first rule whose pattern fully matches ``path``, or None."""
         return next((r for r in self.rules if re.fullmatch(r.pattern, path)), None)
