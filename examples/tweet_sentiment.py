@@ -158,7 +158,7 @@ def main(argv=None) -> dict:
 
     full, curves["full fine-tune"], secs = train("full fine-tune", full_forward, params,
                                                  optax.adamw(3e-5, weight_decay=0.01), data(), steps, key)
-    acc = test_accuracy(lambda ids, mask: model.apply(full, ids, mask))
+    acc = test_accuracy(lambda ids, mask, p=full: model.apply(p, ids, mask))
     rows["full fine-tune"] = (acc, n_params, secs)
     del full
 
@@ -185,7 +185,7 @@ def main(argv=None) -> dict:
             print(jlora.summary(frozen, trainable).splitlines()[-1])
 
     print()
-    print(f"| method | test accuracy | trainable | wall time (s) |")
+    print("| method | test accuracy | trainable | wall time (s) |")
     print("|---|---:|---:|---:|")
     for name, (acc, n, secs) in rows.items():
         print(f"| {name} | {100 * acc:.1f}% | {100 * n / n_params:.2f}% | {secs:.0f} |")
