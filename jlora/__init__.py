@@ -4,6 +4,10 @@
 >>> cfg = jlora.LoraConfig(rank=8, alpha=16.0, targets=r".*/(query|value)/kernel")
 """
 
+from jlora._bank import put as put
+from jlora._bank import stack as stack
+from jlora._combine import CombineReport as CombineReport
+from jlora._combine import combine as combine
 from jlora._config import NONLINEARITIES as NONLINEARITIES
 from jlora._config import LoraConfig as LoraConfig
 from jlora._config import Rule as Rule
@@ -22,16 +26,20 @@ from jlora._wrap import wrap as wrap
 __version__ = "0.1.0"
 
 __all__ = [
+    "CombineReport",
     "NONLINEARITIES",
     "Layout",
     "LoraApply",
     "LoraConfig",
     "Rule",
     "Use",
+    "combine",
     "init",
     "merge",
     "optimizer",
+    "put",
     "rank_sweep",
+    "stack",
     "summary",
     "truncate",
     "unmerge",

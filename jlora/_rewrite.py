@@ -53,8 +53,22 @@ class Lora:
     m: Any = None
     f: str = "identity"
     rate: float = 0.0
+    index: Any = None  # per-example adapter of a bank: (batch,) int32, -1 = none; a, b lead with K
+
+    def __post_init__(self):
+        if self.index is not None and self.layout.stack_axes:
+            raise ValueError(
+                f"{self.path}: per-example adapters (lora_index) are not supported on stacked (scanned) "
+                "kernels yet; use lora_weights, or unstack the layers."
+            )
 
     def materialize(self):
+        if self.index is not None:
+            raise ValueError(
+                f"{self.path}: an op with no per-example rule consumes this kernel; per-example adapters "
+                "(lora_index) act on Dense/attention projections and embedding lookups. Use lora_weights, "
+                "or exclude the kernel from the bank's targets."
+            )
         if self.f != "identity":
             raise ValueError(
                 f"{self.path}: an op with no factored rule consumes this kernel, and with "
@@ -66,11 +80,11 @@ class Lora:
         return merged(self.w, self.a, self.b, self.layout, self.scale)
 
     def arrays(self):
-        return (self.w, self.a, self.b, self.scale, self.key, self.m)
+        return (self.w, self.a, self.b, self.scale, self.key, self.m, self.index)
 
     def with_arrays(self, arrays):
-        w, a, b, scale, key, m = arrays
-        return dataclasses.replace(self, w=w, a=a, b=b, scale=scale, key=key, m=m)
+        w, a, b, scale, key, m, index = arrays
+        return dataclasses.replace(self, w=w, a=a, b=b, scale=scale, key=key, m=m, index=index)
 
     def drop(self, x):
         """Dropout on the branch input (identity without a key)."""
@@ -207,6 +221,14 @@ def _dot_general(ctx: Context, eqn, invals):
         )
 
     base = _bind(eqn, [x, lora.w] if w_is_rhs else [lora.w, x])[0]
+    if lora.index is not None:
+        if not (forward and w_is_rhs and not xb and 0 not in xc and x.shape[0] == lora.index.shape[0]):
+            raise ValueError(
+                f"{lora.path}: per-example adapters need the batch as axis 0 of the input of x·W "
+                f"(got input shape {x.shape}, contracting {tuple(xc)}, {lora.index.shape[0]} adapter indices)."
+            )
+        ctx.record(lora, "dot_general", True)
+        return [_per_example_dot(lora, x, xc, wc, base, eqn.params)]
     dt = lora.w.dtype
     precision, pet = eqn.params.get("precision"), eqn.params.get("preferred_element_type")
     f_arr, f_map, f_r = first
@@ -244,6 +266,30 @@ def _dot_general(ctx: Context, eqn, invals):
         out = (out * factor.reshape(shape).astype(out.dtype)).astype(base.dtype)
     ctx.record(lora, "dot_general", True)
     return [out]
+
+
+def _per_example(lora: Lora):
+    """Each example's factors ``(B, ...)``, and its on/off mask (index -1: the base alone)."""
+    k = lora.a.shape[0]
+    sel = jnp.clip(lora.index, 0, k - 1)
+    return jnp.take(lora.a, sel, axis=0), jnp.take(lora.b, sel, axis=0), lora.index >= 0
+
+
+def _per_example_dot(lora: Lora, x, xc, wc, base, params):
+    """``x[n]·W + s·f(x[n]·a_i)·b_i`` with ``i = index[n]``: one batched product per factor."""
+    lay = lora.layout
+    dt = lora.w.dtype
+    a_sel, b_sel, on = _per_example(lora)
+    a_map = {w: 1 + i for i, w in enumerate(lay.in_axes)}
+    u = lax.dot_general(lora.drop(x), a_sel.astype(dt), ((tuple(xc), tuple(a_map[w] for w in wc)), ((0,), (0,))),
+                        precision=params.get("precision"))
+    gate = (on.astype(u.dtype) * jnp.asarray(lora.scale).astype(u.dtype)).reshape((-1,) + (1,) * (u.ndim - 1))
+    u = lora.nonlinear(u) * gate
+    v = lax.dot_general(u, b_sel.astype(dt), (((u.ndim - 1,), (1,)), ((0,), (0,))), precision=params.get("precision"))
+    n_out = len(lay.out_axes)
+    lead = list(range(v.ndim - n_out))
+    perm = lead + [v.ndim - n_out + lay.out_axes.index(w) for w in sorted(lay.out_axes)]
+    return base + lax.transpose(v, tuple(perm)).astype(base.dtype)
 
 
 def _conv(ctx: Context, eqn, invals):
@@ -290,6 +336,17 @@ def _gather(ctx: Context, eqn, invals):
     base = _bind(eqn, [lora.w, idx])[0]
     dt = lora.w.dtype
     rank = lora.a.shape[-1]
+    if lora.index is not None:
+        if idx.shape[-1] != 1 or idx.shape[0] != lora.index.shape[0]:
+            raise ValueError(f"{lora.path}: per-example adapters need the batch as axis 0 of the token ids "
+                             f"(got ids of shape {idx.shape}, {lora.index.shape[0]} adapter indices).")
+        a_sel, b_sel, on = _per_example(lora)
+        tokens = idx[..., 0]
+        u = jax.vmap(lambda a, t: jnp.take(a, t, axis=0))(a_sel.astype(dt), tokens)  # (B, ..., r)
+        gate = (on.astype(u.dtype) * jnp.asarray(lora.scale).astype(u.dtype)).reshape((-1,) + (1,) * (u.ndim - 1))
+        v = jax.vmap(jnp.matmul)(lora.nonlinear(u) * gate, b_sel.astype(dt))
+        ctx.record(lora, "gather", True)
+        return [base + jnp.moveaxis(v, -1, dn.offset_dims[0]).astype(base.dtype)]
     u = _bind(eqn, [lora.a.astype(dt), idx], slice_sizes=(1, rank))[0]
     feat = dn.offset_dims[0]
     # No dropout on a lookup (as PEFT's embedding layer): x is one-hot.
@@ -404,8 +461,8 @@ def _flat(vals):
                 out.append(flat[i])
                 i += 1
             else:
-                out.append(s.with_arrays(flat[i:i + 6]))
-                i += 6
+                out.append(s.with_arrays(flat[i:i + 7]))
+                i += 7
         return out
 
     return arrays, rebuild

@@ -9,10 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora._bank import weighted
 from jlora._config import LoraConfig
 from jlora._effective import effective, sample_rank
+from jlora._layout import merged
 from jlora._merge import interpolate, merged_leaves
-from jlora._paths import leaf_paths
+from jlora._paths import flatten, leaf_paths
 from jlora._rewrite import Context, Lora, Use, eval_jaxpr
 from jlora._targets import check_trainable, resolve
 
@@ -67,7 +69,7 @@ def _split(args, kwargs):
     return dynamic, _Static(treedef, static)
 
 
-def _knobs(lora_scale, lora_rank, lora_rng) -> dict:
+def _knobs(lora_scale, lora_rank, lora_rng, lora_weights=None, lora_index=None) -> dict:
     """The runtime knobs as traced values of fixed type, so no value of them retraces.
 
     ``None`` stays static: no scale means the adapter as trained (leaves trained in
@@ -87,7 +89,36 @@ def _knobs(lora_scale, lora_rank, lora_rng) -> dict:
         if not (isinstance(lora_rng, jax.Array) and jnp.issubdtype(lora_rng.dtype, jax.dtypes.prng_key)):
             raise TypeError(f"lora_rng must be a JAX PRNG key (jax.random.key(0)), got {type(lora_rng).__name__}.")
         knobs["rng"] = lora_rng
+    if lora_weights is not None and lora_index is not None:
+        raise ValueError("give lora_weights (one mix of the bank for the whole batch) or lora_index (one "
+                         "adapter per example), not both.")
+    if lora_weights is not None:
+        if np.ndim(lora_weights) != 1:
+            raise ValueError(f"lora_weights must have shape (K,), one weight per adapter of the bank, got shape "
+                             f"{np.shape(lora_weights)}.")
+        knobs["weights"] = jnp.asarray(lora_weights, jnp.float32)
+    if lora_index is not None:
+        if np.ndim(lora_index) != 1 or not jnp.issubdtype(jnp.result_type(lora_index), jnp.integer):
+            raise ValueError(f"lora_index must be an integer array of shape (batch,), got {lora_index!r}; "
+                             "-1 means the base model for that example.")
+        knobs["index"] = jnp.asarray(lora_index, jnp.int32)
     return knobs
+
+
+def _check_bank(targets, trainable) -> dict:
+    """Like `check_trainable`, for a bank (`stack`): every leaf leads with the same K."""
+    leaves = jax.tree_util.tree_leaves(trainable)
+    sizes = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(
+            "lora_weights/lora_index need a bank of adapters made by jlora.stack (every leaf leading with "
+            f"the same adapter axis K); got leading sizes {sorted(map(str, sizes))}."
+        )
+    if any(not t.is_lora for t in targets.values()):
+        raise ValueError("a bank holds low-rank adapters only; its config trains nothing in full.")
+    check_trainable(targets, jax.tree.map(lambda x: x[0], trainable))
+    flat = flatten(trainable)
+    return {path: (flat[f"{path}/a"], flat[f"{path}/b"]) for path in targets}
 
 
 class LoraApply:
@@ -104,17 +135,23 @@ class LoraApply:
     * ``lora_rank``: a DyLoRA adapter evaluated at rank ``k`` (default: full rank).
     * ``lora_rng``: a key marks a training call: it draws the dropout masks of the
       LoRA branches and, with DyLoRA, the rank ``k`` of this step.
+    * ``lora_weights`` (shape ``(K,)``) / ``lora_index`` (shape ``(batch,)``, ``-1`` for
+      the base): for a bank of K adapters made by `jlora.stack`, their weighted sum,
+      or one adapter per example.
     """
 
     def __init__(self, apply_fn, config: LoraConfig, strategy: str, fallback: str):
         self.apply_fn, self.config, self.strategy, self.fallback = apply_fn, config, strategy, fallback
         self._jitted = jax.jit(self._run, static_argnames=("static",))
 
-    def __call__(self, frozen, trainable, *args, lora_scale=None, lora_rank=None, lora_rng=None, **kwargs):
+    def __call__(self, frozen, trainable, *args, lora_scale=None, lora_rank=None, lora_rng=None,
+                 lora_weights=None, lora_index=None, **kwargs):
         dynamic, static = _split(args, kwargs)
-        return self._jitted(frozen, trainable, dynamic, _knobs(lora_scale, lora_rank, lora_rng), static=static)
+        knobs = _knobs(lora_scale, lora_rank, lora_rng, lora_weights, lora_index)
+        return self._jitted(frozen, trainable, dynamic, knobs, static=static)
 
-    def uses(self, frozen, trainable, *args, lora_scale=None, lora_rank=None, lora_rng=None, **kwargs) -> list[Use]:
+    def uses(self, frozen, trainable, *args, lora_scale=None, lora_rank=None, lora_rng=None,
+             lora_weights=None, lora_index=None, **kwargs) -> list[Use]:
         """Trace once (abstractly) and report how each adapted kernel was consumed.
 
         Each `Use` names the path, the primitive and whether it stayed factored, so
@@ -124,7 +161,7 @@ class LoraApply:
         dynamic, static = _split(args, kwargs)
         ctx = Context(fallback=self.fallback, uses=[])
         jax.make_jaxpr(lambda f, t, d, k: self._run(f, t, d, k, static=static, ctx=ctx))(
-            frozen, trainable, dynamic, _knobs(lora_scale, lora_rank, lora_rng)
+            frozen, trainable, dynamic, _knobs(lora_scale, lora_rank, lora_rng, lora_weights, lora_index)
         )
         return ctx.uses
 
@@ -132,6 +169,9 @@ class LoraApply:
         config = self.config
         scale, rank, rng = knobs.get("scale"), knobs.get("rank"), knobs.get("rng")
         targets = resolve(config, frozen)
+        weights, index = knobs.get("weights"), knobs.get("index")
+        if weights is not None or index is not None:
+            return self._run_bank(frozen, trainable, dynamic, knobs, targets, static, ctx)
         values = check_trainable(targets, trainable)
         train = rng is not None
         if train and config.dylora is not None and rank is None:
@@ -148,6 +188,21 @@ class LoraApply:
             args, kwargs = static.rebuild(dynamic)
             return self.apply_fn(params, *args, **kwargs)
 
+        def carrier(path, leaf, t):
+            e = effective(t, config, leaf, *values[path], scale=scale, rank=rank, train=train)
+            return Lora(path, leaf, e.a, e.b, e.scale, t.layout, key=self._key(rng, path), m=e.m,
+                        f=config.nonlinearity, rate=config.dropout)
+
+        return self._factored(frozen, dynamic, targets, static, ctx, carrier,
+                              lambda path, leaf: interpolate(leaf, values[path], scale))
+
+    def _key(self, rng, path):
+        if rng is None or self.config.dropout == 0:
+            return None
+        return jax.random.fold_in(rng, zlib.crc32(path.encode()))
+
+    def _factored(self, frozen, dynamic, targets, static, ctx, carrier, full):
+        """Trace ``apply_fn`` and evaluate it with ``carrier(...)`` for every adapted kernel."""
         leaves, treedef = jax.tree_util.tree_flatten(frozen)
 
         def traced(param_leaves, dyn):
@@ -161,18 +216,50 @@ class LoraApply:
             if t is None:
                 invals.append(leaf)
             elif t.is_lora:
-                e = effective(t, config, leaf, *values[path], scale=scale, rank=rank, train=train)
-                key = None
-                if train and config.dropout > 0:
-                    key = jax.random.fold_in(rng, zlib.crc32(path.encode()))
-                invals.append(Lora(path, leaf, e.a, e.b, e.scale, t.layout, key=key, m=e.m,
-                                   f=config.nonlinearity, rate=config.dropout))
+                invals.append(carrier(path, leaf, t))
             else:
-                invals.append(interpolate(leaf, values[path], scale))
+                invals.append(full(path, leaf))
         invals.extend(jax.tree_util.tree_leaves(dynamic))
         outs = eval_jaxpr(ctx or Context(self.fallback), closed.jaxpr, closed.consts, invals)
         outs = [o.materialize() if isinstance(o, Lora) else o for o in outs]
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+    def _run_bank(self, frozen, trainable, dynamic, knobs, targets, static, ctx):
+        """A bank of K adapters (`jlora.stack`): weighted together, or one per example."""
+        config = self.config
+        if config.dora or config.dylora is not None:
+            raise ValueError("lora_weights/lora_index serve banks made by jlora.stack, whose config has no "
+                             "DoRA or DyLoRA.")
+        values = _check_bank(targets, trainable)
+        weights, index, rng = knobs.get("weights"), knobs.get("index"), knobs.get("rng")
+        s = knobs.get("scale", 1.0)
+        k = next(iter(values.values()))[0].shape[0]
+        if weights is not None and weights.shape[0] != k:
+            raise ValueError(f"lora_weights has {weights.shape[0]} weights for a bank of {k} adapters.")
+        if weights is not None and self.strategy == "merge":
+            leaves = []
+            for path, leaf in zip(leaf_paths(frozen), jax.tree_util.tree_leaves(frozen), strict=True):
+                t = targets.get(path)
+                if t is None:
+                    leaves.append(leaf)
+                else:
+                    a_cat, b_cat = weighted(t, *values[path], weights)
+                    leaves.append(merged(leaf, a_cat, b_cat, t.layout, t.scale * s))
+            args, kwargs = static.rebuild(dynamic)
+            return self.apply_fn(jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(frozen), leaves),
+                                 *args, **kwargs)
+        if index is not None and self.strategy == "merge":
+            raise ValueError("per-example adapters (lora_index) need strategy='factored': a merged weight is "
+                             "one adapter for the whole batch.")
+
+        def carrier(path, leaf, t):
+            a, b = values[path]
+            if weights is not None:
+                a, b = weighted(t, a, b, weights)
+            return Lora(path, leaf, a, b, t.scale * s, t.layout, key=self._key(rng, path), f=config.nonlinearity,
+                        rate=config.dropout, index=index)
+
+        return self._factored(frozen, dynamic, targets, static, ctx, carrier, None)
 
 
 def wrap(apply_fn, config: LoraConfig, strategy: str = "factored", *, fallback: str = "merge") -> LoraApply:

@@ -7,8 +7,8 @@ import jlora
 
 def test_all_names_are_exported_and_documented():
     assert sorted(jlora.__all__) == sorted([
-        "Layout", "LoraApply", "LoraConfig", "NONLINEARITIES", "Rule", "Use", "init", "merge", "optimizer",
-        "rank_sweep", "summary", "truncate", "unmerge", "wrap",
+        "CombineReport", "Layout", "LoraApply", "LoraConfig", "NONLINEARITIES", "Rule", "Use", "combine", "init",
+        "merge", "optimizer", "put", "rank_sweep", "stack", "summary", "truncate", "unmerge", "wrap",
     ])
     for name in jlora.__all__:
         obj = getattr(jlora, name)

@@ -1,0 +1,187 @@
+"""Many adapters on one base: a bank of K adapters stacked along a leading axis.
+
+`stack` puts K adapters trained on the same base (ranks and alphas may differ)
+into one `trainable` whose factors carry a leading adapter axis, ranks zero-padded
+to a common capacity and each adapter's scale folded into its ``b``; the returned
+config has scale 1 for every target. One compiled step then serves any of them:
+
+* ``lora_apply(frozen, bank, x, lora_weights=w)``: the adapters' deltas weighted
+  by ``w`` (shape ``(K,)``) and added — one adapter (a one-hot ``w``), several
+  (their deltas add) or none (zeros). Done exactly as one adapter of rank ``K·r``.
+* ``lora_apply(frozen, bank, x, lora_index=i)``: adapter ``i[n]`` for example
+  ``n`` of the batch (``-1``: the base model alone), in the same call.
+* `put` writes another adapter (rank <= the capacity) into a slot: same shapes,
+  so a compiled step takes it without recompiling (hot swap).
+
+Zero padding is exact: the padded components have ``a = b = 0`` and add nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+
+from jlora._config import LoraConfig, Rule
+from jlora._paths import adapter_of, flatten, nest
+from jlora._targets import Target
+
+
+def _check_plain(config: LoraConfig, where: str) -> None:
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"{where}: expected (trainable, jlora.LoraConfig) pairs, got {type(config).__name__}.")
+    if config.dora or config.dylora is not None:
+        raise ValueError(
+            f"{where}: DoRA and DyLoRA adapters cannot share a bank: DoRA's magnitude rescales the whole "
+            "output and DyLoRA's scale depends on a runtime rank; merge or truncate them first."
+        )
+
+
+def _entries(trainable, config: LoraConfig, where: str) -> dict[str, tuple]:
+    """``{kernel_path: (a, b, rule)}`` of one adapter, its scale folded into ``b``."""
+    flat = flatten(trainable)
+    out = {}
+    for path in flat:
+        adapter = adapter_of(path, flat)
+        if adapter is None:
+            raise ValueError(
+                f"{where}: {path} is trained in full; a bank holds low-rank adapters only (serve leaves "
+                "trained in full by merging them into the frozen base)."
+            )
+        kernel, factor = adapter
+        if factor != "a":
+            continue
+        rule = config.rule_for(kernel)
+        if rule is None:
+            raise ValueError(f"{where}: no target of its config matches the adapter at {kernel}.")
+        scale = config.scale_for(rule)
+        b = flat[f"{kernel}/b"]
+        out[kernel] = (flat[path], b * jnp.asarray(scale, b.dtype), rule)
+    return out
+
+
+def _pad_rank(x, axis: int, rank: int):
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, rank - x.shape[axis])
+    return jnp.pad(x, pad)
+
+
+def stack(adapters: Sequence[tuple], *, rank: int | None = None):
+    """Stack K ``(trainable, config)`` adapters made on one base into a bank.
+
+    Args:
+      adapters: ``(trainable, config)`` pairs from `init` (or `restore`) on the same
+        frozen base, all adapting the same kernels with the same axis split and the
+        same nonlinearity; ranks and alphas may differ.
+      rank: the rank capacity (default: the largest rank); a bank compiled at
+        capacity ``R`` takes any adapter of rank ``<= R`` through `put`.
+
+    Returns:
+      ``(bank, config)``: ``bank`` holds at each adapted path ``a`` of shape
+      ``(K, *stack, *in, R)`` and ``b`` of shape ``(K, *stack, R, *out)``;
+      ``config`` adapts the same paths at rank ``R`` with scale 1.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jlora import LoraConfig, init
+    >>> params = {"w": jnp.ones((8, 4))}
+    >>> one = init(jax.random.key(0), params, LoraConfig(rank=2, targets="w"))[1]
+    >>> two = init(jax.random.key(1), params, LoraConfig(rank=3, targets="w"))[1]
+    >>> bank, cfg = stack([(one, LoraConfig(rank=2, targets="w")), (two, LoraConfig(rank=3, targets="w"))])
+    >>> bank["w"]["a"].shape, bank["w"]["b"].shape, cfg.rank
+    ((2, 8, 3), (2, 3, 4), 3)
+    """
+    if not adapters:
+        raise ValueError("stack: give at least one (trainable, config) pair.")
+    entries = []
+    for i, pair in enumerate(adapters):
+        if not (isinstance(pair, tuple | list) and len(pair) == 2):
+            raise TypeError(f"stack: adapter {i} must be a (trainable, config) pair, got {type(pair).__name__}.")
+        _check_plain(pair[1], f"stack: adapter {i}")
+        entries.append(_entries(pair[0], pair[1], f"stack: adapter {i}"))
+    configs = [c for _, c in adapters]
+    if len({c.nonlinearity for c in configs}) != 1:
+        raise ValueError(
+            "stack: the adapters use different nonlinearities "
+            f"{sorted({c.nonlinearity for c in configs})}; a bank applies one f to all of them."
+        )
+    paths = set(entries[0])
+    errors = [f"adapter {i} adapts {sorted(set(e) ^ paths)} differently from adapter 0"
+              for i, e in enumerate(entries) if set(e) != paths]
+    top = max(e[p][0].shape[-1] for e in entries for p in e)
+    rank = top if rank is None else rank
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < top:
+        errors.append(f"rank={rank!r} is below the largest adapter rank {top}; use rank >= {top}.")
+    for path in sorted(paths) if not errors else ():
+        splits = {(e[path][0].shape[:-1], e[path][2].in_axes, e[path][2].stack_axes) for e in entries}
+        if len(splits) > 1:
+            errors.append(f"{path}: the adapters split this kernel differently: {sorted(map(str, splits))}")
+    if errors:
+        raise ValueError("stack: the adapters do not fit one bank:\n  " + "\n  ".join(errors))
+    bank, rules = {}, []
+    for path in sorted(paths):
+        rule = entries[0][path][2]
+        n_stack = len(rule.stack_axes)
+        a = jnp.stack([_pad_rank(e[path][0], e[path][0].ndim - 1, rank) for e in entries])
+        b = jnp.stack([_pad_rank(e[path][1], n_stack, rank) for e in entries])
+        bank[f"{path}/a"], bank[f"{path}/b"] = a, b
+        rules.append(Rule(pattern=re.escape(path), rank=rank, alpha=float(rank), in_axes=rule.in_axes,
+                          stack_axes=rule.stack_axes))
+    config = LoraConfig(rank=rank, alpha=float(rank), targets=tuple(rules), nonlinearity=configs[0].nonlinearity,
+                        dtype=configs[0].dtype)
+    return nest(bank), config
+
+
+def put(bank, config: LoraConfig, slot: int, trainable, adapter_config: LoraConfig):
+    """``bank`` with adapter ``slot`` replaced by ``trainable`` (rank <= the bank's).
+
+    Shapes and dtypes do not change, so a step compiled for the bank runs the new
+    adapter without recompiling.
+    """
+    _check_plain(adapter_config, "put")
+    flat = flatten(bank)
+    k = next(iter(flat.values())).shape[0]
+    if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < k:
+        raise ValueError(f"put: slot must be an int in 0..{k - 1}, got {slot!r}.")
+    new = _entries(trainable, adapter_config, "put")
+    bank_paths = {p.rpartition("/")[0] for p in flat}
+    errors = [f"{p}: not in the bank" for p in sorted(set(new) - bank_paths)]
+    errors += [f"{p}: missing from the new adapter" for p in sorted(bank_paths - set(new))]
+    out = dict(flat)
+    for path, (a, b, rule) in sorted(new.items()):
+        if path not in bank_paths:
+            continue
+        cap = flat[f"{path}/a"].shape[-1]
+        if a.shape[-1] > cap:
+            errors.append(f"{path}: rank {a.shape[-1]} exceeds the bank's capacity {cap}; stack with rank >= it")
+            continue
+        a = _pad_rank(a, a.ndim - 1, cap)
+        b = _pad_rank(b, len(rule.stack_axes), cap)
+        for name, x in (("a", a), ("b", b)):
+            want = flat[f"{path}/{name}"]
+            if x.shape != want.shape[1:]:
+                errors.append(f"{path}/{name}: shape {x.shape}, the bank holds {want.shape[1:]}")
+            else:
+                out[f"{path}/{name}"] = want.at[slot].set(x.astype(want.dtype))
+    if errors:
+        raise ValueError("put: the adapter does not fit the bank:\n  " + "\n  ".join(errors))
+    del config
+    return nest(out)
+
+
+def bank_size(trainable) -> int:
+    """K, the number of adapters in a bank."""
+    return next(iter(flatten(trainable).values())).shape[0]
+
+
+def weighted(t: Target, a, b, weights):
+    """The bank's weighted sum as one adapter of rank ``K·R`` (exact; scales are in ``b``)."""
+    n_stack = len(t.layout.stack_axes)
+    k, rank = a.shape[0], a.shape[-1]
+    a_cat = jnp.moveaxis(a, 0, -2).reshape(*a.shape[1:-1], k * rank)
+    w = weights.astype(b.dtype).reshape((k,) + (1,) * (b.ndim - 1))
+    b_w = jnp.moveaxis(b * w, 0, n_stack)
+    b_cat = b_w.reshape(*b_w.shape[:n_stack], k * rank, *b_w.shape[n_stack + 2:])
+    return a_cat, b_cat
+
+

@@ -1,0 +1,155 @@
+"""A bank of adapters on one base: weighted mixes, one adapter per example, hot swap."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from models import bump
+
+import jlora
+
+
+class Net(nn.Module):
+    """Embed lookup, DenseGeneral attention, a Dense MLP: every layer a bank serves per example."""
+
+    @nn.compact
+    def __call__(self, tokens):
+        h = nn.Embed(30, 16, name="embed")(tokens)
+        h = h + nn.MultiHeadDotProductAttention(num_heads=2, name="attn")(h)
+        return nn.Dense(5, name="out")(jax.nn.gelu(nn.Dense(32, name="up")(h)))
+
+
+TOKENS = jax.random.randint(jax.random.key(9), (4, 6), 0, 30)
+TARGETS = r".*(kernel|embedding)"
+
+
+def _adapters():
+    params = Net().init(jax.random.key(0), TOKENS)
+    out = []
+    for i, (rank, alpha, rs) in enumerate([(2, 4.0, False), (4, 2.0, True), (3, 3.0, False)]):
+        cfg = jlora.LoraConfig(rank=rank, alpha=alpha, rslora=rs, targets=TARGETS)
+        tr = jlora.init(jax.random.key(i + 1), params, cfg)[1]
+        out.append((jax.tree.map(lambda v, i=i: v + 0.1 * (i + 1) * jax.random.normal(jax.random.key(i), v.shape),
+                                 tr), cfg))
+    return params, out
+
+
+PARAMS, ADAPTERS = _adapters()
+
+
+def _alone(i, x=TOKENS):
+    tr, cfg = ADAPTERS[i]
+    return jlora.wrap(Net().apply, cfg)(PARAMS, tr, x)
+
+
+def test_stack_pads_ranks_and_folds_scales():
+    bank, cfg = jlora.stack(ADAPTERS)
+    a, b = bank["params"]["up"]["kernel"]["a"], bank["params"]["up"]["kernel"]["b"]
+    assert a.shape == (3, 16, 4) and b.shape == (3, 4, 32)
+    assert not a[0, :, 2:].any() and not b[0, 2:].any()
+    assert cfg.scale_for(cfg.rule_for("params/up/kernel")) == 1.0
+    tr0, cfg0 = ADAPTERS[0]
+    np.testing.assert_allclose(b[0, :2], tr0["params"]["up"]["kernel"]["b"] * 2.0, rtol=1e-6)
+
+
+def test_weights_select_mix_or_switch_off_without_retracing():
+    bank, cfg = jlora.stack(ADAPTERS)
+    lora_apply = jlora.wrap(Net().apply, cfg, fallback="error")
+    traces = []
+
+    @jax.jit
+    def run(w):
+        traces.append(1)
+        return lora_apply(PARAMS, bank, TOKENS, lora_weights=w)
+
+    for i in range(3):
+        np.testing.assert_allclose(run(jnp.eye(3)[i]), _alone(i), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run(jnp.zeros(3)), jax.jit(Net().apply)(PARAMS, TOKENS), rtol=1e-6, atol=1e-6)
+    assert len(traces) == 1
+    # Several at once: their deltas add, with any weights (negative too), as the merged sum of deltas.
+    w = jnp.array([0.5, -1.0, 2.0])
+    manual = jax.tree.map(lambda x: x, PARAMS)
+    for (tr, c), wi in zip(ADAPTERS, w, strict=True):
+        merged = jlora.merge(PARAMS, tr, c)
+        manual = jax.tree.map(lambda m, p, q, wi=wi: m + wi * (q - p), manual, PARAMS, merged)
+    np.testing.assert_allclose(run(w), Net().apply(manual, TOKENS), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(jlora.wrap(Net().apply, cfg, "merge")(PARAMS, bank, TOKENS, lora_weights=w),
+                               run(w), rtol=1e-4, atol=1e-4)
+
+
+def test_one_adapter_per_example_equals_separate_calls():
+    bank, cfg = jlora.stack(ADAPTERS)
+    lora_apply = jlora.wrap(Net().apply, cfg, fallback="error")
+    index = jnp.array([2, -1, 0, 1])
+    uses = lora_apply.uses(PARAMS, bank, TOKENS, lora_index=index)
+    assert uses and all(u.factored for u in uses)
+    got = lora_apply(PARAMS, bank, TOKENS, lora_index=index)
+    base = jax.jit(Net().apply)(PARAMS, TOKENS)
+    for n, i in enumerate(index.tolist()):
+        want = base[n] if i < 0 else _alone(i)[n]
+        np.testing.assert_allclose(got[n], want, rtol=1e-5, atol=1e-5)
+
+
+def test_hot_swap_into_a_compiled_step():
+    bank, cfg = jlora.stack(ADAPTERS[:2])
+    lora_apply = jlora.wrap(Net().apply, cfg)
+    traces = []
+
+    @jax.jit
+    def serve(bank, index):
+        traces.append(1)
+        return lora_apply(PARAMS, bank, TOKENS, lora_index=index)
+
+    index = jnp.array([1, 1, 0, -1])
+    serve(bank, index)
+    swapped = jlora.put(bank, cfg, 1, *ADAPTERS[2])  # rank 3 into a rank-4 slot
+    got = serve(swapped, index)
+    assert len(traces) == 1
+    np.testing.assert_allclose(got[:2], _alone(2)[:2], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[2], _alone(0)[2], rtol=1e-5, atol=1e-5)
+
+
+def test_errors():
+    bank, cfg = jlora.stack(ADAPTERS[:2])
+    lora_apply = jlora.wrap(Net().apply, cfg)
+    with pytest.raises(ValueError, match=r"rank=2 is below the largest adapter rank 4"):
+        jlora.stack(ADAPTERS, rank=2)
+    big = jlora.LoraConfig(rank=5, targets=TARGETS)
+    with pytest.raises(ValueError, match=r"rank 5 exceeds the bank's capacity 4"):
+        jlora.put(bank, cfg, 0, bump(jlora.init(jax.random.key(0), PARAMS, big)[1]), big)
+    with pytest.raises(ValueError, match=r"slot must be an int in 0\.\.1, got 2"):
+        jlora.put(bank, cfg, 2, *ADAPTERS[0])
+    other = jlora.LoraConfig(rank=2, targets=r".*/up/kernel")
+    with pytest.raises(ValueError, match=r"adapter 1 adapts .* differently from adapter 0"):
+        jlora.stack([ADAPTERS[0], (jlora.init(jax.random.key(0), PARAMS, other)[1], other)])
+    gelu = jlora.LoraConfig(rank=2, targets=TARGETS, nonlinearity="gelu")
+    with pytest.raises(ValueError, match=r"different nonlinearities"):
+        jlora.stack([ADAPTERS[0], (jlora.init(jax.random.key(0), PARAMS, gelu)[1], gelu)])
+    dora = jlora.LoraConfig(rank=2, targets=r".*kernel", dora=True)
+    with pytest.raises(ValueError, match=r"DoRA and DyLoRA adapters cannot share a bank"):
+        jlora.stack([(jlora.init(jax.random.key(0), PARAMS, dora)[1], dora)])
+    with pytest.raises(ValueError, match=r"lora_weights has 3 weights for a bank of 2 adapters"):
+        lora_apply(PARAMS, bank, TOKENS, lora_weights=jnp.ones(3))
+    with pytest.raises(ValueError, match=r"not both"):
+        lora_apply(PARAMS, bank, TOKENS, lora_weights=jnp.ones(2), lora_index=jnp.zeros(4, jnp.int32))
+    with pytest.raises(ValueError, match=r"lora_index must be an integer array of shape \(batch,\)"):
+        lora_apply(PARAMS, bank, TOKENS, lora_index=jnp.zeros(4))
+    with pytest.raises(ValueError, match=r"need a bank of adapters made by jlora.stack"):
+        lora_apply(PARAMS, ADAPTERS[0][0], TOKENS, lora_index=jnp.zeros(4, jnp.int32))
+    with pytest.raises(ValueError, match=r"per-example adapters \(lora_index\) need strategy='factored'"):
+        jlora.wrap(Net().apply, cfg, "merge")(PARAMS, bank, TOKENS, lora_index=jnp.zeros(4, jnp.int32))
+
+
+def test_per_example_refuses_a_tied_head():
+    class Tied(nn.Module):
+        @nn.compact
+        def __call__(self, tokens):
+            embed = nn.Embed(30, 16, name="embed")
+            return embed.attend(embed(tokens))
+
+    params = Tied().init(jax.random.key(0), TOKENS)
+    cfg = jlora.LoraConfig(rank=2, targets=r".*embedding")
+    bank, bank_cfg = jlora.stack([(jlora.init(jax.random.key(1), params, cfg)[1], cfg)])
+    with pytest.raises(ValueError, match=r"per-example adapters need the batch as axis 0 of the input of x·W"):
+        jlora.wrap(Tied().apply, bank_cfg)(params, bank, TOKENS, lora_index=jnp.zeros(4, jnp.int32))
