@@ -25,6 +25,7 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/step.py
+	$(BIN)/python benchmarks/bank.py
 
 lint: install
 	$(BIN)/ruff check jlora tests benchmarks examples

@@ -18,6 +18,8 @@ from jlora._layout import Layout as Layout
 from jlora._merge import merge as merge
 from jlora._merge import unmerge as unmerge
 from jlora._optimizer import optimizer as optimizer
+from jlora._peft import export_peft as export_peft
+from jlora._peft import import_peft as import_peft
 from jlora._rewrite import Use as Use
 from jlora._summary import summary as summary
 from jlora._wrap import LoraApply as LoraApply
@@ -34,6 +36,8 @@ __all__ = [
     "Rule",
     "Use",
     "combine",
+    "export_peft",
+    "import_peft",
     "init",
     "merge",
     "optimizer",

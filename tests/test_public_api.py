@@ -7,7 +7,8 @@ import jlora
 
 def test_all_names_are_exported_and_documented():
     assert sorted(jlora.__all__) == sorted([
-        "CombineReport", "Layout", "LoraApply", "LoraConfig", "NONLINEARITIES", "Rule", "Use", "combine", "init",
+        "CombineReport", "Layout", "LoraApply", "LoraConfig", "NONLINEARITIES", "Rule", "Use", "combine", "export_peft",
+        "import_peft", "init",
         "merge", "optimizer", "put", "rank_sweep", "stack", "summary", "truncate", "unmerge", "wrap",
     ])
     for name in jlora.__all__:

@@ -1,0 +1,544 @@
+"""PEFT exchange: real PEFT's files and outputs, exact round trips, and every refusal.
+
+The fixtures under ``fixtures/peft/`` were written by real PyTorch + PEFT
+(``fixtures/make_peft_fixtures.py``); these tests read them without torch. Only the
+``test_live_*`` tests need torch and peft (they skip without them) and load jlora's
+export into real PEFT in-process.
+"""
+
+import functools
+import json
+import pathlib
+import re
+import shutil
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from models import LinenScan, LinenZoo, NnxModel, bump, nnx_apply
+from safetensors.numpy import load_file, save_file
+
+import jlora
+from jlora._paths import leaf_paths, nest
+from jlora._peft import _pattern_value, default_module_name, export_peft, import_peft
+from jlora._targets import resolve
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "peft"
+sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "examples"))
+import minilm  # noqa: E402
+
+BERT = minilm.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=16)
+CONV = r".*/conv\d?/kernel"  # the conv kernels of TinyConv and LinenZoo
+
+
+class BertClassifier(nn.Module):
+    """Hugging Face's BertForSequenceClassification: BERT, tanh pooler on [CLS], a Linear head."""
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask):
+        hidden, pooled = minilm.BertModel(BERT, name="bert")(input_ids, attention_mask)
+        return nn.Dense(3, name="classifier")(pooled), hidden
+
+
+class TinyConv(nn.Module):
+    """The fixture script's TinyConv (NCHW in, like torch)."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Conv(6, (3, 3), padding=1, name="conv1")(jnp.transpose(x, (0, 2, 3, 1)))
+        h = nn.Conv(5, (3, 3), strides=2, padding="VALID", name="conv2")(jax.nn.relu(h))
+        return nn.Dense(4, name="head")(h.mean(axis=(1, 2)))
+
+
+def torch_to_flax(state: dict) -> dict:
+    """A torch state dict as Linen params: Linear (out, in) -> (in, out), conv (out, in, *k) -> (*k, in, out)."""
+    flat = {}
+    for key, value in state.items():
+        *module, name = key.split(".")
+        if name == "weight" and module[-1] == "LayerNorm":
+            name = "scale"
+        elif name == "weight" and module[-1].endswith("embeddings"):
+            name = "embedding"
+        elif name == "weight":
+            name, value = "kernel", np.transpose(value, (*range(2, value.ndim), 1, 0))
+        flat["/".join(["params", *module, name])] = jnp.asarray(value)
+    return nest(flat)
+
+
+def _fixture(name: str):
+    """``(model, params, inputs, expected outputs, folder)`` of one fixture variant."""
+    folder = FIXTURES / name
+    kind = name.split("_")[0]
+    params = torch_to_flax(load_file(FIXTURES / f"{kind}_base.safetensors"))
+    inputs = load_file(FIXTURES / f"{kind}_inputs.safetensors")
+    if kind == "bert":
+        model = BertClassifier()
+        args = (inputs["input_ids"].astype(np.int32), inputs["attention_mask"].astype(np.int32))
+    else:
+        model, args = TinyConv(), (inputs["x"],)
+    return model, params, args, load_file(folder / "expected.safetensors"), folder
+
+
+def _outputs(out) -> dict:
+    return {"logits": out[0], "hidden": out[1]} if isinstance(out, tuple) else {"logits": out}
+
+
+VARIANTS = ["bert_lora", "bert_rslora", "bert_dora", "conv_lora", "conv_dora"]
+
+
+# --------------------------------------------------------------------------- against PEFT's own files
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_imported_adapter_reproduces_peft_outputs(name):
+    model, params, args, expected, folder = _fixture(name)
+    frozen, trainable, config = import_peft(folder, params)
+    assert frozen is params
+    lora_apply = jlora.wrap(model.apply, config)
+    got = _outputs(lora_apply(frozen, trainable, *args))
+    for key, want in expected.items():
+        np.testing.assert_allclose(got[key], want, rtol=0, atol=1e-5, err_msg=f"{name}: {key}")
+    assert all(u.factored for u in lora_apply.uses(frozen, trainable, *args))
+    if name == "conv_lora":  # the merged weights too (a BERT compile more is not worth its seconds)
+        merged = model.apply(jlora.merge(frozen, trainable, config), *args)
+        np.testing.assert_allclose(merged, expected["logits"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_fixture_adapters_change_the_outputs_visibly(name):
+    """Else the comparison above would pass with the adapter ignored."""
+    expected = load_file(FIXTURES / name / "expected.safetensors")
+    base = load_file(FIXTURES / f"{name.split('_')[0]}_base_outputs.safetensors")
+    assert max(np.max(np.abs(expected[k] - base[k])) for k in expected) > 1e-2
+
+
+def test_import_reads_ranks_alphas_dropout_and_modules_to_save():
+    _, params, _, _, folder = _fixture("bert_lora")
+    _, trainable, config = import_peft(folder, params)
+    assert (config.rank, config.alpha, config.dropout, config.rslora, config.dora) == (4, 8.0, 0.1, False, False)
+    targets = resolve(config, params)
+    layer = "params/bert/encoder/layer/{}/attention/self/{}/kernel"
+    want = {  # rank_pattern {layer.1...query: 2, word_embeddings: 3}, alpha_pattern {value: 3}
+        layer.format(0, "query"): (4, 8 / 4), layer.format(1, "query"): (2, 8 / 2),
+        layer.format(0, "value"): (4, 3 / 4), layer.format(1, "value"): (4, 3 / 4),
+        "params/bert/embeddings/word_embeddings/embedding": (3, 8 / 3),
+    }
+    assert {p: t.rank for p, t in targets.items() if t.is_lora} == {p: r for p, (r, _) in want.items()}
+    assert {p: t.scale for p, t in targets.items() if t.is_lora} == pytest.approx({p: s for p, (_, s) in want.items()})
+    assert targets["params/bert/embeddings/word_embeddings/embedding"].embedding
+    assert sorted(p for p, t in targets.items() if not t.is_lora) == ["params/classifier/bias", "params/classifier/kernel"]
+    peft = load_file(folder / "adapter_model.safetensors")
+    np.testing.assert_array_equal(trainable["params"]["classifier"]["kernel"], peft["base_model.model.classifier.weight"].T)
+    a = trainable["params"]["bert"]["encoder"]["layer"]["1"]["attention"]["self"]["query"]["kernel"]["a"]
+    np.testing.assert_array_equal(a, peft["base_model.model.bert.encoder.layer.1.attention.self.query.lora_A.weight"].T)
+    assert a.dtype == jnp.float32
+
+
+def _random(abstract, seed: int = 0, std: float = 0.1):
+    """Arrays of an abstract tree's shapes and dtypes: N(0, std²); DoRA magnitudes ``m`` in U(0.5, 1.5)."""
+    rng = np.random.default_rng(seed)
+    leaves, treedef = jax.tree_util.tree_flatten(abstract)
+    new = [(rng.uniform(0.5, 1.5, s.shape) if path.endswith("/m") else rng.normal(0, std, s.shape)).astype(s.dtype)
+           for path, s in zip(leaf_paths(abstract), leaves, strict=True)]
+    return jax.tree_util.tree_unflatten(treedef, new)
+
+
+def _init(params, config: jlora.LoraConfig, seed: int = 0):
+    """``(params, trainable)`` with jlora.init's structure but random values (b != 0), and nothing compiled."""
+    _, abstract = jax.eval_shape(lambda p: jlora.init(jax.random.key(0), p, config), params)
+    return params, _random(abstract, seed)
+
+
+def _modules(params) -> list[str]:
+    return sorted({default_module_name(p) for p in leaf_paths(params)})
+
+
+def _peft_targets(peft_config: dict, modules: list[str]) -> dict[str, tuple]:
+    """Which modules PEFT adapts under a config, and each one's (r, alpha): PEFT's own matching rules."""
+    targets = peft_config["target_modules"]
+    chosen = [m for m in modules if any(m == t or m.endswith(f".{t}") for t in targets)]
+    return {m: (_pattern_value(peft_config["rank_pattern"], m, peft_config["r"]),
+                _pattern_value(peft_config["alpha_pattern"], m, peft_config["lora_alpha"])) for m in chosen}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_export_of_import_reproduces_peft_files(name, tmp_path):
+    _, params, _, _, folder = _fixture(name)
+    frozen, trainable, config = import_peft(folder, params)
+    export_peft(tmp_path, trainable, config, frozen=frozen, conv=CONV)
+
+    theirs, ours = load_file(folder / "adapter_model.safetensors"), load_file(tmp_path / "adapter_model.safetensors")
+    assert sorted(ours) == sorted(theirs)
+    for key in theirs:
+        assert ours[key].dtype == theirs[key].dtype and ours[key].shape == theirs[key].shape, key
+        np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+
+    their_cfg = json.loads((folder / "adapter_config.json").read_text())
+    our_cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert set(our_cfg) == set(their_cfg) - {"peft_version"}
+    differ = {"target_modules", "rank_pattern", "alpha_pattern", "auto_mapping", "lora_alpha"}
+    for field in set(our_cfg) - differ:
+        assert our_cfg[field] == their_cfg[field], field
+    assert our_cfg["lora_alpha"] == their_cfg["lora_alpha"]  # also the int type
+    modules = _modules(params)
+    assert _peft_targets(our_cfg, modules) == _peft_targets(their_cfg, modules)
+
+
+# --------------------------------------------------------------------------- jlora -> PEFT -> jlora
+
+
+@functools.cache
+def _zoo():
+    """``(jitted apply, params, tokens)`` of LinenZoo: one compile for every round trip below."""
+    model = LinenZoo()
+    tokens = jnp.array([[1, 5, 7, 3, 9], [2, 2, 8, 0, 4]])
+    return jax.jit(model.apply), _random(jax.eval_shape(model.init, jax.random.key(0), tokens), std=0.3), tokens
+
+
+ZOO_CONFIGS = {
+    "patterns": jlora.LoraConfig(rank=3, alpha=6.0, dropout=0.05, train_in_full=r"params/dense/.*", targets=(
+        jlora.Rule(pattern=r".*/attn/(query|key)/kernel", rank=2),  # 3-D (in, heads, head_dim)
+        jlora.Rule(pattern=r".*/attn/value/kernel", alpha=2.5),
+        r".*/attn/out/kernel",  # 3-D (heads, head_dim, out)
+        jlora.Rule(pattern=r".*/conv/kernel", rank=4, alpha=1.0),  # 1-D conv (3, in, out)
+        jlora.Rule(pattern=r".*/embed/embedding", rank=5),
+    )),
+    "rslora": jlora.LoraConfig(rank=4, alpha=3.0, rslora=True, targets=(r".*/kernel", r".*/embedding")),
+    "dora": jlora.LoraConfig(rank=2, alpha=4.0, dora=True, targets=r".*/kernel"),
+}
+
+
+@pytest.mark.parametrize("name", ZOO_CONFIGS)
+def test_round_trip_keeps_outputs_factors_and_config(name, tmp_path):
+    config = ZOO_CONFIGS[name]
+    apply, params, tokens = _zoo()
+    frozen, trainable = _init(params, config, seed=1)
+    export_peft(tmp_path, trainable, config, conv=CONV)
+    frozen2, trainable2, config2 = import_peft(tmp_path, params)
+
+    for (p1, x1), (p2, x2) in zip(jax.tree_util.tree_leaves_with_path(trainable),
+                                  jax.tree_util.tree_leaves_with_path(trainable2), strict=True):
+        assert p1 == p2 and x1.dtype == x2.dtype
+        np.testing.assert_array_equal(x1, x2)
+    before, after = resolve(config, params), resolve(config2, params)
+    assert before.keys() == after.keys()
+    for path, t in before.items():
+        u = after[path]
+        assert (t.rank, t.layout, t.embedding, t.dora) == (u.rank, u.layout, u.embedding, u.dora), path
+        assert t.scale == pytest.approx(u.scale, rel=1e-12), path
+    assert (config2.rslora, config2.dora, config2.dropout) == (config.rslora, config.dora, config.dropout)
+    # jlora's factored forward is checked against PEFT above; here both sides are merged, to compile once.
+    want = apply(jlora.merge(frozen, trainable, config), tokens)
+    got = apply(jlora.merge(frozen2, trainable2, config2), tokens)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+    assert np.max(np.abs(want - apply(params, tokens))) > 1e-3
+
+
+def test_zoo_keys_and_layouts(tmp_path):
+    _, params, _ = _zoo()
+    config = ZOO_CONFIGS["patterns"]
+    _, trainable = _init(params, config)
+    export_peft(tmp_path, trainable, config, conv=CONV)
+    shapes = {k: v.shape for k, v in load_file(tmp_path / "adapter_model.safetensors").items()}
+    p = "base_model.model."
+    assert shapes[p + "attn.query.lora_A.weight"] == (2, 16)  # (r, in)
+    assert shapes[p + "attn.query.lora_B.weight"] == (16, 2)  # (heads·head_dim, r)
+    assert shapes[p + "attn.out.lora_A.weight"] == (3, 16)  # (r, heads·head_dim)
+    assert shapes[p + "conv.lora_A.weight"] == (4, 16, 3)  # torch Conv1d (r, in, k)
+    assert shapes[p + "conv.lora_B.weight"] == (16, 4, 1)
+    assert shapes[p + "embed.lora_embedding_A"] == (5, 40)  # (r, vocab)
+    assert shapes[p + "embed.lora_embedding_B"] == (16, 5)  # (dim, r)
+    assert shapes[p + "dense.weight"] == (16, 16) and shapes[p + "dense.bias"] == (16,)
+    peft = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert peft["modules_to_save"] == ["dense"]
+    assert peft["rank_pattern"] == {"attn.query": 2, "attn.key": 2, "conv": 4, "embed": 5}
+    assert peft["alpha_pattern"] == {"attn.value": 2.5, "conv": 1}
+    assert (peft["r"], peft["lora_alpha"], peft["lora_dropout"], peft["peft_type"]) == (3, 6, 0.05, "LORA")
+
+
+def test_nnx_state_round_trip(tmp_path):
+    apply_fn, abstract = nnx_apply(nnx.eval_shape(lambda: NnxModel(nnx.Rngs(0))))
+    state = _random(abstract, std=0.3)
+    config = jlora.LoraConfig(rank=2, targets=(r"attn/.*/kernel", r"embed/embedding"))
+    frozen, trainable = _init(state, config, seed=1)
+    export_peft(tmp_path, trainable, config, frozen=frozen, conv=r"conv/kernel")
+    assert "base_model.model.attn.query.lora_A.weight" in load_file(tmp_path / "adapter_model.safetensors")
+    frozen2, trainable2, config2 = import_peft(tmp_path, state)
+    tokens = jnp.array([[1, 2, 3]])
+    apply = jax.jit(apply_fn)
+    np.testing.assert_allclose(apply(jlora.merge(frozen2, trainable2, config2), tokens),
+                               apply(jlora.merge(frozen, trainable, config), tokens), rtol=1e-6)
+
+
+def test_module_name_override_and_dtype(tmp_path):
+    params = {"params": {"blocks_0": {"attn": {"q": {"kernel": jnp.ones((8, 8), jnp.bfloat16)}}}}}
+    config = jlora.LoraConfig(rank=2, targets=r".*/kernel", dtype="bfloat16")
+    _, trainable = _init(params, config)
+
+    def name(path):
+        return "model." + default_module_name(path).replace("blocks_", "layers.").replace(".q", ".q_proj")
+
+    export_peft(tmp_path, trainable, config, module_name=name, base_model_name_or_path="org/model")
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    assert sorted(tensors) == ["base_model.model.model.layers.0.attn.q_proj.lora_A.weight",
+                               "base_model.model.model.layers.0.attn.q_proj.lora_B.weight"]
+    assert tensors["base_model.model.model.layers.0.attn.q_proj.lora_A.weight"].dtype == jnp.bfloat16
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/model"
+    with pytest.raises(ValueError, match=r"2 adapter keys map to no leaf"):
+        import_peft(tmp_path, params)
+    table = {"params/blocks_0/attn/q/kernel": "model.layers.0.attn.q_proj"}
+    _, back, config2 = import_peft(tmp_path, params, module_name=table)
+    assert config2.dtype == "bfloat16" and back["params"]["blocks_0"]["attn"]["q"]["kernel"]["a"].dtype == jnp.bfloat16
+
+
+# --------------------------------------------------------------------------- what PEFT cannot hold (export)
+
+
+def _dense():
+    params = {"params": {"dense": {"kernel": jnp.ones((4, 6)), "bias": jnp.zeros(6)}}}
+    return params
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(nonlinearity="relu"), r"nonlinearity='relu'.*PEFT's LoRA is linear"),
+    (dict(dylora="frozen"), r"dylora='frozen': PEFT has no DyLoRA.*jlora\.truncate"),
+    (dict(init="pissa"), r"init='pissa'.*SVD residual.*jlora\.merge"),
+])
+def test_export_refuses_variants_peft_lacks(kwargs, match, tmp_path):
+    config = jlora.LoraConfig(rank=2, targets=r".*/kernel", **kwargs)
+    frozen, trainable = _init(_dense(), config)
+    with pytest.raises(ValueError, match=match):
+        export_peft(tmp_path, trainable, config, frozen=frozen)
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_refuses_scanned_kernels(tmp_path):
+    params = _random(jax.eval_shape(LinenScan().init, jax.random.key(0), jnp.ones((2, 16))))
+    config = jlora.LoraConfig(rank=2, targets=jlora.Rule(pattern=r".*/kernel", stack_axes=(0,)))
+    _, trainable = _init(params, config)
+    with pytest.raises(ValueError, match=r"params/layers/up/kernel is a stack of layers \(stack_axes=\(0,\)\)"):
+        export_peft(tmp_path, trainable, config)
+
+
+def test_export_refuses_input_axes_that_do_not_lead(tmp_path):
+    config = jlora.LoraConfig(rank=2, targets=jlora.Rule(pattern=r".*/kernel", in_axes=(1,)))
+    _, trainable = _init(_dense(), config)
+    with pytest.raises(ValueError, match=r"params/dense/kernel has in_axes=\(1,\), not its leading axes"):
+        export_peft(tmp_path, trainable, config)
+
+
+def test_export_refuses_a_conv_mark_on_a_dense_kernel(tmp_path):
+    config = jlora.LoraConfig(rank=2, targets=r".*/kernel")
+    _, trainable = _init(_dense(), config)
+    with pytest.raises(ValueError, match=r"params/dense/kernel \(shape \(4, 6\).*was marked conv"):
+        export_peft(tmp_path, trainable, config, conv=r".*")
+
+
+def test_export_refuses_names_peft_cannot_tell_apart(tmp_path):
+    params = {"params": {"a": {"kernel": jnp.ones((4, 4))}, "b": {"kernel": jnp.ones((4, 4))}}}
+    config = jlora.LoraConfig(rank=2, targets=r".*/kernel")
+    _, trainable = _init(params, config)
+    with pytest.raises(ValueError, match=r"params/a/kernel and params/b/kernel both map to the PEFT key "
+                                         r"'base_model\.model\.same\.lora_A\.weight'"):
+        export_peft(tmp_path, trainable, config, module_name=lambda path: "same")
+    with pytest.raises(ValueError, match=r"no PEFT module name for w .*module_name="):
+        w = {"w": jnp.ones((4, 4))}
+        cfg = jlora.LoraConfig(rank=2, targets="w")
+        export_peft(tmp_path, _init(w, cfg)[1], cfg)
+    with pytest.raises(TypeError, match=r"module_name must be a callable .* got int"):
+        export_peft(tmp_path, trainable, config, module_name=3)
+
+
+def test_export_refuses_a_module_both_adapted_and_trained_in_full(tmp_path):
+    config = jlora.LoraConfig(rank=2, targets=r".*/kernel", train_in_full=r".*/bias")
+    _, trainable = _init(_dense(), config)
+    with pytest.raises(ValueError, match=r"modules \['dense'\] are both adapted and \(partly\) trained in full"):
+        export_peft(tmp_path, trainable, config)
+
+
+def test_export_checks_trainable_against_config_and_frozen(tmp_path):
+    config = jlora.LoraConfig(rank=2, targets=r".*/kernel")
+    frozen, trainable = _init(_dense(), config)
+    other = jlora.LoraConfig(rank=2, targets=r".*/other")
+    with pytest.raises(ValueError, match=r"the adapter at params/dense/kernel matches no rule of the config"):
+        export_peft(tmp_path, trainable, other)
+    wrong = {"params": {"dense": {"kernel": jnp.ones((5, 6)), "bias": jnp.zeros(6)}}}
+    with pytest.raises(ValueError, match=r"params/dense/kernel/a has shape \(4, 2\), expected \(5, 2\)"):
+        export_peft(tmp_path, trainable, config, frozen=wrong)
+
+
+# --------------------------------------------------------------------------- what jlora cannot read (import)
+
+
+def _copy(name: str, tmp_path) -> pathlib.Path:
+    folder = tmp_path / name
+    shutil.copytree(FIXTURES / name, folder)
+    return folder
+
+
+def _edit_config(folder: pathlib.Path, **fields) -> None:
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+def test_import_refuses_pickled_weights(tmp_path):
+    folder = _copy("conv_lora", tmp_path)
+    (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
+    with pytest.raises(ValueError, match=r"(?s)adapter_model\.bin, a pickled torch file.*Unpickling can run "
+                                         r"arbitrary code.*safetensors\.torch import save_file.*weights_only=True"):
+        import_peft(folder, {})
+    (folder / "adapter_model.bin").unlink()
+    with pytest.raises(FileNotFoundError, match=r"adapter_model\.safetensors does not exist"):
+        import_peft(folder, {})
+    with pytest.raises(FileNotFoundError, match=r"adapter_config\.json does not exist"):
+        import_peft(tmp_path / "nowhere", {})
+
+
+def test_import_lists_every_key_that_maps_to_no_leaf():
+    _, conv_params, _, _, _ = _fixture("conv_lora")
+    with pytest.raises(ValueError, match=r"12 adapter keys map to no leaf of params: "
+                                         r"base_model\.model\.bert\.embeddings\.word_embeddings\.lora_embedding_A, "
+                                         r".*base_model\.model\.classifier\.weight\. .*pass module_name") as err:
+        import_peft(FIXTURES / "bert_lora", conv_params)
+    assert "base_model.model.bert.encoder.layer.1.attention.self.value.lora_B.weight" in str(err.value)
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(peft_type="IA3"), r"peft_type='IA3'; jlora reads LoRA adapters"),
+    (dict(lora_bias=True, use_qalora=True), r"features jlora does not implement: lora_bias=True, use_qalora=True"),
+    (dict(init_lora_weights="pissa_niter_4"), r"init_lora_weights='pissa_niter_4' \(it changed the base weights"),
+    (dict(r=2), r"base_model\.model\.conv1: lora_A has rank 3, but r/rank_pattern give 2"),
+    (dict(rank_pattern={}), r"conv2: lora_A has rank 2, but r/rank_pattern give 3"),
+    (dict(use_dora=True), r"base_model\.model\.conv1: no lora_magnitude_vector, but use_dora=True"),
+])
+def test_import_refuses_configs_it_cannot_honour(fields, match, tmp_path):
+    folder = _copy("conv_lora", tmp_path)
+    _edit_config(folder, **fields)
+    _, params, _, _, _ = _fixture("conv_lora")
+    with pytest.raises(ValueError, match=match):
+        import_peft(folder, params)
+
+
+def test_import_refuses_tensors_that_do_not_fit(tmp_path):
+    _, params, _, _, _ = _fixture("conv_lora")
+    folder = _copy("conv_lora", tmp_path)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    tensors["base_model.model.head.lora_A.weight"] = np.zeros((3, 7), np.float32)
+    tensors["base_model.model.conv2.lora_B.bias"] = np.zeros((5,), np.float32)
+    del tensors["base_model.model.conv1.lora_B.weight"]
+    save_file(tensors, folder / "adapter_model.safetensors")
+    with pytest.raises(ValueError) as err:
+        import_peft(folder, params)
+    message = str(err.value)
+    assert re.search(r"conv1: has \['a'\] of PEFT's factors, needs both lora_A and lora_B", message)
+    assert re.search(r"conv2\.lora_B\.bias: a tensor of a LoRA variant jlora does not implement", message)
+    assert re.search(r"base_model\.model\.head -> params/head/kernel: lora_A \(3, 7\) / lora_B \(4, 3\) do not fit the "
+                     r"kernel's \(5, 4\) \(expected \(3, 5\) / \(4, 3\)\)", message)
+
+
+def _write_adapter(folder: pathlib.Path, tensors: dict, **fields) -> pathlib.Path:
+    folder.mkdir()
+    save_file({f"base_model.model.{k}": np.asarray(v, np.float32) for k, v in tensors.items()},
+              folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, **fields}))
+    return folder
+
+
+def test_import_reads_trained_biases_as_leaves_trained_in_full(tmp_path):
+    params = {"params": {"fc": {"kernel": np.ones((4, 3), np.float32), "bias": np.zeros(3, np.float32)}}}
+    folder = _write_adapter(tmp_path / "a", {"fc.lora_A.weight": np.ones((2, 4)), "fc.lora_B.weight": np.ones((3, 2)),
+                                             "fc.bias": [1, 2, 3]}, bias="lora_only")
+    _, trainable, config = import_peft(folder, params)
+    assert config.train_in_full == (r"params/fc/bias",)
+    np.testing.assert_array_equal(trainable["params"]["fc"]["bias"], [1, 2, 3])
+
+
+def test_import_refuses_what_jlora_adapters_cannot_be(tmp_path):
+    params = {"params": {"emb": {"embedding": np.ones((10, 4), np.float32)},
+                         "fc": {"kernel": np.ones((4, 3), np.float32)}}}
+    dora = _write_adapter(tmp_path / "dora", {"emb.lora_embedding_A": np.ones((2, 10)),
+                                              "emb.lora_embedding_B": np.ones((4, 2)),
+                                              "emb.lora_magnitude_vector": np.ones(4)}, use_dora=True)
+    with pytest.raises(ValueError, match=r"base_model\.model\.emb: DoRA on an embedding; jlora implements DoRA for "
+                                         r"Linear and Conv kernels only"):
+        import_peft(dora, params)
+    big = _write_adapter(tmp_path / "big", {"fc.lora_A.weight": np.ones((4, 4)), "fc.lora_B.weight": np.ones((3, 4))},
+                         r=4)
+    with pytest.raises(ValueError, match=r"(?s)big does not fit jlora's adapters on params:.*rank 4 exceeds "
+                                         r"min\(fan_in=4, fan_out=3\)"):
+        import_peft(big, params)
+
+
+def test_import_refuses_leaves_it_cannot_tell_apart():
+    _, params, _, _, folder = _fixture("conv_lora")
+    with pytest.raises(ValueError, match=r"conv1\.weight: the leaves \['params/conv1/kernel', 'params/conv2/kernel'\] "
+                                         r"all map to 'conv1\.weight'; tell them apart with module_name"):
+        import_peft(folder, params, module_name=lambda path: default_module_name(path).replace("conv2", "conv1"))
+
+
+# --------------------------------------------------------------------------- live, with torch and peft
+
+
+def test_live_round_trip_through_peft(tmp_path):
+    """jlora -> PEFT (PeftModel.from_pretrained) -> outputs equal -> PEFT save_pretrained -> jlora."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    torch_config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                           intermediate_size=32, max_position_embeddings=16, num_labels=3)
+    torch_model = transformers.BertForSequenceClassification(torch_config).eval()
+    params = torch_to_flax({k: v.numpy() for k, v in torch_model.state_dict().items()})
+    config = jlora.LoraConfig(rank=4, alpha=8.0, train_in_full=r"params/classifier/.*", targets=(
+        jlora.Rule(pattern=r".*/layer/0/.*/(query|value)/kernel", rank=2, alpha=3.0),
+        r".*/(query|key|value|dense)/kernel", r".*/word_embeddings/embedding"))
+    frozen, trainable = jlora.init(jax.random.key(0), params, config)
+    trainable = bump(trainable, 0.1)
+    ids = np.array([[3, 7, 1, 9, 4], [2, 8, 8, 5, 0]], np.int32)
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], np.int32)
+    want = jlora.wrap(BertClassifier().apply, config)(frozen, trainable, ids, mask)
+    assert np.max(np.abs(want[1] - BertClassifier().apply(params, ids, mask)[1])) > 1e-2
+
+    export_peft(tmp_path / "jlora", trainable, config)
+    peft_model = peft.PeftModel.from_pretrained(torch_model, tmp_path / "jlora").eval()
+    with torch.no_grad():
+        out = peft_model(input_ids=torch.tensor(ids, dtype=torch.long),
+                         attention_mask=torch.tensor(mask, dtype=torch.long), output_hidden_states=True)
+    np.testing.assert_allclose(out.logits.numpy(), want[0], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(out.hidden_states[-1].numpy(), want[1], rtol=0, atol=1e-5)
+
+    peft_model.save_pretrained(tmp_path / "peft")
+    frozen2, trainable2, config2 = import_peft(tmp_path / "peft", params)
+    got = jlora.wrap(BertClassifier().apply, config2)(frozen2, trainable2, ids, mask)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
+
+
+def test_live_conv_dora_through_peft(tmp_path):
+    """A jlora DoRA adapter on Conv2d + Linear loads into PEFT and computes the same."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    sys.path.insert(0, str(FIXTURES.parent))
+    import make_peft_fixtures
+
+    torch.manual_seed(0)
+    torch_model = make_peft_fixtures.tiny_conv().eval()
+    params = torch_to_flax({k: v.numpy() for k, v in torch_model.state_dict().items()})
+    config = jlora.LoraConfig(rank=2, alpha=3.0, dora=True, targets=(
+        jlora.Rule(pattern=r".*/conv1/kernel", rank=3), r".*/(conv2|head)/kernel"))
+    frozen, trainable = jlora.init(jax.random.key(0), params, config)
+    trainable = bump(trainable, 0.1)
+    x = np.random.default_rng(0).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    want = jlora.wrap(TinyConv().apply, config)(frozen, trainable, x)
+    assert np.max(np.abs(want - TinyConv().apply(params, x))) > 1e-2
+
+    export_peft(tmp_path, trainable, config, conv=CONV)
+    peft_model = peft.PeftModel.from_pretrained(torch_model, tmp_path).eval()
+    with torch.no_grad():
+        got = peft_model(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
