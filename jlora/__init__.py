@@ -6,6 +6,10 @@
 
 from jlora._bank import put as put
 from jlora._bank import stack as stack
+from jlora._checkpoint import read_metadata as read_metadata
+from jlora._checkpoint import restore as restore
+from jlora._checkpoint import save as save
+from jlora._checkpoint import save_args as save_args
 from jlora._combine import CombineReport as CombineReport
 from jlora._combine import combine as combine
 from jlora._config import NONLINEARITIES as NONLINEARITIES
@@ -42,7 +46,11 @@ __all__ = [
     "merge",
     "optimizer",
     "put",
+    "read_metadata",
     "rank_sweep",
+    "restore",
+    "save",
+    "save_args",
     "stack",
     "summary",
     "truncate",

@@ -1,0 +1,5 @@
+import sys
+
+from jlora._cli import main
+
+sys.exit(main())

@@ -1,0 +1,479 @@
+"""`save` and `restore` adapters with Orbax; resuming training with Orbax's `CheckpointManager`.
+
+A jlora checkpoint is an ordinary Orbax checkpoint directory with two items,
+written by ``ocp.Checkpointer(ocp.CompositeCheckpointHandler())``:
+
+* ``adapters``: the ``trainable`` tree (``ocp.args.StandardSave``), as plain
+  nested dicts keyed by the '/'-separated path;
+* ``lora_metadata``: a JSON document (``ocp.args.JsonSave``) that says how to
+  read the arrays back::
+
+    {
+      "format": "jlora-adapters",
+      "format_version": 1,                 # FORMAT_VERSION; restore refuses newer ones
+      "jlora_version": "0.1.0",
+      "fold_scale": false,                 # true: the scale is folded into every b
+      "config": {...},                     # LoraConfig.to_dict() of the stored adapters
+      "targets": {                         # one entry per adapted or fully trained leaf
+        "params/dense/kernel": {
+          "kind": "lora", "rank": 8, "alpha": 16.0, "scale": 2.0,
+          "in_axes": [0], "out_axes": [1], "stack_axes": [],
+          "embedding": false, "dora": false,
+          "base": {"shape": [64, 32], "dtype": "bfloat16"}   # null unless save got frozen=
+        },
+        "params/head/kernel": {"kind": "full", "base": {...}}
+      },
+      "leaves": {                          # every stored array
+        "params/dense/kernel/a": {"shape": [64, 8], "dtype": "float32"}, ...
+      }
+    }
+
+Orbax writes into ``<directory>.orbax-checkpoint-tmp`` and renames it to
+``<directory>`` only once every byte is on disk (``AtomicRenameTemporaryPath``; on
+GCS a ``commit_success.txt`` marks completion instead), so a crash mid-save never
+leaves a directory that `restore` or ``CheckpointManager.latest_step()`` takes for
+a checkpoint.
+
+Resuming training
+-----------------
+Use Orbax's own ``CheckpointManager`` for the whole training state. `save_args`
+gives the two items `save` writes, so every step directory is also a checkpoint
+`restore` reads. Saves are asynchronous (the step loop goes on while the arrays
+are written) and only the last ``max_to_keep`` steps stay on disk. Orbax 0.12.8
+saves and restores typed PRNG keys as they are (older versions need
+``jax.random.key_data(key)`` saved and ``jax.random.wrap_key_data`` on restore)::
+
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=True)
+    mngr = ocp.CheckpointManager(ckpt_dir, options=options)
+
+    frozen, trainable = jlora.init(jax.random.key(0), params, config)
+    tx = jlora.optimizer(config, learning_rate=1e-3)
+    opt_state, key, start = tx.init(trainable), jax.random.key(1), 0
+
+    if (last := mngr.latest_step()) is not None:  # resume from the newest complete step
+        abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+        restored = mngr.restore(last, args=ocp.args.Composite(
+            adapters=ocp.args.StandardRestore(abstract(trainable)),
+            train_state=ocp.args.StandardRestore(abstract({"opt_state": opt_state, "key": key})),
+        ))
+        trainable = restored.adapters
+        opt_state, key = restored.train_state["opt_state"], restored.train_state["key"]
+        start = last
+
+    for step in range(start + 1, num_steps + 1):
+        trainable, opt_state, key = train_step(trainable, opt_state, key, batch(step))
+        mngr.save(step, args=ocp.args.Composite(
+            **jlora.save_args(trainable, config),  # items "adapters" and "lora_metadata"
+            train_state=ocp.args.StandardSave({"opt_state": opt_state, "key": key}),
+        ))
+    mngr.wait_until_finished()
+    mngr.close()
+
+    # Any step is also a jlora checkpoint of the adapters alone:
+    trainable, config = jlora.restore(mngr.directory / str(mngr.latest_step()), frozen)
+
+``train_step`` must draw its randomness from ``key`` (split it each step) and
+``batch(step)`` must depend on the step alone; then a resumed run equals an
+uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from jlora._config import LoraConfig, Rule
+from jlora._layout import default_layout, m_shape, wider
+from jlora._paths import ADAPTER_KEYS, adapter_of, flatten, nest
+from jlora._targets import Target, check_trainable, resolve
+
+FORMAT = "jlora-adapters"
+FORMAT_VERSION = 1
+ADAPTERS = "adapters"  # Orbax item names inside a checkpoint directory
+METADATA = "lora_metadata"
+
+
+def _dtype_name(x) -> str:
+    return jnp.dtype(x.dtype).name
+
+
+def _implied_base(flat: dict, config: LoraConfig) -> tuple[dict, list[str]]:
+    """Zero-cost stand-ins for the kernels that ``trainable``'s adapters imply.
+
+    Without ``frozen``, `save` still checks ``trainable`` against ``config`` with
+    `resolve`: each adapter ``{a: (*stack, *in, r), b: (*stack, r, *out)}`` implies
+    its kernel's shape once its rule says which axes are stacked and which are
+    inputs; a leaf trained in full stands for itself.
+    """
+    base, errors = {}, []
+    dtype = jnp.dtype(config.dtype)
+    for path, leaf in flat.items():
+        hit = adapter_of(path, flat)
+        if hit is None:
+            base[path] = leaf
+            continue
+        kernel, factor = hit
+        rule = config.rule_for(kernel)
+        if factor != "a" or rule is None:  # no rule: check_trainable reports it as unexpected
+            continue
+        a, b = flat[f"{kernel}/a"], flat[f"{kernel}/b"]
+        n_stack = len(rule.stack_axes)
+        ndim = np.ndim(a) + np.ndim(b) - 2 - n_stack
+        axes = (*rule.stack_axes, *(rule.in_axes or ()))
+        layout = default_layout(kernel, ndim, rule.in_axes, rule.stack_axes) if ndim - n_stack >= 2 else None
+        if layout is None or any(ax >= ndim for ax in axes) or np.ndim(a) != n_stack + len(layout.in_axes) + 1:
+            errors.append(
+                f"{kernel}: a {np.shape(a)} and b {np.shape(b)} do not form an adapter for rule "
+                f"{rule.pattern!r} (stack_axes={rule.stack_axes}, in_axes={rule.in_axes}); "
+                "pass frozen= to check them against the real kernels."
+            )
+            continue
+        shape = [0] * ndim
+        for i, ax in enumerate(layout.stack_axes + layout.in_axes):
+            shape[ax] = np.shape(a)[i]
+        for i, ax in enumerate(layout.out_axes):
+            shape[ax] = np.shape(b)[n_stack + 1 + i]
+        base[kernel] = np.broadcast_to(np.zeros((), dtype), shape)  # no memory: a view of one zero
+    return base, errors
+
+
+def _targets(trainable, config: LoraConfig, frozen) -> tuple[dict[str, Target], dict]:
+    """Check ``trainable`` against ``config`` (and ``frozen``); return the targets and its leaves."""
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"save: expected a jlora.LoraConfig, got {type(config).__name__}.")
+    flat = flatten(trainable)
+    if frozen is None:
+        base, errors = _implied_base(flat, config)
+        if errors:
+            raise ValueError("save: trainable does not fit config:\n  " + "\n  ".join(errors))
+        try:
+            targets = resolve(config, nest(base))
+        except ValueError as e:
+            raise ValueError(f"save: trainable does not fit config:\n{e}") from None
+    else:
+        targets = resolve(config, frozen)
+    check_trainable(targets, trainable)
+    base = flatten(frozen) if frozen is not None else {}
+    wanted = {}
+    for path, t in targets.items():
+        if t.is_lora:
+            wanted.update({f"{path}/{k}": config.dtype for k in ADAPTER_KEYS})
+        elif path in base:
+            wanted[path] = _dtype_name(base[path])
+    errors = [f"{p} has dtype {_dtype_name(flat[p])}, expected {dtype}"
+              for p, dtype in wanted.items() if p in flat and _dtype_name(flat[p]) != dtype]
+    if errors:
+        raise ValueError(
+            "save: trainable has the wrong dtypes:\n  " + "\n  ".join(errors)
+            + f"\nAdapters are LoraConfig(dtype={config.dtype!r}) and leaves trained in full keep the base "
+            "dtype; cast them back with .astype(...) or save with the config they were trained with."
+        )
+    return targets, flat
+
+
+def _unit_alpha(rank: int, rslora: bool) -> float:
+    """The alpha whose scale is exactly 1: ``r`` (``sqrt(r)`` with rsLoRA)."""
+    return math.sqrt(rank) if rslora else float(rank)
+
+
+def _fold(targets: dict[str, Target], flat: dict, config: LoraConfig) -> tuple[dict, LoraConfig]:
+    """``b ← scale·b`` in every adapter, and a config whose every rule has scale 1.
+
+    Exact for any nonlinearity, since ``s·f(x·a)·b = f(x·a)·(s·b)``, and for DoRA,
+    whose direction uses the same ``W + s·a@b``.
+    """
+    if config.dylora is not None:
+        raise ValueError(
+            f"save: fold_scale=True cannot fold a DyLoRA adapter (dylora={config.dylora!r}): its scale "
+            "alpha/k depends on the rank k chosen at run time, so no single factor folds into b. Save "
+            "with fold_scale=False, or jlora.truncate it to a fixed rank first."
+        )
+    flat = dict(flat)
+    for path, t in targets.items():
+        if t.is_lora:
+            b = flat[f"{path}/b"]
+            acc = wider(b.dtype, jnp.float32)
+            flat[f"{path}/b"] = (b.astype(acc) * jnp.asarray(t.scale, acc)).astype(b.dtype)
+    rules = tuple(
+        dataclasses.replace(r, rank=config.rank_for(r), alpha=_unit_alpha(config.rank_for(r), config.rslora))
+        for r in config.rules
+    )
+    return flat, dataclasses.replace(config, alpha=_unit_alpha(config.rank, config.rslora), targets=rules)
+
+
+def _describe(targets: dict[str, Target], config: LoraConfig, frozen) -> dict:
+    base = flatten(frozen) if frozen is not None else {}
+    out = {}
+    for path, t in targets.items():
+        entry = {"kind": "full"}
+        if t.is_lora:
+            rule: Rule = config.rule_for(path)
+            entry = {
+                "kind": "lora",
+                "rank": t.rank,
+                "alpha": config.alpha if rule.alpha is None else rule.alpha,
+                "scale": config.scale_for(rule),
+                "in_axes": list(t.layout.in_axes),
+                "out_axes": list(t.layout.out_axes),
+                "stack_axes": list(t.layout.stack_axes),
+                "embedding": t.embedding,
+                "dora": t.dora,
+            }
+        leaf = base.get(path)
+        entry["base"] = None if leaf is None else {"shape": list(np.shape(leaf)), "dtype": _dtype_name(leaf)}
+        out[path] = entry
+    return out
+
+
+def _leaf_table(flat: dict) -> dict:
+    return {p: {"shape": list(np.shape(x)), "dtype": _dtype_name(x)} for p, x in flat.items()}
+
+
+def save_args(trainable, config: LoraConfig, *, frozen=None, fold_scale: bool = False) -> dict:
+    """The Orbax items `save` writes, for an ``ocp.args.Composite`` of your own.
+
+    Use it to put the adapters in the checkpoints of an ``ocp.CheckpointManager``
+    next to the optimizer state (see "Resuming training" in this module's
+    docstring); `restore` then reads any of its step directories. Validates as
+    `save` does.
+
+    Returns:
+      ``{"adapters": ocp.args.StandardSave(...), "lora_metadata": ocp.args.JsonSave(...)}``.
+
+    >>> import jax.numpy as jnp
+    >>> trainable = {"dense": {"kernel": {"a": jnp.zeros((16, 2)), "b": jnp.zeros((2, 4))}}}
+    >>> items = save_args(trainable, LoraConfig(rank=2, targets=r".*/kernel"))
+    >>> sorted(items), type(items["adapters"]).__name__
+    (['adapters', 'lora_metadata'], 'StandardSaveArgs')
+    """
+    from jlora import __version__  # late: jlora/__init__ imports this module
+
+    targets, flat = _targets(trainable, config, frozen)
+    if fold_scale:
+        flat, config = _fold(targets, flat, config)
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "jlora_version": __version__,
+        "fold_scale": bool(fold_scale),
+        "config": config.to_dict(),
+        "targets": _describe(targets, config, frozen),
+        "leaves": _leaf_table(flat),
+    }
+    return {ADAPTERS: ocp.args.StandardSave(nest(flat)), METADATA: ocp.args.JsonSave(metadata)}
+
+
+def save(directory, trainable, config: LoraConfig, *, frozen=None, fold_scale: bool = False,
+         overwrite: bool = False) -> None:
+    """Write ``trainable`` and its metadata as an Orbax checkpoint at ``directory``.
+
+    Everything is checked before anything is written: ``trainable`` against
+    ``config`` (and against ``frozen`` when given, with the base shapes and dtypes
+    then recorded too). The write is atomic: Orbax fills
+    ``<directory>.orbax-checkpoint-tmp`` and renames it when complete.
+
+    Args:
+      directory: a new directory (local path or any ``etils.epath`` URL). What an
+        interrupted save there left behind (``<directory>.orbax-checkpoint-tmp``)
+        is cleared by Orbax first.
+      trainable: the adapters from `init` (and training).
+      config: the `LoraConfig` they were made with.
+      frozen: the base parameters; optional, but recommended: shapes and dtypes
+        are then checked against the real kernels and recorded.
+      fold_scale: store ``scale·b`` in place of ``b`` and a config whose every rule
+        has scale 1 (explicit ``rank`` and ``alpha = r``, ``sqrt(r)`` with rsLoRA),
+        so a loader that applies ``a@b`` as is gets the full adapter. Outputs are
+        the same either way (up to float32 rounding). Not possible with DyLoRA.
+      overwrite: replace an existing jlora checkpoint at ``directory``. Orbax's
+        ``force``: the old checkpoint is deleted *before* the new one is written,
+        so a crash in between leaves neither; write to a new directory when the
+        old one must survive. A directory that is not a jlora checkpoint is
+        never deleted.
+
+    Raises:
+      FileExistsError: ``directory`` exists and ``overwrite`` is False.
+      ValueError: ``trainable`` does not fit ``config``/``frozen`` (every bad path
+        named); ``fold_scale`` with DyLoRA; overwriting a non-checkpoint.
+
+    >>> import tempfile, jax, jax.numpy as jnp
+    >>> from jlora import init
+    >>> params = {"params": {"dense": {"kernel": jnp.ones((16, 4)), "bias": jnp.zeros(4)}}}
+    >>> cfg = LoraConfig(rank=2, alpha=4.0, targets=r".*/kernel")
+    >>> frozen, trainable = init(jax.random.key(0), params, cfg)
+    >>> path = tempfile.mkdtemp() + "/adapter"
+    >>> save(path, trainable, cfg, frozen=frozen)
+    >>> restored, cfg2 = restore(path, frozen)
+    >>> cfg2 == cfg, jax.tree.all(jax.tree.map(jnp.array_equal, restored, trainable))
+    (True, True)
+    """
+    items = save_args(trainable, config, frozen=frozen, fold_scale=fold_scale)
+    path = epath.Path(directory)
+    if path.exists():
+        if not overwrite:
+            raise FileExistsError(
+                f"save: {path} already exists; pass overwrite=True to replace it, or choose a new directory."
+            )
+        if not (path / METADATA).exists():
+            raise ValueError(
+                f"save: refusing to overwrite {path}: it is not a jlora checkpoint (no {METADATA!r} item), "
+                "and overwrite=True deletes the directory. Choose another directory."
+            )
+    with contextlib.closing(ocp.Checkpointer(ocp.CompositeCheckpointHandler())) as ckptr:
+        ckptr.save(path, ocp.args.Composite(**items), force=overwrite)
+
+
+def _finished(path: epath.Path, who: str) -> epath.Path:
+    """``path`` if it holds a finished Orbax checkpoint; a clear error otherwise."""
+    if not path.exists():
+        partial = sorted(path.parent.glob(path.name + ocp.step.TMP_DIR_SUFFIX + "*"))
+        if partial:
+            raise FileNotFoundError(
+                f"{who}: no checkpoint at {path}; {partial[0]} is what an interrupted save left behind "
+                "(Orbax renames it only when the save completes). Restore an earlier checkpoint."
+            )
+        raise FileNotFoundError(f"{who}: no checkpoint at {path}.")
+    if not ocp.step.is_path_finalized(path):
+        raise ValueError(
+            f"{who}: {path} is an unfinished save (an Orbax temporary directory); use a completed one."
+        )
+    return path
+
+
+def _is_leaf_table(leaves) -> bool:
+    return isinstance(leaves, dict) and all(
+        isinstance(v, dict) and isinstance(v.get("shape"), list) and all(isinstance(n, int) for n in v["shape"])
+        and isinstance(v.get("dtype"), str)
+        for v in leaves.values()
+    )
+
+
+def _metadata(path: epath.Path, ckptr, who: str) -> dict:
+    try:
+        meta = ckptr.restore(path, ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()}))[METADATA]
+    except (KeyError, FileNotFoundError, ValueError) as e:  # missing item or file; bad JSON
+        raise ValueError(
+            f"{who}: {path} has no readable jlora metadata ({type(e).__name__}: {e}); it is not a "
+            "checkpoint written by jlora.save / jlora.save_args, or it was damaged."
+        ) from None
+    problem = None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        problem = f"its {METADATA!r} item is not jlora metadata (no \"format\": {FORMAT!r})"
+    elif not isinstance(meta.get("format_version"), int) or isinstance(meta["format_version"], bool):
+        problem = f"format_version is {meta.get('format_version')!r}, not an int"
+    elif meta["format_version"] > FORMAT_VERSION:
+        raise ValueError(
+            f"{who}: {path} has checkpoint format version {meta['format_version']} (written by jlora "
+            f"{meta.get('jlora_version', '?')}); this jlora reads versions up to {FORMAT_VERSION}. "
+            "Upgrade jlora to read it."
+        )
+    elif not isinstance(meta.get("targets"), dict) or not _is_leaf_table(meta.get("leaves")):
+        problem = "its \"targets\" or \"leaves\" table is missing or malformed"
+    if problem:
+        raise ValueError(f"{who}: {path} has corrupt jlora metadata: {problem}.")
+    return meta
+
+
+def _expected(targets: dict[str, Target], config: LoraConfig, base: dict) -> dict[str, tuple]:
+    """``{leaf path: (shape, dtype name)}`` that ``config`` on this base calls for."""
+    out = {}
+    for path, t in targets.items():
+        if t.is_lora:
+            out[f"{path}/a"] = (t.layout.a_shape(t.shape, t.rank), config.dtype)
+            out[f"{path}/b"] = (t.layout.b_shape(t.shape, t.rank), config.dtype)
+            if t.dora:
+                out[f"{path}/m"] = (m_shape(t.shape, t.layout), config.dtype)
+        else:
+            out[path] = (t.shape, _dtype_name(base[path]))
+    return out
+
+
+def restore(directory, frozen) -> tuple[dict, LoraConfig]:
+    """Read the adapters `save` wrote, checked against ``frozen`` before any array is loaded.
+
+    The metadata is read first, then every stored shape and dtype is compared with
+    what its config, resolved on ``frozen``, calls for; all mismatches are reported
+    in one error. Nothing on disk is changed.
+
+    Args:
+      directory: a checkpoint written by `save`, or a ``CheckpointManager`` step
+        directory saved with `save_args`.
+      frozen: the base parameters the adapters go with.
+
+    Returns:
+      ``(trainable, config)``: ``trainable`` as plain nested dicts of jax arrays
+      (the structure `init` makes), ``config`` the stored `LoraConfig`.
+
+    Raises:
+      FileNotFoundError: no checkpoint at ``directory`` (the message says so when a
+        save there was interrupted).
+      ValueError: missing or corrupt metadata; a format newer than this jlora
+        reads; a config that does not fit ``frozen``; stored arrays whose shape or
+        dtype differs from the expected ones (every path named).
+
+    >>> restore("/no/such/adapter", {})
+    Traceback (most recent call last):
+    FileNotFoundError: restore: no checkpoint at /no/such/adapter.
+    """
+    path = _finished(epath.Path(directory), "restore")
+    with contextlib.closing(ocp.Checkpointer(ocp.CompositeCheckpointHandler())) as ckptr:
+        meta = _metadata(path, ckptr, "restore")
+        try:
+            config = LoraConfig.from_dict(meta.get("config"))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"restore: {path} has corrupt jlora metadata: its config is unreadable ({e}).") from None
+        try:
+            targets = resolve(config, frozen)
+        except ValueError as e:
+            raise ValueError(f"restore: the config stored in {path} does not fit frozen:\n{e}") from None
+        base = flatten(frozen)
+        expected = _expected(targets, config, base)
+        stored = {p: (tuple(v["shape"]), v["dtype"]) for p, v in meta["leaves"].items()}
+        errors = []
+        for p, (shape, dtype) in expected.items():
+            if p not in stored:
+                errors.append(f"{p}: not in the checkpoint (expected shape {shape}, {dtype})")
+            elif stored[p] != (shape, dtype):
+                errors.append(f"{p}: stored shape {stored[p][0]}, {stored[p][1]}; expected {shape}, {dtype}")
+        errors += [f"{p}: stored shape {s}, {d}; no target of the config on frozen has this path"
+                   for p, (s, d) in stored.items() if p not in expected]
+        for p, entry in meta["targets"].items():
+            recorded = (entry or {}).get("base")
+            if recorded and p in base and tuple(recorded["shape"]) != np.shape(base[p]):
+                errors.append(f"{p}: frozen has shape {np.shape(base[p])}; the adapters were trained on "
+                              f"shape {tuple(recorded['shape'])}")
+        if errors:
+            raise ValueError(
+                f"restore: the checkpoint at {path} does not fit frozen:\n  " + "\n  ".join(errors)
+                + "\nRestore with the base parameters the adapters were trained on."
+            )
+        abstract = nest({p: jax.ShapeDtypeStruct(s, jnp.dtype(d)) for p, (s, d) in stored.items()})
+        restored = ckptr.restore(path, ocp.args.Composite(**{ADAPTERS: ocp.args.StandardRestore(abstract)}))
+    return restored[ADAPTERS], config
+
+
+def read_metadata(directory) -> dict:
+    """The JSON metadata of a checkpoint (schema in this module's docstring), checked as `restore` does.
+
+    Reads no arrays; handy to see a checkpoint's config, ranks and scales before
+    choosing a base to restore it onto.
+
+    >>> import tempfile, jax.numpy as jnp
+    >>> trainable = {"dense": {"kernel": {"a": jnp.zeros((16, 2)), "b": jnp.zeros((2, 4))}}}
+    >>> path = tempfile.mkdtemp() + "/adapter"
+    >>> save(path, trainable, LoraConfig(rank=2, alpha=4.0, targets=r".*/kernel"))
+    >>> meta = read_metadata(path)
+    >>> meta["targets"]["dense/kernel"]["scale"], meta["leaves"]["dense/kernel/b"]
+    (2.0, {'shape': [2, 4], 'dtype': 'float32'})
+    """
+    path = _finished(epath.Path(directory), "read_metadata")
+    with contextlib.closing(ocp.Checkpointer(ocp.CompositeCheckpointHandler())) as ckptr:
+        return _metadata(path, ckptr, "read_metadata")

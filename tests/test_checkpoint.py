@@ -1,0 +1,488 @@
+"""save / restore with Orbax: round trips, metadata, every refusal, training resume, a real crash."""
+
+import dataclasses
+import functools
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import _crash_child as child
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+from models import LinenScan, LinenZoo, NnxModel, nnx_apply
+
+import jlora
+from jlora._checkpoint import FORMAT_VERSION, read_metadata, restore, save, save_args
+from jlora._paths import flatten, nest
+
+TOKENS = jnp.array([[1, 2, 3, 4, 5], [39, 0, 7, 7, 2]])
+X16 = jax.random.normal(jax.random.key(3), (2, 16))
+
+
+class Mlp(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = jax.nn.relu(nn.Dense(32)(x))  # Dense_0: (16, 32)
+        return nn.Dense(8)(h)  # Dense_1: (32, 8)
+
+
+def _mlp(**kw):
+    return "mlp", jlora.LoraConfig(rank=4, alpha=3.0, **kw)
+
+
+CASES = {  # name: (model, config)
+    "plain": ("zoo", jlora.LoraConfig(
+        rank=4, alpha=3.0, targets=(r".*/attn/(query|value)/kernel", r".*/(conv|dense)/kernel", r".*/embedding"))),
+    "dora": _mlp(targets=r".*/kernel", dora=True),
+    "stacked": ("scan", jlora.LoraConfig(
+        rank=4, alpha=3.0, targets=jlora.Rule(pattern=r".*/layers/(up|down)/kernel", rank=2, alpha=5.0,
+                                              stack_axes=(0,)))),
+    "nnx": ("nnx", jlora.LoraConfig(
+        rank=2, alpha=3.0, targets=(jlora.Rule(pattern=r"layers/.*/kernel", stack_axes=(0,)),
+                                    r"attn/(query|value)/kernel", r"conv/kernel", r"embed/embedding"))),
+    "train_in_full": _mlp(targets=r".*/Dense_0/kernel", train_in_full=r".*/Dense_1/.*"),
+    "rslora": _mlp(targets=(jlora.Rule(pattern=r".*/Dense_0/kernel", rank=2, alpha=6.0), r".*/Dense_1/kernel"),
+                   rslora=True),
+    "nonlinearity": _mlp(targets=r".*/kernel", nonlinearity="gelu"),
+    "dylora": _mlp(targets=r".*/kernel", dylora="plain"),
+}
+
+
+def _random_like(shapes, seed, std):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(std * rng.standard_normal(s.shape), s.dtype), shapes)
+
+
+@functools.cache
+def _model(name):
+    """``(apply_fn, abstract params, input)`` of a test model; the parameters are shapes only."""
+    if name == "nnx":
+        apply_fn, state = nnx_apply(nnx.eval_shape(lambda: NnxModel(nnx.Rngs(0))))
+        return apply_fn, state, TOKENS
+    model, x = {"zoo": (LinenZoo(), TOKENS), "scan": (LinenScan(), X16), "mlp": (Mlp(), X16)}[name]
+    return model.apply, jax.eval_shape(model.init, jax.random.key(0), x), x
+
+
+# Trees are built from their shapes (jax.eval_shape of the real init) and filled with random numbers:
+# the structure is exactly what model.init and jlora.init make, every factor is non-zero (the adapters
+# small beside the base, as after training), and nothing compiles.
+@functools.cache  # arrays are immutable: the tests share one setup per case
+def _setup(case):
+    """Apply function, input, config, frozen and a trained-looking trainable."""
+    name, cfg = CASES[case]
+    apply_fn, abstract, x = _model(name)
+    frozen = _random_like(abstract, seed=0, std=0.3)
+    trainable = _random_like(jax.eval_shape(lambda p: jlora.init(jax.random.key(1), p, cfg)[1], frozen),
+                             seed=1, std=0.05)
+    return apply_fn, x, cfg, frozen, trainable
+
+
+@functools.cache  # one compiled LoraApply per (model, config): an equal restored config reuses it
+def _lora_apply(apply_fn, cfg):
+    return jlora.wrap(apply_fn, cfg)
+
+
+def _output(case):
+    apply_fn, x, cfg, frozen, trainable = _setup(case)
+    return _lora_apply(apply_fn, cfg)(frozen, trainable, x)
+
+
+def _equal(x, y):
+    assert jax.tree.structure(x) == jax.tree.structure(y)
+    for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True):
+        assert isinstance(v, jax.Array) and u.dtype == v.dtype
+        np.testing.assert_array_equal(u, v)
+
+
+def _snapshot(root: Path) -> dict:
+    """Every path under ``root`` with the bytes of every file: what "unchanged on disk" means here."""
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("case,fold", [
+    pytest.param(case, fold, id=f"{case}-{'folded' if fold else 'stored'}")
+    for case in CASES for fold in (False, True) if not (fold and CASES[case][1].dylora)  # refused, see below
+])
+def test_round_trip_keeps_outputs(case, fold, tmp_path):
+    apply_fn, x, cfg, frozen, trainable = _setup(case)
+    before = _output(case)
+    save(tmp_path / "ckpt", trainable, cfg, frozen=frozen, fold_scale=fold)
+    restored, cfg2 = restore(tmp_path / "ckpt", frozen)
+    after = _lora_apply(apply_fn, cfg2)(frozen, restored, x)
+    if fold:
+        # s·(h·b) and h·(s·b) round differently in float32: equal to rtol 1e-6 of the output's scale.
+        np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6 * float(jnp.abs(before).max()))
+        assert all(cfg2.scale_for(r) == 1.0 for r in cfg2.rules)
+        assert [cfg2.rank_for(r) for r in cfg2.rules] == [cfg.rank_for(r) for r in cfg.rules]
+        assert read_metadata(tmp_path / "ckpt")["fold_scale"] is True
+    else:
+        np.testing.assert_array_equal(after, before)
+        assert cfg2 == cfg
+        _equal(trainable, restored)
+
+
+def test_metadata_content(tmp_path):
+    _, _, cfg, frozen, trainable = _setup("plain")
+    save(tmp_path / "ckpt", trainable, cfg, frozen=frozen)
+    meta = read_metadata(tmp_path / "ckpt")
+    assert meta["format"] == "jlora-adapters"
+    assert meta["format_version"] == FORMAT_VERSION == 1
+    assert meta["jlora_version"] == jlora.__version__
+    assert meta["fold_scale"] is False
+    assert jlora.LoraConfig.from_dict(meta["config"]) == cfg
+    assert meta["targets"]["params/attn/query/kernel"] == {
+        "kind": "lora", "rank": 4, "alpha": 3.0, "scale": 0.75,
+        "in_axes": [0], "out_axes": [1, 2], "stack_axes": [], "embedding": False, "dora": False,
+        "base": {"shape": [16, 2, 8], "dtype": "float32"},
+    }
+    assert meta["targets"]["params/embed/embedding"]["embedding"] is True
+    assert meta["leaves"]["params/attn/query/kernel/a"] == {"shape": [16, 4], "dtype": "float32"}
+    assert meta["leaves"]["params/attn/query/kernel/b"] == {"shape": [4, 2, 8], "dtype": "float32"}
+    assert set(meta["targets"]) == {"params/attn/query/kernel", "params/attn/value/kernel",
+                                    "params/conv/kernel", "params/dense/kernel", "params/embed/embedding"}
+    assert len(meta["leaves"]) == 2 * len(meta["targets"])
+
+
+def test_metadata_of_full_leaves_and_folded_rules(tmp_path):
+    _, _, cfg, frozen, trainable = _setup("rslora")
+    save(tmp_path / "ckpt", trainable, cfg, frozen=frozen, fold_scale=True)
+    meta = read_metadata(tmp_path / "ckpt")
+    assert [(r["rank"], r["alpha"]) for r in meta["config"]["targets"]] == [(2, 2 ** 0.5), (4, 2.0)]
+    assert {t["scale"] for t in meta["targets"].values()} == {1.0}
+    _, _, cfg, frozen, trainable = _setup("train_in_full")
+    save(tmp_path / "full", trainable, cfg, frozen=frozen)
+    meta = read_metadata(tmp_path / "full")
+    assert meta["targets"]["params/Dense_1/kernel"] == {"kind": "full",
+                                                        "base": {"shape": [32, 8], "dtype": "float32"}}
+    assert meta["leaves"]["params/Dense_1/bias"] == {"shape": [8], "dtype": "float32"}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_metadata_without_frozen_matches_except_base(case, tmp_path):
+    """Without frozen, save infers the kernels from the adapters and the config: same targets."""
+    _, _, cfg, frozen, trainable = _setup(case)
+    save(tmp_path / "with", trainable, cfg, frozen=frozen)
+    save(tmp_path / "without", trainable, cfg)
+    with_, without = read_metadata(tmp_path / "with"), read_metadata(tmp_path / "without")
+    assert all(t["base"] is None for t in without["targets"].values())
+    for t in with_["targets"].values():
+        t["base"] = None
+    assert with_ == without
+
+
+def test_save_refuses_to_overwrite(tmp_path):
+    _, _, cfg, frozen, trainable = _setup("dora")
+    path = tmp_path / "ckpt"
+    save(path, trainable, cfg)
+    before = _snapshot(tmp_path)
+    with pytest.raises(FileExistsError, match=r"ckpt already exists; pass overwrite=True"):
+        save(path, trainable, cfg)
+    assert _snapshot(tmp_path) == before
+    doubled = jax.tree.map(lambda v: 2 * v, trainable)
+    save(path, doubled, cfg, overwrite=True)
+    _equal(doubled, restore(path, frozen)[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_overwrite_never_deletes_a_directory_that_is_not_a_checkpoint(tmp_path):
+    _, _, cfg, _, trainable = _setup("dora")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("precious")
+    with pytest.raises(ValueError, match=r"refusing to overwrite .*notes: it is not a jlora checkpoint"):
+        save(tmp_path / "notes", trainable, cfg, overwrite=True)
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "precious"
+
+
+def test_save_validates_before_writing(tmp_path):
+    _, _, cfg, frozen, trainable = _setup("train_in_full")
+    path = tmp_path / "ckpt"
+    missing = {"params": {"Dense_0": trainable["params"]["Dense_0"]}}
+    with pytest.raises(ValueError, match=r"missing params/Dense_1/bias \(expected shape \(8,\)\)"):
+        save(path, missing, cfg, frozen=frozen)
+    bad_dtype = jax.tree.map(lambda v: v.astype(jnp.bfloat16), trainable)
+    with pytest.raises(ValueError, match=r"(?s)params/Dense_0/kernel/a has dtype bfloat16, expected float32.*"
+                                         r"params/Dense_1/bias has dtype bfloat16, expected float32.*astype"):
+        save(path, bad_dtype, cfg, frozen=frozen)
+    with pytest.raises(ValueError, match=r"params/Dense_0/kernel/a has dtype bfloat16"):
+        save(path, bad_dtype, cfg)  # adapters are checked without frozen too
+    other_rank = jlora.LoraConfig(rank=2, alpha=3.0, targets=r".*/Dense_0/kernel", train_in_full=r".*/Dense_1/.*")
+    with pytest.raises(ValueError, match=r"params/Dense_0/kernel/a has shape \(16, 4\), expected \(16, 2\)"):
+        save(path, trainable, other_rank)
+    with pytest.raises(ValueError, match=r"unexpected params/Dense_0/kernel/a .*no target of this config"):
+        save(path, trainable, jlora.LoraConfig(train_in_full=r".*/Dense_1/.*"))
+    with pytest.raises(ValueError, match=r"(?s)trainable does not fit config.*train_in_full pattern 'nothing' matched"):
+        save(path, trainable, jlora.LoraConfig(rank=4, targets=r".*/Dense_0/kernel", train_in_full="nothing"))
+    with pytest.raises(TypeError, match=r"expected a jlora.LoraConfig, got dict"):
+        save(path, trainable, cfg.to_dict())
+    assert not path.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_save_without_frozen_checks_stacked_adapter_axes(tmp_path):
+    _, _, cfg, _, trainable = _setup("stacked")
+    unstacked = jlora.LoraConfig(rank=4, alpha=3.0, targets=jlora.Rule(pattern=r".*/layers/(up|down)/kernel", rank=2))
+    with pytest.raises(ValueError, match=r"(?s)params/layers/down/kernel: a \(3, 32, 2\) and b \(3, 2, 16\) do not "
+                                         r"form an adapter for rule .* \(stack_axes=\(\), in_axes=None\).*layers/up"):
+        save(tmp_path / "ckpt", trainable, unstacked)
+    flat_b = {"params": {"layers": {"up": {"kernel": {"a": jnp.zeros((3, 16, 2)), "b": jnp.zeros((3, 2))}}}}}
+    with pytest.raises(ValueError, match=r"params/layers/up/kernel: a \(3, 16, 2\) and b \(3, 2\) do not form an "
+                                         r"adapter .*pass frozen="):
+        save(tmp_path / "ckpt", flat_b, cfg)
+
+
+def test_fold_scale_refuses_dylora(tmp_path):
+    _, _, cfg, frozen, trainable = _setup("dylora")
+    with pytest.raises(ValueError, match=r"fold_scale=True cannot fold a DyLoRA adapter.*alpha/k depends on the rank"):
+        save(tmp_path / "ckpt", trainable, cfg, frozen=frozen, fold_scale=True)
+    assert not (tmp_path / "ckpt").exists()
+    fixed, cfg_k = jlora.truncate(trainable, cfg, 2)  # the fix the message suggests
+    save(tmp_path / "ckpt", fixed, cfg_k, frozen=frozen, fold_scale=True)
+    assert {t["scale"] for t in read_metadata(tmp_path / "ckpt")["targets"].values()} == {1.0}
+
+
+def test_folded_adapter_merges_with_scale_one(tmp_path):
+    """A loader that knows no alpha and applies W + a@b gets the trained model (per-rule ranks, rsLoRA)."""
+    apply_fn, x, cfg, frozen, trainable = _setup("rslora")
+    save(tmp_path / "ckpt", trainable, cfg, frozen=frozen, fold_scale=True)
+    restored, cfg2 = restore(tmp_path / "ckpt", frozen)
+    flat = flatten(restored)
+    delta = {p[:-2]: flat[p] @ flat[p[:-2] + "/b"] for p in flat if p.endswith("/a")}  # a@b, no scale
+    merged = nest({p: w + delta[p] if p in delta else w for p, w in flatten(frozen).items()})
+    expected = _output("rslora")
+    np.testing.assert_allclose(jax.jit(apply_fn)(merged, x), expected, rtol=1e-6,
+                               atol=1e-6 * float(jnp.abs(expected).max()))
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A checkpoint of the "train_in_full" case, its frozen and config; checked unchanged at the end."""
+    _, _, cfg, frozen, trainable = _setup("train_in_full")
+    path = tmp_path / "ckpt"
+    save(path, trainable, cfg, frozen=frozen)
+    before = _snapshot(path)
+    yield path, frozen, cfg
+    assert _snapshot(path) == before, "restore changed the checkpoint"
+
+
+def _refused(path, frozen, error, match):
+    """``restore`` raises ``error`` matching ``match`` and leaves every file beside ``path`` as it was."""
+    before = _snapshot(path.parent)
+    with pytest.raises(error, match=match):
+        restore(path, frozen)
+    assert _snapshot(path.parent) == before, "a failed restore changed something on disk"
+
+
+def _meta_file(path):
+    return path / "lora_metadata" / "metadata"
+
+
+def _copy(path, name, edit=None):
+    """A copy of the checkpoint beside it, its metadata put through ``edit``; the original is left alone."""
+    copy = path.with_name(name)
+    shutil.copytree(path, copy)
+    if edit is not None:
+        _meta_file(copy).write_text(json.dumps(edit(json.loads(_meta_file(copy).read_text()))))
+    return copy
+
+
+def test_restore_missing_checkpoint(saved):
+    path, frozen, _ = saved
+    _refused(path.with_name("nowhere"), frozen, FileNotFoundError, r"no checkpoint at .*nowhere\.$")
+
+
+def test_restore_missing_metadata(saved):
+    path, frozen, _ = saved
+    copy = _copy(path, "no_meta")
+    shutil.rmtree(copy / "lora_metadata")
+    _refused(copy, frozen, ValueError, r"no_meta has no readable jlora metadata \(KeyError: .*not a checkpoint")
+    (copy / "lora_metadata").mkdir()
+    _refused(copy, frozen, ValueError, r"no_meta has no readable jlora metadata \(FileNotFoundError")
+
+
+def test_restore_corrupt_metadata(saved):
+    path, frozen, _ = saved
+    copy = _copy(path, "truncated")
+    _meta_file(copy).write_text('{"format": "jlora-adap')
+    _refused(copy, frozen, ValueError, r"truncated has no readable jlora metadata \(JSONDecodeError")
+    tables = r"its \"targets\" or \"leaves\" table is missing or malformed"
+    for i, (edit, why) in enumerate([
+        (lambda m: [m], r"its 'lora_metadata' item is not jlora metadata"),
+        (lambda m: {**m, "format_version": "1"}, r"format_version is '1', not an int"),
+        (lambda m: {**m, "leaves": {"x": {"shape": "(2,)", "dtype": "float32"}}}, tables),
+        (lambda m: {k: v for k, v in m.items() if k != "targets"}, tables),
+        (lambda m: {**m, "config": {**m["config"], "rank": -1}}, r"its config is unreadable \(LoraConfig: rank"),
+    ]):
+        _refused(_copy(path, f"edited{i}", edit), frozen, ValueError, rf"edited{i} has corrupt jlora metadata: {why}")
+
+
+def test_restore_refuses_a_newer_format(saved):
+    path, frozen, _ = saved
+    newer = _copy(path, "newer", lambda m: {**m, "format_version": FORMAT_VERSION + 1, "jlora_version": "9.0"})
+    _refused(newer, frozen, ValueError,
+             r"format version 2 \(written by jlora 9\.0\); this jlora reads versions up to 1\. Upgrade jlora")
+
+
+def test_restore_lists_every_mismatch_before_loading(saved):
+    path, _, _ = saved
+    wider = _random_like(jax.eval_shape(Mlp().init, jax.random.key(0), jnp.ones((2, 12))), seed=0, std=0.3)
+    # Dense_0 kernel (12, 32), so a is (12, 4)
+    wider["params"]["Dense_1"]["bias"] = wider["params"]["Dense_1"]["bias"].astype(jnp.bfloat16)
+    _refused(path, wider, ValueError,
+             r"(?s)does not fit frozen:\n"
+             r"  params/Dense_0/kernel/a: stored shape \(16, 4\), float32; expected \(12, 4\), float32\n"
+             r"  params/Dense_1/bias: stored shape \(8,\), float32; expected \(8,\), bfloat16\n"
+             r"  params/Dense_0/kernel: frozen has shape \(12, 32\); the adapters were trained on shape \(16, 32\)\n"
+             r"Restore with the base parameters")
+
+
+def test_restore_reports_a_config_that_does_not_fit_frozen(saved):
+    path, _, _ = saved
+    other = {"params": {"proj": {"kernel": jnp.ones((16, 8))}}}
+    _refused(path, other, ValueError,
+             r"(?s)the config stored in .*ckpt does not fit frozen:\nLoRA rule '\.\*/Dense_0/kernel' matched no")
+
+
+def test_restore_succeeds_without_touching_the_disk(saved):
+    path, frozen, cfg = saved
+    before = _snapshot(path.parent)
+    _, cfg2 = restore(path, frozen)
+    assert cfg2 == cfg and _snapshot(path.parent) == before
+
+
+def test_restore_keeps_stored_dtypes(tmp_path):
+    _, _, cfg, frozen, trainable = _setup("dora")
+    cfg = dataclasses.replace(cfg, dtype="bfloat16")
+    trainable = jax.tree.map(lambda v: v.astype(jnp.bfloat16), trainable)
+    save(tmp_path / "ckpt", trainable, cfg, frozen=frozen)
+    restored, cfg2 = restore(tmp_path / "ckpt", frozen)
+    assert cfg2.dtype == "bfloat16"
+    _equal(trainable, restored)
+
+
+# ----------------------------------------------------------------------------- training resume
+
+
+RESUME_CFG = jlora.LoraConfig(rank=2, alpha=4.0, targets=r".*/Dense_0/kernel", train_in_full=r".*/Dense_1/.*",
+                              dropout=0.25)
+
+
+@functools.cache  # one jitted step for all runs: compiled once
+def _trainer():
+    model = Mlp()
+    params = _random_like(jax.eval_shape(model.init, jax.random.key(0), X16), seed=0, std=0.3)
+    frozen, trainable = jlora.init(jax.random.key(1), params, RESUME_CFG)
+    lora_apply = jlora.wrap(model.apply, RESUME_CFG)
+    tx = jlora.optimizer(RESUME_CFG, learning_rate=1e-2)
+
+    def loss(trainable, x, y, key):
+        return jnp.mean((lora_apply(frozen, trainable, x, lora_rng=key) - y) ** 2)
+
+    @jax.jit
+    def train_step(trainable, opt_state, key, x, y):
+        key, sub = jax.random.split(key)
+        grads = jax.grad(loss)(trainable, x, y, sub)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, key
+
+    def batch(step):
+        kx, ky = jax.random.split(jax.random.key(1000 + step))
+        return jax.random.normal(kx, (4, 16)), jax.random.normal(ky, (4, 8))
+
+    return frozen, trainable, tx, train_step, batch
+
+
+def _train(ckpt_dir, num_steps, crash_after=None):
+    """The module docstring's recipe, verbatim but for the crash."""
+    frozen, trainable, tx, train_step, batch = _trainer()
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=True)
+    mngr = ocp.CheckpointManager(ckpt_dir, options=options)
+    opt_state, key, start = tx.init(trainable), jax.random.key(7), 0
+    if (last := mngr.latest_step()) is not None:
+        abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)  # noqa: E731
+        restored = mngr.restore(last, args=ocp.args.Composite(
+            adapters=ocp.args.StandardRestore(abstract(trainable)),
+            train_state=ocp.args.StandardRestore(abstract({"opt_state": opt_state, "key": key})),
+        ))
+        trainable = restored.adapters
+        opt_state, key = restored.train_state["opt_state"], restored.train_state["key"]
+        start = last
+    for step in range(start + 1, num_steps + 1):
+        trainable, opt_state, key = train_step(trainable, opt_state, key, *batch(step))
+        mngr.save(step, args=ocp.args.Composite(
+            **save_args(trainable, RESUME_CFG),
+            train_state=ocp.args.StandardSave({"opt_state": opt_state, "key": key}),
+        ))
+        if step == crash_after:
+            mngr.wait_until_finished()  # a crash after this commit: the manager is dropped, never closed
+            return mngr.all_steps()
+    mngr.wait_until_finished()
+    mngr.close()
+    return frozen, trainable, opt_state, key
+
+
+@pytest.mark.standard_promotion  # optax's Adam raises its int step count to a float power
+def test_resumed_training_equals_uninterrupted_bit_for_bit(tmp_path):
+    reference = _train(tmp_path / "straight", 6)
+    assert _train(tmp_path / "run", 6, crash_after=4) == [3, 4]  # max_to_keep=2
+    frozen, trainable, opt_state, key = _train(tmp_path / "run", 6)
+    _equal(reference[1:3], (trainable, opt_state))
+    np.testing.assert_array_equal(jax.random.key_data(reference[3]), jax.random.key_data(key))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.is_dir()) == ["5", "6"]
+    adapters, cfg = restore(tmp_path / "run" / "6", frozen)  # every step is a jlora checkpoint too
+    assert cfg == RESUME_CFG
+    _equal(trainable, adapters)
+
+
+# ----------------------------------------------------------------------------- crash safety
+
+
+def test_sigkill_mid_save_leaves_the_previous_checkpoint_intact(tmp_path):
+    root = tmp_path / "run"
+    # Orbax writes step 2 into 2.orbax-checkpoint-tmp/, each item into <item>.orbax-checkpoint-tmp/ inside
+    # it, and renames them when complete; 64 MB of adapters take about half a second to write.
+    partial = root / ("2" + ocp.step.TMP_DIR_SUFFIX)
+    writing = partial / ("adapters" + ocp.step.TMP_DIR_SUFFIX)
+    with open(tmp_path / "child.log", "w") as log, subprocess.Popen(
+        [sys.executable, child.__file__, str(root)], stdout=subprocess.PIPE, stderr=log, text=True
+    ) as proc:
+        try:
+            assert proc.stdout.readline() == "saving 2\n", (tmp_path / "child.log").read_text()[-3000:]
+            deadline = time.monotonic() + 30
+            while not writing.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.001)
+            time.sleep(0.05)  # let some array data reach the disk
+        finally:
+            proc.kill()  # SIGKILL: no cleanup, no finally blocks, no atexit in the child
+    assert writing.is_dir() and not (root / "2").exists(), "the kill missed the save; make child.LARGE larger"
+
+    mngr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True))
+    assert mngr.all_steps() == [1] and mngr.latest_step() == 1
+    expected = jax.tree.map(jnp.asarray, child.adapters(*child.SMALL))
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, expected)
+    _equal(expected, mngr.restore(1, args=ocp.args.Composite(adapters=ocp.args.StandardRestore(abstract))).adapters)
+    mngr.close()
+
+    layers, width, _ = child.SMALL
+    frozen = {"params": {f"layer_{i}": {"kernel": np.zeros((width, width), np.float32)} for i in range(layers)}}
+    adapters, cfg = restore(root / "1", frozen)
+    assert cfg == child.config()
+    _equal(expected, adapters)
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint at .*run/2; .*2\.orbax-checkpoint-tmp is what an "
+                                                r"interrupted save left behind"):
+        restore(root / "2", frozen)
+    with pytest.raises(ValueError, match=r"2\.orbax-checkpoint-tmp is an unfinished save"):
+        restore(partial, frozen)
+
+    mngr = ocp.CheckpointManager(root)  # the next run saves step 2 over the debris
+    mngr.save(2, args=ocp.args.Composite(**save_args(expected, child.config())))
+    mngr.wait_until_finished()
+    assert mngr.all_steps() == [1, 2]
+    mngr.close()
