@@ -224,7 +224,7 @@ def test_average_means_the_factors_and_reports_the_gap(name):
 # ---------------------------------------------------------------- properties and special cases
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(fan_in=st.integers(2, 9), fan_out=st.integers(2, 9), seed=st.integers(0, 10_000),
        specs=st.lists(st.tuples(st.integers(1, 3), st.floats(0.5, 8.0), st.booleans(), st.floats(-3.0, 3.0)),
                       min_size=1, max_size=3))

@@ -25,7 +25,7 @@ def test_tweet_sentiment_quick(tmp_path):
     for name in ("full fine-tune", "LoRA", "LoRA+"):
         curve = record["curves"][name]
         assert np.mean(curve[-4:]) < np.mean(curve[:4]), (name, curve)
-    assert record["merged_same_predictions"]
+    assert record["merged_same_predictions"] and record["restored_identical"]
     assert 0 < record["rows"]["LoRA"]["trainable"] < 0.01 * record["parameters"]
     assert (tmp_path / "tweet_sentiment_loss.png").stat().st_size > 0
 

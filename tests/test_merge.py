@@ -46,7 +46,7 @@ def test_nnx_state_merges_back_into_a_model(key):
     nnx.merge(graphdef, merged)  # a usable model again
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(fan_in=st.integers(2, 9), fan_out=st.integers(2, 9), rank=st.integers(1, 9), scale=st.floats(-2, 2),
        seed=st.integers(0, 999))
 def test_merge_is_w_plus_scaled_a_b(fan_in, fan_out, rank, scale, seed):

@@ -30,7 +30,7 @@ def _run_both(fn, cfg, frozen, trainable, *args):
     return out, jlora.wrap(fn, cfg, strategy="merge")(frozen, trainable, *args)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(
     batch=st.integers(1, 4), fan_in=st.integers(2, 12), fan_out=st.integers(2, 12),
     rank=st.integers(1, 12), seed=st.integers(0, 2**16),
