@@ -18,6 +18,7 @@ Zero padding is exact: the padded components have ``a = b = 0`` and add nothing.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -74,8 +75,9 @@ def stack(adapters: Sequence[tuple], *, rank: int | None = None):
       adapters: ``(trainable, config)`` pairs from `init` (or `restore`) on the same
         frozen base, all adapting the same kernels with the same axis split and the
         same nonlinearity; ranks and alphas may differ.
-      rank: the rank capacity (default: the largest rank); a bank compiled at
-        capacity ``R`` takes any adapter of rank ``<= R`` through `put`.
+      rank: the rank capacity (default: the largest rank at each kernel), capped
+        per kernel at ``min(fan_in, fan_out)``; a bank compiled at capacity ``R``
+        takes any adapter of rank ``<= R`` through `put`.
 
     Returns:
       ``(bank, config)``: ``bank`` holds at each adapted path ``a`` of shape
@@ -109,8 +111,7 @@ def stack(adapters: Sequence[tuple], *, rank: int | None = None):
     errors = [f"adapter {i} adapts {sorted(set(e) ^ paths)} differently from adapter 0"
               for i, e in enumerate(entries) if set(e) != paths]
     top = max(e[p][0].shape[-1] for e in entries for p in e)
-    rank = top if rank is None else rank
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < top:
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < top):
         errors.append(f"rank={rank!r} is below the largest adapter rank {top}; use rank >= {top}.")
     for path in sorted(paths) if not errors else ():
         splits = {(e[path][0].shape[:-1], e[path][2].in_axes, e[path][2].stack_axes) for e in entries}
@@ -122,11 +123,15 @@ def stack(adapters: Sequence[tuple], *, rank: int | None = None):
     for path in sorted(paths):
         rule = entries[0][path][2]
         n_stack = len(rule.stack_axes)
-        a = jnp.stack([_pad_rank(e[path][0], e[path][0].ndim - 1, rank) for e in entries])
-        b = jnp.stack([_pad_rank(e[path][1], n_stack, rank) for e in entries])
+        a0, b0 = entries[0][path][0], entries[0][path][1]
+        most = min(math.prod(a0.shape[n_stack:-1]), math.prod(b0.shape[n_stack + 1:]))  # min(fan_in, fan_out)
+        cap = min(max(e[path][0].shape[-1] for e in entries) if rank is None else rank, most)
+        a = jnp.stack([_pad_rank(e[path][0], e[path][0].ndim - 1, cap) for e in entries])
+        b = jnp.stack([_pad_rank(e[path][1], n_stack, cap) for e in entries])
         bank[f"{path}/a"], bank[f"{path}/b"] = a, b
-        rules.append(Rule(pattern=re.escape(path), rank=rank, alpha=float(rank), in_axes=rule.in_axes,
+        rules.append(Rule(pattern=re.escape(path), rank=cap, alpha=float(cap), in_axes=rule.in_axes,
                           stack_axes=rule.stack_axes))
+    rank = max(r.rank for r in rules)
     config = LoraConfig(rank=rank, alpha=float(rank), targets=tuple(rules), nonlinearity=configs[0].nonlinearity,
                         dtype=configs[0].dtype)
     return nest(bank), config

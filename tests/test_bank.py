@@ -53,6 +53,16 @@ def test_stack_pads_ranks_and_folds_scales():
     np.testing.assert_allclose(b[0, :2], tr0["params"]["up"]["kernel"]["b"] * 2.0, rtol=1e-6)
 
 
+def test_capacity_is_capped_per_kernel():
+    bank, cfg = jlora.stack(ADAPTERS, rank=6)
+    assert bank["params"]["up"]["kernel"]["a"].shape == (3, 16, 6)
+    assert bank["params"]["out"]["kernel"]["a"].shape == (3, 32, 5)  # min(fan_in, fan_out) = 5
+    assert cfg.rank_for(cfg.rule_for("params/out/kernel")) == 5
+    index = jnp.array([0, 1, 2, -1])
+    got = jlora.wrap(Net().apply, cfg)(PARAMS, bank, TOKENS, lora_index=index)
+    np.testing.assert_allclose(got[1], _alone(1)[1], rtol=1e-5, atol=1e-5)
+
+
 def test_weights_select_mix_or_switch_off_without_retracing():
     bank, cfg = jlora.stack(ADAPTERS)
     lora_apply = jlora.wrap(Net().apply, cfg, fallback="error")
