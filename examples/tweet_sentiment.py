@@ -17,7 +17,7 @@ curves as a PNG, merges the LoRA+ adapter into the base weights and checks the
 merged model predicts the same, then saves the adapter alone with `jlora.save`,
 restores it and checks the logits are identical.
 
-    python examples/tweet_sentiment.py            # the full run (about 9 minutes on 2 cores)
+    python examples/tweet_sentiment.py            # the full run (about 11 minutes on 2 cores)
     python examples/tweet_sentiment.py --quick    # a few steps on a few tweets (used by the tests)
 """
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax.numpy as jnp
 
@@ -68,12 +68,13 @@ def _pad_rank(x, axis: int, rank: int):
     return jnp.pad(x, pad)
 
 
-def stack(adapters: Sequence[tuple], *, rank: int | None = None):
+def stack(adapters: Sequence[tuple] | Mapping[str, tuple], *, rank: int | None = None):
     """Stack K ``(trainable, config)`` adapters made on one base into a bank.
 
     Args:
       adapters: ``(trainable, config)`` pairs from `init` (or `restore`) on the same
-        frozen base, all adapting the same kernels with the same axis split and the
+        frozen base, or a dict of them by name (slot ``k`` holds the ``k``-th name,
+        so ``lora_weights=jnp.array([n in active for n in names])`` activates by name), all adapting the same kernels with the same axis split and the
         same nonlinearity; ranks and alphas may differ.
       rank: the rank capacity (default: the largest rank at each kernel), capped
         per kernel at ``min(fan_in, fan_out)``; a bank compiled at capacity ``R``
@@ -93,6 +94,8 @@ def stack(adapters: Sequence[tuple], *, rank: int | None = None):
     >>> bank["w"]["a"].shape, bank["w"]["b"].shape, cfg.rank
     ((2, 8, 3), (2, 3, 4), 3)
     """
+    if isinstance(adapters, Mapping):  # named adapters: slot k is the k-th name
+        adapters = list(adapters.values())
     if not adapters:
         raise ValueError("stack: give at least one (trainable, config) pair.")
     entries = []

@@ -53,6 +53,16 @@ def test_stack_pads_ranks_and_folds_scales():
     np.testing.assert_allclose(b[0, :2], tr0["params"]["up"]["kernel"]["b"] * 2.0, rtol=1e-6)
 
 
+def test_named_adapters_activate_by_name():
+    names = ["formal", "casual", "terse"]
+    bank, cfg = jlora.stack(dict(zip(names, ADAPTERS, strict=True)))
+    active = {"casual", "terse"}
+    weights = jnp.array([float(n in active) for n in names])
+    got = jlora.wrap(Net().apply, cfg)(PARAMS, bank, TOKENS, lora_weights=weights)
+    want = jlora.wrap(Net().apply, cfg)(PARAMS, bank, TOKENS, lora_weights=jnp.array([0.0, 1.0, 1.0]))
+    np.testing.assert_array_equal(got, want)
+
+
 def test_capacity_is_capped_per_kernel():
     bank, cfg = jlora.stack(ADAPTERS, rank=6)
     assert bank["params"]["up"]["kernel"]["a"].shape == (3, 16, 6)
