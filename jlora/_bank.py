@@ -177,10 +177,6 @@ def put(bank, config: LoraConfig, slot: int, trainable, adapter_config: LoraConf
     return nest(out)
 
 
-def bank_size(trainable) -> int:
-    """K, the number of adapters in a bank."""
-    return next(iter(flatten(trainable).values())).shape[0]
-
 
 def weighted(t: Target, a, b, weights):
     """The bank's weighted sum as one adapter of rank ``K·R`` (exact; scales are in ``b``)."""

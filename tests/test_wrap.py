@@ -95,10 +95,6 @@ def test_gradients_reach_trainable_only_and_match_merge(model):
     for got, want in zip(jax.tree.leaves(g_factored), jax.tree.leaves(g_merge), strict=True):
         assert bool(jnp.any(got != 0))
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6)
-    # The frozen base gets no gradient: it is closed over, not an argument of the step.
-    step = jax.jit(jax.value_and_grad(loss("factored"), argnums=1))
-    text = step.lower(frozen, trainable).as_text()
-    assert text.count("stablehlo.dot_general") > 0
 
 
 def test_runtime_scale_interpolates_without_retracing():
@@ -155,9 +151,6 @@ def test_static_arguments_and_methods():
         def __call__(self, x, *, train: bool):
             h = nn.Dropout(0.5, deterministic=not train)(nn.Dense(8, name="d")(x))
             return nn.Dense(2, name="o")(h)
-
-        def features(self, x):
-            return self.d(x) if False else x  # pragma: no cover
 
     net = Net()
     x = jnp.ones((2, 4))
