@@ -7,7 +7,7 @@ a rank ``k ~ U{1..8}`` every step; afterwards it is evaluated at every rank 1..8
 at ranks 1, 2, 4 and 8 with the same data, steps and learning rates. Prints the
 table and saves accuracy against rank as a PNG.
 
-    python examples/dylora_ranks.py [--mode plain|frozen] [--steps 120]
+    python examples/dylora_ranks.py [--mode plain|frozen] [--steps 120] [--dylora-steps 480]
 """
 
 from __future__ import annotations
@@ -33,11 +33,18 @@ RANK = 8
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=("plain", "frozen"), default="plain")
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=120, help="training steps of each LoRA run")
+    parser.add_argument("--dylora-steps", type=int, default=None, help="training steps of the DyLoRA run "
+                        "(default: --steps); one DyLoRA run stands in for one LoRA run per rank")
+    parser.add_argument("--lr-ratio", type=float, default=16.0, help="LoRA+ ratio of b's learning rate to a's")
+    parser.add_argument("--lora-ranks", default="1,2,4,8", help="ranks of the LoRA runs to compare with "
+                        "('' for none)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "out")
     args = parser.parse_args(argv)
     steps = 6 if args.quick else args.steps
+    dylora_steps = 6 if args.quick else (args.dylora_steps or args.steps)
+    lora_ranks = [int(k) for k in args.lora_ranks.split(",") if k]
     per_class, test_per_class, batch, max_len = (32, 16, 16, 32) if args.quick else (2000, 300, 32, 48)
     eval_batch = 48 if args.quick else 150
 
@@ -47,20 +54,20 @@ def main(argv=None) -> dict:
     test_ids, test_mask = minilm.tokenize(tokenizer, test_split.texts)
     model, params = minilm.load_classifier(num_classes=3, key=jax.random.key(0))
 
-    def run(config, name):
+    def run(config, name, steps):
         frozen, trainable = jlora.init(jax.random.key(3), params, config)
         lora_apply = jlora.wrap(model.apply, config)
 
         def forward(t, ids, mask, k):
             return lora_apply(frozen, t, ids, mask, deterministic=False, rngs={"dropout": k}, lora_rng=k)
 
-        tx = jlora.optimizer(config, 5e-4, lr_ratio=16.0, full_lr=1e-3, weight_decay=0.01)
-        data = Batches(train_ids, train_mask, train_split.labels, batch, seed=1)
+        tx = jlora.optimizer(config, 5e-4, lr_ratio=args.lr_ratio, full_lr=1e-3, weight_decay=0.01)
+        data = Batches((train_ids, train_mask, train_split.labels), batch, seed=1)
         trainable, _, secs = train(name, forward, trainable, tx, data, steps, jax.random.key(2))
         return frozen, trainable, lora_apply, secs
 
     config = lora_config(dylora=args.mode)
-    frozen, trainable, lora_apply, secs = run(config, f"DyLoRA r={RANK}")
+    frozen, trainable, lora_apply, secs = run(config, f"DyLoRA r={RANK}", dylora_steps)
 
     def at_rank(k):
         return accuracy(lambda ids, mask: lora_apply(frozen, trainable, ids, mask, lora_rank=k),
@@ -68,14 +75,15 @@ def main(argv=None) -> dict:
 
     dylora = jlora.rank_sweep(at_rank, config)
     lora = {}
-    for k in (1, 2, 4, 8):
+    for k in lora_ranks:
         c = jlora.LoraConfig(rank=k, alpha=config.alpha, targets=config.targets, train_in_full=config.train_in_full,
                              dropout=config.dropout)
-        f, t, la, _ = run(c, f"LoRA r={k}")
+        f, t, la, _ = run(c, f"LoRA r={k}", steps)
         lora[k] = accuracy(lambda ids, mask, la=la, f=f, t=t: la(f, t, ids, mask), test_ids, test_mask,
                            test_split.labels, eval_batch)
 
-    print(f"\nDyLoRA ({args.mode} mode), one run of {steps} steps ({secs:.0f} s), vs LoRA trained at each rank")
+    print(f"\nDyLoRA ({args.mode} mode), one run of {dylora_steps} steps ({secs:.0f} s), vs LoRA trained at each rank "
+          f"for {steps} steps; lr_ratio {args.lr_ratio:g}")
     print("| rank | DyLoRA accuracy | LoRA accuracy | difference (points) |")
     print("|---:|---:|---:|---:|")
     for k, acc in dylora.items():
@@ -91,7 +99,8 @@ def main(argv=None) -> dict:
           f"(rank_sweep at 2: {100 * dylora[2]:.1f}%)")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    record = {"mode": args.mode, "steps": steps, "dylora": dylora, "lora": lora, "truncated_rank2": exported}
+    record = {"mode": args.mode, "steps": steps, "dylora_steps": dylora_steps, "lr_ratio": args.lr_ratio,
+              "dylora": dylora, "lora": lora, "truncated_rank2": exported}
     (args.out / f"dylora_{args.mode}.json").write_text(json.dumps(record, indent=2) + "\n")
     plot(dylora, lora, args.mode, args.out / f"dylora_{args.mode}.png")
     return record

@@ -292,11 +292,18 @@ class MiniLMClassifier(nn.Module):
         pooled = mean_pool(hidden, attention_mask)
         return l2_normalize(pooled) if normalize else pooled
 
+    def features(self, input_ids, attention_mask, *, deterministic: bool = True):
+        """What the classification head reads: the sentence embedding, normalised if ``normalize``."""
+        return self.sentence_embedding(input_ids, attention_mask, deterministic=deterministic,
+                                       normalize=self.normalize)
+
+    def classify(self, features, *, deterministic: bool = True):
+        """The classification head alone (dropout, then a Dense layer) on precomputed ``features``."""
+        return self.classifier(self.drop(features, deterministic=deterministic))
+
     def __call__(self, input_ids, attention_mask, *, deterministic: bool = True):
-        pooled = self.sentence_embedding(
-            input_ids, attention_mask, deterministic=deterministic, normalize=self.normalize
-        )
-        return self.classifier(self.drop(pooled, deterministic=deterministic))
+        return self.classify(self.features(input_ids, attention_mask, deterministic=deterministic),
+                             deterministic=deterministic)
 
 
 # --------------------------------------------------------------------------- loading

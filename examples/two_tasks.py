@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
             return lora_apply(frozen, t, x, m, deterministic=False, rngs={"dropout": k}, lora_rng=k)
 
         tx = jlora.optimizer(CONFIG, 5e-4, lr_ratio=16.0, weight_decay=0.01)
-        trainable, _, secs = train(task, forward, trainable, tx, Batches(ids, mask, labels, 32, seed=1),
+        trainable, _, secs = train(task, forward, trainable, tx, Batches((ids, mask, labels), 32, seed=1),
                                    args.steps, jax.random.key(2))
         adapters[task] = trainable
         print(f"trained the {task} adapter in {secs:.0f} s")

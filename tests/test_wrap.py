@@ -2,8 +2,10 @@
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from models import LinenScan, LinenZoo, NnxModel, bump, nnx_apply
@@ -175,6 +177,80 @@ def test_low_precision_base_keeps_its_dtype():
     assert trainable["params"]["kernel"]["a"].dtype == jnp.float32
     g = jax.grad(lambda t: jlora.wrap(model.apply, cfg)(frozen, t, x).astype(jnp.float32).sum())(bump(trainable))
     assert g["params"]["kernel"]["a"].dtype == jnp.float32
+
+
+class _Mlp(nn.Module):
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype, name=name)  # noqa: E731
+        return dense(4, "out")(jax.nn.gelu(dense(32, "hidden")(x)))
+
+
+def _dot_dtypes(fn, *args):
+    """The operand dtypes of every dot_general in ``fn``'s jaxpr (nested jaxprs included)."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+@pytest.mark.standard_promotion  # optax's Adam raises its int step count to a float power
+@pytest.mark.parametrize("param_dtype", [jnp.bfloat16, jnp.float32], ids=["bf16-base", "f32-base"])
+def test_mixed_precision_step(param_dtype):
+    """bf16 compute (the model's own ``dtype``) over a bf16 or f32 base; f32 adapters and optimizer state.
+
+    Every matmul, the low-rank ones included, runs in bf16; gradients, optimizer state
+    and updated adapters stay float32; the loss tracks an all-float32 run.
+    """
+    x = jax.random.normal(jax.random.key(0), (8, 16))
+    y = jax.random.normal(jax.random.key(1), (8, 4))
+    reference = _Mlp(jnp.float32, jnp.float32)
+    params32 = reference.init(jax.random.key(2), x)
+    cfg = jlora.LoraConfig(rank=4, alpha=8.0, targets=".*/kernel")
+    frozen32, trainable = jlora.init(jax.random.key(3), params32, cfg)
+    trainable = bump(trainable, 0.05)
+    tx = jlora.optimizer(cfg, 1e-2, lr_ratio=4.0)
+
+    def make_step(model, frozen):
+        lora_apply = jlora.wrap(model.apply, cfg, fallback="error")
+
+        def loss(t):
+            out = lora_apply(frozen, t, x.astype(model.dtype))
+            return jnp.mean((out.astype(jnp.float32) - y) ** 2)
+
+        @jax.jit
+        def step(t, state):
+            value, grads = jax.value_and_grad(loss)(t)
+            updates, state = tx.update(grads, state, t)
+            return optax.apply_updates(t, updates), state, value, grads
+
+        return step, loss
+
+    model = _Mlp(jnp.bfloat16, param_dtype)
+    frozen = jax.tree.map(lambda w: w.astype(param_dtype), frozen32)
+    step, loss = make_step(model, frozen)
+    step32, _ = make_step(reference, frozen32)
+    assert set(_dot_dtypes(loss, trainable)) == {("bfloat16", "bfloat16")}
+
+    t, state, t32, state32 = trainable, tx.init(trainable), trainable, tx.init(trainable)
+    for _ in range(3):
+        t, state, value, grads = step(t, state)
+        t32, state32, value32, _ = step32(t32, state32)
+        np.testing.assert_allclose(value, value32, rtol=0.05)
+    for tree in (t, grads, state):
+        floats = [v for v in jax.tree.leaves(tree) if jnp.issubdtype(v.dtype, jnp.floating)]
+        assert floats and {v.dtype for v in floats} == {jnp.dtype(jnp.float32)}
+    assert all(v.dtype == jnp.dtype(param_dtype) for v in jax.tree.leaves(frozen))
 
 
 def test_train_in_full_leaf_is_used_and_scaled():
