@@ -24,7 +24,11 @@ from jlora._merge import unmerge as unmerge
 from jlora._optimizer import optimizer as optimizer
 from jlora._peft import export_peft as export_peft
 from jlora._peft import import_peft as import_peft
+from jlora._quant import QArray as QArray
+from jlora._quant import dequantize as dequantize
+from jlora._quant import quantize as quantize
 from jlora._rewrite import Use as Use
+from jlora._sharding import shardings as shardings
 from jlora._summary import summary as summary
 from jlora._wrap import LoraApply as LoraApply
 from jlora._wrap import wrap as wrap
@@ -34,23 +38,27 @@ __version__ = "0.1.0"
 __all__ = [
     "CombineReport",
     "NONLINEARITIES",
+    "QArray",
     "Layout",
     "LoraApply",
     "LoraConfig",
     "Rule",
     "Use",
     "combine",
+    "dequantize",
     "export_peft",
     "import_peft",
     "init",
     "merge",
     "optimizer",
     "put",
+    "quantize",
     "read_metadata",
     "rank_sweep",
     "restore",
     "save",
     "save_args",
+    "shardings",
     "stack",
     "summary",
     "truncate",

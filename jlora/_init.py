@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 import jax
@@ -11,6 +12,8 @@ from jax import lax
 from jlora._config import LoraConfig
 from jlora._layout import weight_norm
 from jlora._paths import flatten, leaf_paths, nest
+from jlora._quant import dense, is_qarray
+from jlora._sharding import on_mesh, placement, refuse_partitioned_svd
 from jlora._targets import Target, resolve
 
 
@@ -27,6 +30,24 @@ def _adapter(key: jax.Array, t: Target, init: str, dtype) -> dict[str, jax.Array
     else:  # "gaussian", as PEFT: std 1/r
         a = jax.random.normal(key, a_shape, dtype) / t.rank
     return {"a": a, "b": jnp.zeros(t.layout.b_shape(t.shape, t.rank), dtype)}
+
+
+def _fresh(key: jax.Array, leaves, targets: dict[str, Target], config: LoraConfig) -> dict:
+    """``trainable`` when nothing comes from an SVD: a random, b zero, DoRA's ‖W‖, copies of full leaves.
+
+    ``leaves`` needs only the DoRA kernels and the leaves trained in full.
+    """
+    dtype = jnp.dtype(config.dtype)
+    trainable = {}
+    for path, t in targets.items():
+        if not t.is_lora:
+            trainable[path] = jnp.array(leaves[path], copy=True)
+            continue
+        sub = jax.random.fold_in(key, zlib.crc32(path.encode()))
+        trainable[path] = _adapter(sub, t, config.init, dtype)
+        if t.dora:
+            trainable[path]["m"] = weight_norm(dense(leaves[path]), t.layout).astype(dtype)
+    return nest(trainable)
 
 
 def _pissa(w, t: Target, dtype):
@@ -65,6 +86,12 @@ def init(key: jax.Array, params, config: LoraConfig):
     Each adapter's key is ``fold_in(key, crc32(path))``: adding or removing a
     target never changes the initial value of another.
 
+    On a mesh (the targeted leaves are ``jax.Array``s with ``NamedSharding``s) the
+    adapters are created under ``jit`` directly with `jlora.shardings`' shardings:
+    the same values as on one device, and no device ever holds a whole kernel it
+    did not hold before (DoRA's norm is a sharded reduction). PiSSA refuses kernels
+    split across devices, since its SVD needs each whole.
+
     Args:
       key: a JAX PRNG key.
       params: Linen variables (dict or FrozenDict) or NNX state from ``nnx.split``.
@@ -84,17 +111,26 @@ def init(key: jax.Array, params, config: LoraConfig):
         raise TypeError(f"init: key must be a JAX PRNG key (jax.random.key(0)), got {type(key).__name__}.")
     targets = resolve(config, params)
     leaves = flatten(params)
+    placed = placement(targets, leaves)
+    if config.init != "pissa":
+        make = functools.partial(_fresh, targets=targets, config=config)
+        return params, on_mesh(make, key, targets, leaves, placed) if placed else make(key, leaves)
+    if placed:
+        refuse_partitioned_svd(targets, placed)
+    quantized = [path for path, t in targets.items() if t.is_lora and is_qarray(leaves[path])]
+    if quantized:
+        raise ValueError(
+            f"init: init='pissa' takes the SVD of each full-precision kernel, but {quantized[0]} is quantized "
+            "(a jlora.QArray). Initialise on the full-precision params, then quantize the residual: "
+            "frozen, trainable = jlora.init(key, params, config); frozen = jlora.quantize(frozen, config)."
+        )
     dtype = jnp.dtype(config.dtype)
     trainable, residuals = {}, {}
     for path, t in targets.items():
         if not t.is_lora:
             trainable[path] = jnp.array(leaves[path], copy=True)
             continue
-        if config.init == "pissa":
-            trainable[path], residuals[path] = _pissa(leaves[path], t, dtype)
-        else:
-            sub = jax.random.fold_in(key, zlib.crc32(path.encode()))
-            trainable[path] = _adapter(sub, t, config.init, dtype)
+        trainable[path], residuals[path] = _pissa(leaves[path], t, dtype)
         if t.dora:
             trainable[path]["m"] = weight_norm(leaves[path], t.layout).astype(dtype)
     frozen = params

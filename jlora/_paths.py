@@ -8,9 +8,25 @@ from typing import Any
 import jax
 from flax import nnx
 
+from jlora._quant import QArray, is_qarray
+
 
 def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
+
+
+def _is_node(x) -> bool:
+    return isinstance(x, nnx.Variable | QArray)
+
+
+def leaves(tree) -> list:
+    """``jax.tree_util.tree_leaves`` with each quantized kernel (`QArray`) as one leaf."""
+    return jax.tree_util.tree_leaves(tree, is_leaf=is_qarray)
+
+
+def structure(tree):
+    """The treedef matching `leaves`."""
+    return jax.tree_util.tree_structure(tree, is_leaf=is_qarray)
 
 
 def leaf_paths(tree) -> list[str]:
@@ -18,16 +34,17 @@ def leaf_paths(tree) -> list[str]:
 
     An NNX ``Variable`` holding one array is named by the Variable's own path: the
     trailing ``value`` key of its pytree child is dropped, so ``attn/value/kernel``
-    (the kernel of a module named ``value``) reads the same in NNX and Linen.
+    (the kernel of a module named ``value``) reads the same in NNX and Linen. A
+    quantized kernel (`QArray`) is one leaf, as in `leaves`.
 
     >>> leaf_paths({"params": {"dense": {"kernel": 1, "bias": 2}}})
     ['params/dense/bias', 'params/dense/kernel']
     """
     paths = []
-    entries, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_variable)
+    entries, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_node)
     for key_path, node in entries:
         if _is_variable(node):
-            inner, _ = jax.tree_util.tree_flatten_with_path(node)
+            inner, _ = jax.tree_util.tree_flatten_with_path(node, is_leaf=is_qarray)
             if len(inner) == 1:
                 paths.append(_keystr(key_path))
             else:
@@ -55,7 +72,7 @@ def nest(flat: Mapping[str, Any]) -> dict:
 
 def flatten(tree) -> dict[str, Any]:
     """Leaves of any pytree keyed by their '/'-joined path."""
-    return dict(zip(leaf_paths(tree), jax.tree_util.tree_leaves(tree), strict=True))
+    return dict(zip(leaf_paths(tree), leaves(tree), strict=True))
 
 
 ADAPTER_KEYS = ("a", "b", "m")  # m: DoRA's magnitude

@@ -18,7 +18,7 @@ import numpy as np
 
 from jlora._config import LoraConfig
 from jlora._layout import Layout, default_layout, m_shape
-from jlora._paths import flatten, leaf_paths
+from jlora._paths import flatten, leaf_paths, leaves
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,12 +83,11 @@ def resolve(config: LoraConfig, tree) -> dict[str, Target]:
     if not isinstance(config, LoraConfig):
         raise TypeError(f"expected a jlora.LoraConfig, got {type(config).__name__}.")
     paths = leaf_paths(tree)
-    leaves = jax.tree_util.tree_leaves(tree)
     errors: list[str] = []
     rule_hits = [0] * len(config.rules)
     full_hits = [0] * len(config.train_in_full)
     targets: dict[str, Target] = {}
-    for path, leaf in zip(paths, leaves, strict=True):
+    for path, leaf in zip(paths, leaves(tree), strict=True):
         rule_i = next((i for i, r in enumerate(config.rules) if re.fullmatch(r.pattern, path)), None)
         full_i = [i for i, p in enumerate(config.train_in_full) if re.fullmatch(p, path)]
         for i in full_i:

@@ -14,7 +14,8 @@ from jlora._config import LoraConfig
 from jlora._effective import effective, sample_rank
 from jlora._layout import merged
 from jlora._merge import interpolate, merged_leaves
-from jlora._paths import flatten, leaf_paths
+from jlora._paths import flatten, leaf_paths, leaves, structure
+from jlora._quant import QArray, dense, is_qarray
 from jlora._rewrite import Context, Lora, Use, eval_jaxpr
 from jlora._targets import check_trainable, resolve
 
@@ -183,13 +184,15 @@ class LoraApply:
                     "strategy='merge' folds the adapter into W, so it cannot drop out the LoRA branch's input; "
                     "train with strategy='factored', or set dropout=0."
                 )
-            leaves = merged_leaves(frozen, trainable, config, scale, rank=rank, train=train)
-            params = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(frozen), leaves)
+            new = merged_leaves(frozen, trainable, config, scale, rank=rank, train=train)
+            params = jax.tree_util.tree_unflatten(structure(frozen), new)
             args, kwargs = static.rebuild(dynamic)
             return self.apply_fn(params, *args, **kwargs)
 
         def carrier(path, leaf, t):
-            e = effective(t, config, leaf, *values[path], scale=scale, rank=rank, train=train)
+            # Only DoRA at a runtime scale reads W here (its norm); a quantized W stays quantized otherwise.
+            w = dense(leaf) if t.dora else leaf
+            e = effective(t, config, w, *values[path], scale=scale, rank=rank, train=train)
             return Lora(path, leaf, e.a, e.b, e.scale, t.layout, key=self._key(rng, path), m=e.m,
                         f=config.nonlinearity, rate=config.dropout)
 
@@ -202,23 +205,28 @@ class LoraApply:
         return jax.random.fold_in(rng, zlib.crc32(path.encode()))
 
     def _factored(self, frozen, dynamic, targets, static, ctx, carrier, full):
-        """Trace ``apply_fn`` and evaluate it with ``carrier(...)`` for every adapted kernel."""
-        leaves, treedef = jax.tree_util.tree_flatten(frozen)
+        """Trace ``apply_fn`` and evaluate it with ``carrier(...)`` for every adapted kernel.
+
+        A quantized kernel is traced as a ``ShapeDtypeStruct`` of its logical weight and
+        handed to the rewrite quantized (the carrier's ``w``).
+        """
+        flat, treedef = jax.tree_util.tree_flatten(frozen, is_leaf=is_qarray)
+        avals = [jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(x, QArray) else x for x in flat]
 
         def traced(param_leaves, dyn):
             args, kwargs = static.rebuild(dyn)
             return self.apply_fn(jax.tree_util.tree_unflatten(treedef, param_leaves), *args, **kwargs)
 
-        closed, out_shape = jax.make_jaxpr(traced, return_shape=True)(leaves, dynamic)
+        closed, out_shape = jax.make_jaxpr(traced, return_shape=True)(avals, dynamic)
         invals = []
-        for path, leaf in zip(leaf_paths(frozen), leaves, strict=True):
+        for path, leaf in zip(leaf_paths(frozen), flat, strict=True):
             t = targets.get(path)
             if t is None:
-                invals.append(leaf)
+                invals.append(dense(leaf))
             elif t.is_lora:
                 invals.append(carrier(path, leaf, t))
             else:
-                invals.append(full(path, leaf))
+                invals.append(full(path, dense(leaf)))
         invals.extend(jax.tree_util.tree_leaves(dynamic))
         outs = eval_jaxpr(ctx or Context(self.fallback), closed.jaxpr, closed.consts, invals)
         outs = [o.materialize() if isinstance(o, Lora) else o for o in outs]
@@ -237,17 +245,16 @@ class LoraApply:
         if weights is not None and weights.shape[0] != k:
             raise ValueError(f"lora_weights has {weights.shape[0]} weights for a bank of {k} adapters.")
         if weights is not None and self.strategy == "merge":
-            leaves = []
-            for path, leaf in zip(leaf_paths(frozen), jax.tree_util.tree_leaves(frozen), strict=True):
+            new = []
+            for path, leaf in zip(leaf_paths(frozen), leaves(frozen), strict=True):
                 t = targets.get(path)
                 if t is None:
-                    leaves.append(leaf)
+                    new.append(dense(leaf))
                 else:
                     a_cat, b_cat = weighted(t, *values[path], weights)
-                    leaves.append(merged(leaf, a_cat, b_cat, t.layout, t.scale * s))
+                    new.append(merged(dense(leaf), a_cat, b_cat, t.layout, t.scale * s))
             args, kwargs = static.rebuild(dynamic)
-            return self.apply_fn(jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(frozen), leaves),
-                                 *args, **kwargs)
+            return self.apply_fn(jax.tree_util.tree_unflatten(structure(frozen), new), *args, **kwargs)
         if index is not None and self.strategy == "merge":
             raise ValueError("per-example adapters (lora_index) need strategy='factored': a merged weight is "
                              "one adapter for the whole batch.")

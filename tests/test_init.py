@@ -158,3 +158,15 @@ def test_dora_is_refused_on_embedding_tables(key):
     cfg = jlora.LoraConfig(rank=2, targets=r".*embedding", dora=True)
     with pytest.raises(ValueError, match=r"params/embed/embedding .*DoRA .* not defined here for embedding tables"):
         jlora.init(key, _linen_zoo(), cfg)
+
+
+def test_quantized_base(key):
+    """DoRA's magnitude is read off the dequantized kernel; PiSSA needs the full-precision one."""
+    params = {"d": {"kernel": jax.random.normal(key, (64, 32))}}
+    dora = jlora.LoraConfig(rank=2, targets=".*/kernel", dora=True)
+    q = jlora.quantize(params, dora, "int8")
+    m = jlora.init(key, q, dora)[1]["d"]["kernel"]["m"]
+    np.testing.assert_array_equal(m, jlora.init(key, jlora.dequantize(q), dora)[1]["d"]["kernel"]["m"])
+    pissa = jlora.LoraConfig(rank=2, targets=".*/kernel", init="pissa")
+    with pytest.raises(ValueError, match=r"init='pissa' .* d/kernel is quantized .* then quantize the residual"):
+        jlora.init(key, jlora.quantize(params, pissa, "int8"), pissa)

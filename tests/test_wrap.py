@@ -8,18 +8,9 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from models import LinenScan, LinenZoo, NnxModel, bump, nnx_apply
+from models import NNX_CFG, STACK_CFG, TOKENS, ZOO_CFG, LinenScan, LinenZoo, NnxModel, bump, nnx_apply
 
 import jlora
-
-TOKENS = jnp.array([[1, 2, 3, 4, 5], [39, 0, 7, 7, 2]])
-ZOO_CFG = jlora.LoraConfig(rank=2, alpha=4.0, targets=r".*(kernel|embedding)")
-STACK_CFG = jlora.LoraConfig(rank=2, alpha=4.0, targets=jlora.Rule(pattern=r".*layers/.*kernel", stack_axes=(0,)))
-NNX_CFG = jlora.LoraConfig(
-    rank=2, alpha=4.0,
-    targets=(jlora.Rule(pattern=r"layers/.*/kernel", stack_axes=(0,)), r"attn/.*/kernel", r"conv/kernel",
-             r"embed/embedding"),
-)
 
 
 def manual_merge(frozen, trainable, scale):
