@@ -23,9 +23,13 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
+# qwix is a peer measured beside jlora; PEFT joins when JLORA_TORCH_PYTHON names a Python
+# with torch and peft (see benchmarks/peft_step.py).
 bench: install
-	$(BIN)/python benchmarks/step.py
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python benchmarks/suite.py --repeats 5
 	$(BIN)/python benchmarks/bank.py
+	$(BIN)/python benchmarks/quant.py
 
 lint: install
 	$(BIN)/ruff check jlora tests benchmarks examples

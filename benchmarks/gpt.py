@@ -58,8 +58,12 @@ def next_token_loss(logits, tokens):
 # ------------------------------------------------------- hand-written factored LoRA
 
 
-def hand_forward(shape: Shape, frozen, trainable, tokens, scale):
-    """The same model with the LoRA branch written by hand (the floor jlora is held to)."""
+def hand_forward(shape: Shape, frozen, trainable, tokens, scale, flat_lora: bool = False):
+    """The same model with the LoRA branch written by hand (the floor jlora is held to).
+
+    ``flat_lora``: the branch as 2-D matmuls, ``(b*t, in) @ (in, r) @ (r, out)``, reshaped
+    back (``benchmarks/speed.py`` measures what that saves on CPU).
+    """
     p, t = frozen["params"], trainable["params"]
 
     def dense(x, name_p, name_t, w_in: str, w_out: str):
@@ -69,8 +73,13 @@ def hand_forward(shape: Shape, frozen, trainable, tokens, scale):
         out = jnp.einsum(f"{xs},{w_in}{w_out}->bt{w_out}", x, k)
         if name_t is not None:
             a, b = name_t["kernel"]["a"], name_t["kernel"]["b"]
-            u = jnp.einsum(f"{xs},{w_in}r->btr", x, a) * scale
-            out = out + jnp.einsum(f"btr,r{w_out}->bt{w_out}", u, b)
+            if flat_lora:
+                r = a.shape[-1]
+                u = x.reshape(-1, a.size // r) @ a.reshape(-1, r) * scale
+                out = out + (u @ b.reshape(r, -1)).reshape(out.shape)
+            else:
+                u = jnp.einsum(f"{xs},{w_in}r->btr", x, a) * scale
+                out = out + jnp.einsum(f"btr,r{w_out}->bt{w_out}", u, b)
         return out + name_p["bias"] if "bias" in name_p else out
 
     def ln(x, q):
