@@ -66,6 +66,36 @@ def test_multi_axis_kernel_matches_einsum(n_in, n_out, rank, seed):
     np.testing.assert_allclose(merged, manual, rtol=RTOL, atol=1e-5)
 
 
+@pytest.mark.parametrize("in_shape,out_shape,in_axes", [
+    ((6,), (4,), (0,)), ((3, 2), (2, 4), (0, 1)), ((6,), (2, 4), (0,)), ((6,), (4,), (1,)),
+], ids=["dense", "multi-in-multi-out", "dense-general-out", "kernel-out-by-in"])
+def test_token_axes_make_the_branch_two_matmuls_of_2d_operands(in_shape, out_shape, in_axes):
+    """An input with several token axes (batch, sequence) takes the branch as (n, k)·(k, r)·(r, out).
+
+    Each factor's gradient then contracts one token axis, so XLA needs no transposed copy of
+    the cotangent (benchmarks/speed.py: 0.73x the step's wall time). Same values as the maths.
+    """
+    w_shape = in_shape + out_shape if in_axes[0] == 0 else out_shape + in_shape
+    w = jax.random.normal(jax.random.key(0), w_shape)
+    x = jax.random.normal(jax.random.key(1), (2, 5, *in_shape))
+    cfg, frozen, tr = _setup({"w": w}, "w", rank=2, in_axes=in_axes)
+    n = len(in_shape)
+    x_axes = tuple(range(2, 2 + n))
+    fn = lambda p, x: lax.dot_general(x, p["w"], ((x_axes, in_axes), ((), ())))  # noqa: E731
+    factored, merged = _run_both(fn, cfg, frozen, tr, x)
+    a, b = tr["w"]["a"].reshape(-1, 2), tr["w"]["b"].reshape(2, -1)
+    w2 = w.reshape(a.shape[0], -1) if in_axes[0] == 0 else w.reshape(-1, a.shape[0]).T
+    manual = (x.reshape(10, -1) @ (w2 + 1.5 * a @ b)).reshape(2, 5, *out_shape)
+    np.testing.assert_allclose(factored, manual, rtol=RTOL, atol=1e-5)
+    np.testing.assert_allclose(merged, manual, rtol=RTOL, atol=1e-5)
+
+    jaxpr = jax.make_jaxpr(lambda t: jlora.wrap(fn, cfg)(frozen, t, x))(tr)
+    dots = [e for e in jaxpr.eqns[0].params["jaxpr"].eqns if e.primitive.name == "dot_general"]
+    branch = [e for e in dots if e.outvars[0].aval.shape[0] == 10]  # the 2 x 5 tokens, flattened
+    assert len(dots) == 3 and len(branch) == 2, dots
+    assert all(v.aval.ndim == 2 for e in branch for v in e.invars), branch
+
+
 def test_kernel_as_lhs_and_transposed_use():
     w = jax.random.normal(jax.random.key(0), (6, 4))
     x = jax.random.normal(jax.random.key(1), (3, 6))
