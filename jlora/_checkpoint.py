@@ -92,9 +92,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from jlora._config import LoraConfig, Rule
-from jlora._layout import default_layout, m_shape, wider
-from jlora._paths import ADAPTER_KEYS, adapter_of, flatten, nest
-from jlora._targets import Target, check_trainable, resolve
+from jlora._layout import m_shape, wider
+from jlora._paths import ADAPTER_KEYS, flatten, nest
+from jlora._targets import Target, check_trainable, implied_base, resolve
 
 FORMAT = "jlora-adapters"
 FORMAT_VERSION = 1
@@ -106,53 +106,20 @@ def _dtype_name(x) -> str:
     return jnp.dtype(x.dtype).name
 
 
-def _implied_base(flat: dict, config: LoraConfig) -> tuple[dict, list[str]]:
-    """Zero-cost stand-ins for the kernels that ``trainable``'s adapters imply.
-
-    Without ``frozen``, `save` still checks ``trainable`` against ``config`` with
-    `resolve`: each adapter ``{a: (*stack, *in, r), b: (*stack, r, *out)}`` implies
-    its kernel's shape once its rule says which axes are stacked and which are
-    inputs; a leaf trained in full stands for itself.
-    """
-    base, errors = {}, []
-    dtype = jnp.dtype(config.dtype)
-    for path, leaf in flat.items():
-        hit = adapter_of(path, flat)
-        if hit is None:
-            base[path] = leaf
-            continue
-        kernel, factor = hit
-        rule = config.rule_for(kernel)
-        if factor != "a" or rule is None:  # no rule: check_trainable reports it as unexpected
-            continue
-        a, b = flat[f"{kernel}/a"], flat[f"{kernel}/b"]
-        n_stack = len(rule.stack_axes)
-        ndim = np.ndim(a) + np.ndim(b) - 2 - n_stack
-        axes = (*rule.stack_axes, *(rule.in_axes or ()))
-        layout = default_layout(kernel, ndim, rule.in_axes, rule.stack_axes) if ndim - n_stack >= 2 else None
-        if layout is None or any(ax >= ndim for ax in axes) or np.ndim(a) != n_stack + len(layout.in_axes) + 1:
-            errors.append(
-                f"{kernel}: a {np.shape(a)} and b {np.shape(b)} do not form an adapter for rule "
-                f"{rule.pattern!r} (stack_axes={rule.stack_axes}, in_axes={rule.in_axes}); "
-                "pass frozen= to check them against the real kernels."
-            )
-            continue
-        shape = [0] * ndim
-        for i, ax in enumerate(layout.stack_axes + layout.in_axes):
-            shape[ax] = np.shape(a)[i]
-        for i, ax in enumerate(layout.out_axes):
-            shape[ax] = np.shape(b)[n_stack + 1 + i]
-        base[kernel] = np.broadcast_to(np.zeros((), dtype), shape)  # no memory: a view of one zero
-    return base, errors
-
-
 def _targets(trainable, config: LoraConfig, frozen) -> tuple[dict[str, Target], dict]:
     """Check ``trainable`` against ``config`` (and ``frozen``); return the targets and its leaves."""
     if not isinstance(config, LoraConfig):
         raise TypeError(f"save: expected a jlora.LoraConfig, got {type(config).__name__}.")
     flat = flatten(trainable)
     if frozen is None:
-        base, errors = _implied_base(flat, config)
+        # Without frozen, the kernels the adapters imply stand in for it. An adapter no rule
+        # matches is left out here, so check_trainable reports it as unexpected.
+        base, misfits = implied_base(trainable, config, jnp.dtype(config.dtype))
+        errors = [
+            f"{m.kernel}: a {m.a_shape} and b {m.b_shape} do not form an adapter for rule {m.rule.pattern!r} "
+            f"(stack_axes={m.rule.stack_axes}, in_axes={m.rule.in_axes}); pass frozen= to check them against "
+            "the real kernels." for m in misfits if m.rule is not None
+        ]
         if errors:
             raise ValueError("save: trainable does not fit config:\n  " + "\n  ".join(errors))
         try:

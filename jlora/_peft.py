@@ -46,8 +46,8 @@ import numpy as np
 
 from jlora._config import LoraConfig, Rule
 from jlora._layout import default_layout
-from jlora._paths import adapter_of, flatten, nest
-from jlora._targets import check_trainable, resolve
+from jlora._paths import flatten, nest
+from jlora._targets import check_trainable, implied_base, resolve
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -242,37 +242,14 @@ def _refuse_unexportable(config: LoraConfig) -> None:
 
 def _frozen_like(trainable, config: LoraConfig) -> dict:
     """A stand-in for ``frozen`` with each adapted kernel's shape (zero-strided views, no memory)."""
-    flat = flatten(trainable)
-    out, errors = {}, []
-    for path, leaf in flat.items():
-        adapter = adapter_of(path, flat)
-        if adapter is None:
-            out[path] = np.asarray(leaf)
-            continue
-        kernel, factor = adapter
-        if factor != "a":
-            continue
-        rule = config.rule_for(kernel)
-        if rule is None:
-            errors.append(f"the adapter at {kernel} matches no rule of the config")
-            continue
-        a, b = np.shape(leaf), np.shape(flat[f"{kernel}/b"])
-        ns = len(rule.stack_axes)
-        ndim = len(a) + len(b) - 2 - ns
-        layout = default_layout(kernel, ndim, rule.in_axes, rule.stack_axes)
-        if len(layout.in_axes) != len(a) - 1 - ns or ndim < 2:
-            errors.append(f"the adapter at {kernel} (a {a}, b {b}) does not fit rule {rule.pattern!r}'s axes")
-            continue
-        shape = [0] * ndim
-        for axis, size in zip((*layout.stack_axes, *layout.in_axes), a[:-1], strict=True):
-            shape[axis] = size
-        for axis, size in zip(layout.out_axes, b[ns + 1:], strict=True):
-            shape[axis] = size
-        out[kernel] = np.broadcast_to(np.zeros((), np.float32), tuple(shape))
+    base, misfits = implied_base(trainable, config, np.float32)
+    errors = [f"the adapter at {m.kernel} matches no rule of the config" if m.rule is None else
+              f"the adapter at {m.kernel} (a {m.a_shape}, b {m.b_shape}) does not fit rule {m.rule.pattern!r}'s axes"
+              for m in misfits]
     if errors:
         raise ValueError("export_peft: trainable does not fit config:\n  " + "\n  ".join(errors)
                          + "\nPass the config given to jlora.init (and frozen=, to check against the base).")
-    return nest(out)
+    return nest({path: np.asarray(leaf) for path, leaf in base.items()})
 
 
 def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module_name=None,

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._config import LoraConfig
+from jlora._config import LoraConfig, Rule
 from jlora._layout import Layout, default_layout, m_shape
-from jlora._paths import flatten, leaf_paths, leaves
+from jlora._paths import adapter_of, flatten, leaf_paths, leaves
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,3 +154,57 @@ def check_trainable(targets: dict[str, Target], trainable) -> dict[str, jax.Arra
     for path, t in targets.items():
         out[path] = (flat[f"{path}/a"], flat[f"{path}/b"], flat.get(f"{path}/m")) if t.is_lora else flat[path]
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Misfit:
+    """An adapter of ``trainable`` that implies no kernel under the config (``rule`` None: no rule matches)."""
+
+    kernel: str
+    a_shape: tuple[int, ...]
+    b_shape: tuple[int, ...]
+    rule: Rule | None
+
+
+def implied_base(trainable, config: LoraConfig, dtype) -> tuple[dict, list[Misfit]]:
+    """Stand-ins for the base leaves that ``trainable`` implies, keyed by path, with the misfits.
+
+    Each adapter ``{a: (*stack, *in, r), b: (*stack, r, *out)}`` implies its kernel's
+    shape once its rule says which axes are stacked and which are inputs; the kernel
+    stands as a zero-strided view of one zero of ``dtype`` (no memory). A leaf that is
+    not an adapter stands for itself. `resolve` on ``nest(base)`` then checks the rest.
+    """
+    flat = flatten(trainable)
+    base, misfits = {}, []
+    for path, leaf in flat.items():
+        hit = adapter_of(path, flat)
+        if hit is None:
+            base[path] = leaf
+            continue
+        kernel, factor = hit
+        if factor != "a":
+            continue
+        a, b = tuple(np.shape(leaf)), tuple(np.shape(flat[f"{kernel}/b"]))
+        rule = config.rule_for(kernel)
+        shape = None if rule is None else _kernel_shape(kernel, a, b, rule)
+        if shape is None:
+            misfits.append(Misfit(kernel, a, b, rule))
+        else:
+            base[kernel] = np.broadcast_to(np.zeros((), dtype), shape)
+    return base, misfits
+
+
+def _kernel_shape(kernel: str, a: tuple, b: tuple, rule: Rule) -> tuple[int, ...] | None:
+    ns = len(rule.stack_axes)
+    ndim = len(a) + len(b) - 2 - ns
+    if ndim - ns < 2 or any(ax >= ndim for ax in (*rule.stack_axes, *(rule.in_axes or ()))):
+        return None
+    layout = default_layout(kernel, ndim, rule.in_axes, rule.stack_axes)
+    if len(a) != ns + len(layout.in_axes) + 1 or not layout.out_axes:
+        return None
+    shape = [0] * ndim
+    for axis, size in zip((*layout.stack_axes, *layout.in_axes), a[:-1], strict=True):
+        shape[axis] = size
+    for axis, size in zip(layout.out_axes, b[ns + 1:], strict=True):
+        shape[axis] = size
+    return tuple(shape)

@@ -1,11 +1,13 @@
 """resolve: which leaves are adapted, trained in full or frozen — and every error at once."""
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jlora
 from jlora._layout import Layout
-from jlora._targets import check_trainable, resolve
+from jlora._targets import check_trainable, implied_base, resolve
 
 PARAMS = {
     "params": {
@@ -90,3 +92,20 @@ def test_check_trainable_lists_every_bad_path():
 def test_resolve_rejects_a_non_config():
     with pytest.raises(TypeError, match=r"expected a jlora.LoraConfig, got dict"):
         resolve({"rank": 2}, PARAMS)
+
+
+def test_implied_base_rebuilds_kernel_shapes_from_the_factors():
+    params = {"layers": {"kernel": jnp.zeros((3, 8, 2, 4))}, "attn": {"query": {"kernel": jnp.zeros((8, 2, 4))}},
+              "head": {"bias": jnp.zeros(5)}}
+    cfg = jlora.LoraConfig(rank=2, targets=(jlora.Rule(pattern="layers/kernel", stack_axes=(0,)), "attn/query/kernel"),
+                           train_in_full="head/bias")
+    trainable = jlora.init(jax.random.key(0), params, cfg)[1]
+    base, misfits = implied_base(trainable, cfg, np.float32)
+    assert not misfits
+    assert {p: v.shape for p, v in base.items()} == {
+        "layers/kernel": (3, 8, 2, 4), "attn/query/kernel": (8, 2, 4), "head/bias": (5,)}
+    assert base["layers/kernel"].strides == (0, 0, 0, 0)  # a view of one zero: no memory
+
+    other = jlora.LoraConfig(rank=2, targets=(jlora.Rule(pattern="layers/kernel", stack_axes=(0, 1, 2)),))
+    _, misfits = implied_base(trainable, other, np.float32)
+    assert {(m.kernel, m.rule is None) for m in misfits} == {("layers/kernel", False), ("attn/query/kernel", True)}
