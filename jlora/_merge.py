@@ -133,10 +133,11 @@ def merge(frozen, trainable, config: LoraConfig, *, scale=1.0, rank=None, safe: 
     True
     """
     new = merged_leaves(frozen, trainable, config, scale, rank=rank)
+    targets = resolve(config, frozen) if safe or requantize else {}
     if safe:
-        _check_finite(jax.tree_util.tree_unflatten(structure(frozen), new), set(resolve(config, frozen)))
+        _check_finite(jax.tree_util.tree_unflatten(structure(frozen), new), set(targets))
     if requantize:
-        new = _requantize(frozen, new, resolve(config, frozen))
+        new = _requantize(frozen, new, targets)
     return jax.tree_util.tree_unflatten(structure(frozen), new)
 
 

@@ -325,18 +325,18 @@ def test_export_refuses_scanned_kernels(tmp_path):
         export_peft(tmp_path, trainable, config)
 
 
-def test_export_refuses_input_axes_that_do_not_lead(tmp_path):
-    config = jlora.LoraConfig(rank=2, targets=jlora.Rule(pattern=r".*/kernel", in_axes=(1,)))
+@pytest.mark.parametrize("config,kwargs,match", [
+    (jlora.LoraConfig(rank=2, targets=jlora.Rule(pattern=r".*/kernel", in_axes=(1,))), {},
+     r"params/dense/kernel has in_axes=\(1,\), not its leading axes"),
+    (jlora.LoraConfig(rank=2, targets=r".*/kernel"), {"conv": r".*"},
+     r"params/dense/kernel \(shape \(4, 6\).*was marked conv"),
+    (jlora.LoraConfig(rank=2, targets=r".*/kernel", train_in_full=r".*/bias"), {},
+     r"modules \['dense'\] are both adapted and \(partly\) trained in full"),
+], ids=["input-axes-not-leading", "conv-mark-on-dense", "adapted-and-trained-in-full"])
+def test_export_refuses_a_dense_layout_peft_cannot_hold(tmp_path, config, kwargs, match):
     _, trainable = _init(_dense(), config)
-    with pytest.raises(ValueError, match=r"params/dense/kernel has in_axes=\(1,\), not its leading axes"):
-        export_peft(tmp_path, trainable, config)
-
-
-def test_export_refuses_a_conv_mark_on_a_dense_kernel(tmp_path):
-    config = jlora.LoraConfig(rank=2, targets=r".*/kernel")
-    _, trainable = _init(_dense(), config)
-    with pytest.raises(ValueError, match=r"params/dense/kernel \(shape \(4, 6\).*was marked conv"):
-        export_peft(tmp_path, trainable, config, conv=r".*")
+    with pytest.raises(ValueError, match=match):
+        export_peft(tmp_path, trainable, config, **kwargs)
 
 
 def test_export_refuses_names_peft_cannot_tell_apart(tmp_path):
@@ -352,13 +352,6 @@ def test_export_refuses_names_peft_cannot_tell_apart(tmp_path):
         export_peft(tmp_path, _init(w, cfg)[1], cfg)
     with pytest.raises(TypeError, match=r"module_name must be a callable .* got int"):
         export_peft(tmp_path, trainable, config, module_name=3)
-
-
-def test_export_refuses_a_module_both_adapted_and_trained_in_full(tmp_path):
-    config = jlora.LoraConfig(rank=2, targets=r".*/kernel", train_in_full=r".*/bias")
-    _, trainable = _init(_dense(), config)
-    with pytest.raises(ValueError, match=r"modules \['dense'\] are both adapted and \(partly\) trained in full"):
-        export_peft(tmp_path, trainable, config)
 
 
 def test_export_checks_trainable_against_config_and_frozen(tmp_path):
