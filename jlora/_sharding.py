@@ -149,11 +149,16 @@ def _sources_of_specs(specs, leaves: dict[str, Any], targets: dict[str, Target])
     return {path: flat[path] for path in targets}
 
 
+def _sharding_of(leaf):
+    """A concrete leaf's sharding; ``None`` for a tracer (``init`` under ``jit``) or a leaf without one."""
+    return None if isinstance(leaf, jax.core.Tracer) else getattr(leaf, "sharding", None)
+
+
 def _sources_of_leaves(leaves: dict[str, Any], targets: dict[str, Target]) -> dict[str, Source]:
     errors, out = [], {}
     for path in targets:
         leaf = leaves[path]
-        sharding = None if isinstance(leaf, jax.core.Tracer) else getattr(leaf, "sharding", None)
+        sharding = _sharding_of(leaf)
         if isinstance(sharding, NamedSharding):
             out[path] = sharding
         elif sharding is None:
@@ -178,7 +183,7 @@ def placement(targets: dict[str, Target], leaves: dict[str, Any]) -> dict[str, N
     placed, loose = {}, []
     for path in targets:
         leaf = leaves[path]
-        sharding = None if isinstance(leaf, jax.core.Tracer) else getattr(leaf, "sharding", None)
+        sharding = _sharding_of(leaf)
         if isinstance(sharding, NamedSharding):
             placed[path] = sharding
         else:
