@@ -83,7 +83,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
+import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -94,6 +97,7 @@ from etils import epath
 from jlora._config import LoraConfig, Rule
 from jlora._layout import m_shape, wider
 from jlora._paths import ADAPTER_KEYS, flatten, nest
+from jlora._sharding import restore_shardings
 from jlora._targets import Target, check_trainable, implied_base, resolve
 
 FORMAT = "jlora-adapters"
@@ -104,6 +108,23 @@ METADATA = "lora_metadata"
 
 def _dtype_name(x) -> str:
     return jnp.dtype(x.dtype).name
+
+
+def absolute_path(directory, who: str) -> epath.Path:
+    """``directory`` as Orbax needs it: ``~`` expanded and made absolute; URLs (``gs://...``) as given.
+
+    Accepts a ``str``, a ``pathlib.Path`` or an ``etils.epath.Path``; relative paths are
+    taken from the current working directory.
+    """
+    if not isinstance(directory, str | os.PathLike):
+        raise TypeError(f"{who}: expected a directory path (str or pathlib.Path), got "
+                        f"{type(directory).__name__} {directory!r}.")
+    text = os.fspath(directory)
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{who}: expected a directory path, got {directory!r}.")
+    if "://" in text:  # a URL: Orbax and etils.epath read it as it is
+        return epath.Path(text)
+    return epath.Path(os.path.abspath(os.path.expanduser(text)))
 
 
 def _targets(trainable, config: LoraConfig, frozen) -> tuple[dict[str, Target], dict]:
@@ -249,9 +270,10 @@ def save(directory, trainable, config: LoraConfig, *, frozen=None, fold_scale: b
     ``<directory>.orbax-checkpoint-tmp`` and renames it when complete.
 
     Args:
-      directory: a new directory (local path or any ``etils.epath`` URL). What an
+      directory: a new directory: a ``str`` or ``pathlib.Path`` (relative to the
+        working directory, ``~`` expanded) or any ``etils.epath`` URL. What an
         interrupted save there left behind (``<directory>.orbax-checkpoint-tmp``)
-        is cleared by Orbax first.
+        is cleared by Orbax first, and a save that raises removes its own.
       trainable: the adapters from `init` (and training).
       config: the `LoraConfig` they were made with.
       frozen: the base parameters; optional, but recommended: shapes and dtypes
@@ -267,7 +289,9 @@ def save(directory, trainable, config: LoraConfig, *, frozen=None, fold_scale: b
         never deleted.
 
     Raises:
-      FileExistsError: ``directory`` exists and ``overwrite`` is False.
+      FileExistsError: ``directory`` exists and ``overwrite`` is False, or a
+        parent of it is a file.
+      TypeError: ``directory`` is not a path.
       ValueError: ``trainable`` does not fit ``config``/``frozen`` (every bad path
         named); ``fold_scale`` with DyLoRA; overwriting a non-checkpoint.
 
@@ -282,8 +306,14 @@ def save(directory, trainable, config: LoraConfig, *, frozen=None, fold_scale: b
     >>> cfg2 == cfg, jax.tree.all(jax.tree.map(jnp.array_equal, restored, trainable))
     (True, True)
     """
+    path = absolute_path(directory, "save")
     items = save_args(trainable, config, frozen=frozen, fold_scale=fold_scale)
-    path = epath.Path(directory)
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise FileExistsError(
+            f"save: cannot write a checkpoint at {path}: {blocker} is a file, not a directory. "
+            "Choose another directory."
+        )
     if path.exists():
         if not overwrite:
             raise FileExistsError(
@@ -295,7 +325,14 @@ def save(directory, trainable, config: LoraConfig, *, frozen=None, fold_scale: b
                 "and overwrite=True deletes the directory. Choose another directory."
             )
     with contextlib.closing(ocp.Checkpointer(ocp.CompositeCheckpointHandler())) as ckptr:
-        ckptr.save(path, ocp.args.Composite(**items), force=overwrite)
+        try:
+            ckptr.save(path, ocp.args.Composite(**items), force=overwrite)
+        except BaseException:
+            # A save that failed (or was interrupted in this process) leaves no temporary directory
+            # for a later restore to report as an interrupted save; Orbax clears it first anyway.
+            for leftover in path.parent.glob(path.name + ocp.step.TMP_DIR_SUFFIX + "*"):
+                leftover.rmtree(missing_ok=True)
+            raise
 
 
 def _finished(path: epath.Path, who: str) -> epath.Path:
@@ -308,6 +345,8 @@ def _finished(path: epath.Path, who: str) -> epath.Path:
                 "(Orbax renames it only when the save completes). Restore an earlier checkpoint."
             )
         raise FileNotFoundError(f"{who}: no checkpoint at {path}.")
+    if not path.is_dir():
+        raise ValueError(f"{who}: {path} is a file; a checkpoint is a directory written by jlora.save.")
     if not ocp.step.is_path_finalized(path):
         raise ValueError(
             f"{who}: {path} is an unfinished save (an Orbax temporary directory); use a completed one."
@@ -315,38 +354,112 @@ def _finished(path: epath.Path, who: str) -> epath.Path:
     return path
 
 
-def _is_leaf_table(leaves) -> bool:
-    return isinstance(leaves, dict) and all(
-        isinstance(v, dict) and isinstance(v.get("shape"), list) and all(isinstance(n, int) for n in v["shape"])
-        and isinstance(v.get("dtype"), str)
-        for v in leaves.values()
-    )
+def _show(value) -> str:
+    text = json.dumps(value) if isinstance(value, str | int | float | bool | type(None)) else type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_int(n, low: int = 0) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= low
+
+
+def _dtype_problem(name) -> str | None:
+    if not isinstance(name, str):
+        return f"is {_show(name)}, not a dtype name such as \"float32\""
+    try:
+        dt = np.dtype(name) if name != "bfloat16" else jnp.dtype(name)
+    except TypeError:
+        dt = None
+    if dt is None or dt.name != name or not (jnp.issubdtype(dt, jnp.number) or dt == np.bool_):
+        return f"is {_show(name)}, not a numeric dtype name such as \"float32\""
+    return None
+
+
+def _array_problem(entry) -> str | None:
+    """What is wrong with a ``{"shape": [...], "dtype": "..."}`` record (``.field: problem``), or None."""
+    if not isinstance(entry, dict):
+        return f" is {_show(entry)}, not an object with \"shape\" and \"dtype\""
+    for field in ("shape", "dtype"):
+        if field not in entry:
+            return f" has no {field!r} field"
+    if not isinstance(entry["shape"], list) or not all(_is_int(n) for n in entry["shape"]):
+        return f".shape is {_show(entry['shape'])}, not a list of non-negative ints"
+    problem = _dtype_problem(entry["dtype"])
+    return None if problem is None else f".dtype {problem}"
+
+
+_LORA_FIELDS = {  # field of a "lora" target entry: (check, what it must be)
+    "rank": (lambda v: _is_int(v, 1), "an int >= 1"),
+    "alpha": (lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number"),
+    "scale": (lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number"),
+    "in_axes": (lambda v: isinstance(v, list) and all(map(_is_int, v)), "a list of axis ints"),
+    "out_axes": (lambda v: isinstance(v, list) and all(map(_is_int, v)), "a list of axis ints"),
+    "stack_axes": (lambda v: isinstance(v, list) and all(map(_is_int, v)), "a list of axis ints"),
+    "embedding": (lambda v: isinstance(v, bool), "true or false"),
+    "dora": (lambda v: isinstance(v, bool), "true or false"),
+}
+_TOP_FIELDS = {"jlora_version": str, "fold_scale": bool, "config": dict, "targets": dict, "leaves": dict}
+
+
+def _metadata_problem(meta) -> str | None:
+    """The first thing wrong with a metadata document (``field: problem``), or None when it is sound."""
+    if not isinstance(meta, dict):
+        return f"the document is {_show(meta)}, not a JSON object"
+    if meta.get("format") != FORMAT:
+        return f"\"format\" is {_show(meta.get('format'))}, not {FORMAT!r} (not jlora metadata)"
+    if not _is_int(meta.get("format_version"), 1):
+        return f"\"format_version\" is {_show(meta.get('format_version'))}, not an int >= 1"
+    if meta["format_version"] > FORMAT_VERSION:
+        return None  # the caller reports a newer format (upgrade jlora)
+    for field, kind in _TOP_FIELDS.items():
+        if field not in meta:
+            return f"field {field!r} is missing"
+        if not isinstance(meta[field], kind) or (kind is int and isinstance(meta[field], bool)):
+            return f"{field!r} is {_show(meta[field])}, not {'an object' if kind is dict else kind.__name__}"
+    for p, entry in meta["targets"].items():
+        where = f"targets[{p!r}]"
+        if not isinstance(entry, dict):
+            return f"{where} is {_show(entry)}, not an object"
+        if entry.get("kind") not in ("lora", "full"):
+            return f"{where}.kind is {_show(entry.get('kind'))}, not \"lora\" or \"full\""
+        if "base" not in entry:
+            return f"{where} has no 'base' field (null when saved without frozen)"
+        if entry["base"] is not None and (problem := _array_problem(entry["base"])):
+            return f"{where}.base{problem}"
+        for field, (ok, what) in _LORA_FIELDS.items() if entry["kind"] == "lora" else ():
+            if field not in entry:
+                return f"{where} has no {field!r} field"
+            if not ok(entry[field]):
+                return f"{where}.{field} is {_show(entry[field])}, not {what}"
+    for p, entry in meta["leaves"].items():
+        if problem := _array_problem(entry):
+            return f"leaves[{p!r}]{problem}"
+    return None
 
 
 def _metadata(path: epath.Path, ckptr, who: str) -> dict:
     try:
         meta = ckptr.restore(path, ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()}))[METADATA]
-    except (KeyError, FileNotFoundError, ValueError) as e:  # missing item or file; bad JSON
+    except (KeyError, OSError, ValueError, TypeError) as e:  # missing item or file; bad JSON or bytes
         raise ValueError(
-            f"{who}: {path} has no readable jlora metadata ({type(e).__name__}: {e}); it is not a "
+            f"{who}: {path} has no readable jlora metadata ({type(e).__name__}: {_first_line(e)}); it is not a "
             "checkpoint written by jlora.save / jlora.save_args, or it was damaged."
         ) from None
-    problem = None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        problem = f"its {METADATA!r} item is not jlora metadata (no \"format\": {FORMAT!r})"
-    elif not isinstance(meta.get("format_version"), int) or isinstance(meta["format_version"], bool):
-        problem = f"format_version is {meta.get('format_version')!r}, not an int"
-    elif meta["format_version"] > FORMAT_VERSION:
+    problem = _metadata_problem(meta)
+    if problem is not None:
+        raise ValueError(f"{who}: {path} has corrupt jlora metadata: {problem} (in {METADATA}/metadata).")
+    if meta["format_version"] > FORMAT_VERSION:
         raise ValueError(
             f"{who}: {path} has checkpoint format version {meta['format_version']} (written by jlora "
-            f"{meta.get('jlora_version', '?')}); this jlora reads versions up to {FORMAT_VERSION}. "
+            f"{str(meta.get('jlora_version', '?'))[:40]}); this jlora reads versions up to {FORMAT_VERSION}. "
             "Upgrade jlora to read it."
         )
-    elif not isinstance(meta.get("targets"), dict) or not _is_leaf_table(meta.get("leaves")):
-        problem = "its \"targets\" or \"leaves\" table is missing or malformed"
-    if problem:
-        raise ValueError(f"{who}: {path} has corrupt jlora metadata: {problem}.")
     return meta
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def _expected(targets: dict[str, Target], config: LoraConfig, base: dict) -> dict[str, tuple]:
@@ -363,7 +476,7 @@ def _expected(targets: dict[str, Target], config: LoraConfig, base: dict) -> dic
     return out
 
 
-def restore(directory, frozen) -> tuple[dict, LoraConfig]:
+def restore(directory, frozen, *, shardings=None) -> tuple[dict, LoraConfig]:
     """Read the adapters `save` wrote, checked against ``frozen`` before any array is loaded.
 
     The metadata is read first, then every stored shape and dtype is compared with
@@ -374,10 +487,18 @@ def restore(directory, frozen) -> tuple[dict, LoraConfig]:
       directory: a checkpoint written by `save`, or a ``CheckpointManager`` step
         directory saved with `save_args`.
       frozen: the base parameters the adapters go with.
+      shardings: where to put each array: a tree shaped like ``trainable`` of
+        ``jax.sharding.Sharding``s. By default the adapters follow ``frozen``:
+        ``jlora.shardings(frozen, config)`` when its targeted leaves lie on a mesh,
+        else the one device they are on. The layout, mesh or process count that
+        wrote the checkpoint never matters: a checkpoint saved by several
+        processes reads on one device, and one saved under FSDP onto a
+        tensor-parallel base.
 
     Returns:
       ``(trainable, config)``: ``trainable`` as plain nested dicts of jax arrays
-      (the structure `init` makes), ``config`` the stored `LoraConfig`.
+      (the structure `init` makes) placed as ``shardings`` says, ``config`` the
+      stored `LoraConfig`.
 
     Raises:
       FileNotFoundError: no checkpoint at ``directory`` (the message says so when a
@@ -390,13 +511,14 @@ def restore(directory, frozen) -> tuple[dict, LoraConfig]:
     Traceback (most recent call last):
     FileNotFoundError: restore: no checkpoint at /no/such/adapter.
     """
-    path = _finished(epath.Path(directory), "restore")
+    path = _finished(absolute_path(directory, "restore"), "restore")
     with contextlib.closing(ocp.Checkpointer(ocp.CompositeCheckpointHandler())) as ckptr:
         meta = _metadata(path, ckptr, "restore")
         try:
-            config = LoraConfig.from_dict(meta.get("config"))
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"restore: {path} has corrupt jlora metadata: its config is unreadable ({e}).") from None
+            config = LoraConfig.from_dict(meta["config"])
+        except (TypeError, ValueError, KeyError, AttributeError, re.error) as e:
+            raise ValueError(f"restore: {path} has corrupt jlora metadata: its config is unreadable "
+                             f"({_first_line(e)}) (in {METADATA}/metadata).") from None
         try:
             targets = resolve(config, frozen)
         except ValueError as e:
@@ -422,7 +544,8 @@ def restore(directory, frozen) -> tuple[dict, LoraConfig]:
                 f"restore: the checkpoint at {path} does not fit frozen:\n  " + "\n  ".join(errors)
                 + "\nRestore with the base parameters the adapters were trained on."
             )
-        abstract = nest({p: jax.ShapeDtypeStruct(s, jnp.dtype(d)) for p, (s, d) in stored.items()})
+        where = restore_shardings(targets, base, list(stored), shardings)
+        abstract = nest({p: jax.ShapeDtypeStruct(s, jnp.dtype(d), sharding=where[p]) for p, (s, d) in stored.items()})
         restored = ckptr.restore(path, ocp.args.Composite(**{ADAPTERS: ocp.args.StandardRestore(abstract)}))
     return restored[ADAPTERS], config
 
@@ -441,6 +564,6 @@ def read_metadata(directory) -> dict:
     >>> meta["targets"]["dense/kernel"]["scale"], meta["leaves"]["dense/kernel/b"]
     (2.0, {'shape': [2, 4], 'dtype': 'float32'})
     """
-    path = _finished(epath.Path(directory), "read_metadata")
+    path = _finished(absolute_path(directory, "read_metadata"), "read_metadata")
     with contextlib.closing(ocp.Checkpointer(ocp.CompositeCheckpointHandler())) as ckptr:
         return _metadata(path, ckptr, "read_metadata")

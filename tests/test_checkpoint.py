@@ -312,12 +312,12 @@ def test_restore_corrupt_metadata(saved):
     copy = _copy(path, "truncated")
     _meta_file(copy).write_text('{"format": "jlora-adap')
     _refused(copy, frozen, ValueError, r"truncated has no readable jlora metadata \(JSONDecodeError")
-    tables = r"its \"targets\" or \"leaves\" table is missing or malformed"
     for i, (edit, why) in enumerate([
-        (lambda m: [m], r"its 'lora_metadata' item is not jlora metadata"),
-        (lambda m: {**m, "format_version": "1"}, r"format_version is '1', not an int"),
-        (lambda m: {**m, "leaves": {"x": {"shape": "(2,)", "dtype": "float32"}}}, tables),
-        (lambda m: {k: v for k, v in m.items() if k != "targets"}, tables),
+        (lambda m: [m], r"the document is list, not a JSON object"),
+        (lambda m: {**m, "format_version": "1"}, r"\"format_version\" is \"1\", not an int >= 1"),
+        (lambda m: {**m, "leaves": {"x": {"shape": "(2,)", "dtype": "float32"}}},
+         r"leaves\['x'\]\.shape is \"\(2,\)\", not a list of non-negative ints"),
+        (lambda m: {k: v for k, v in m.items() if k != "targets"}, r"field 'targets' is missing"),
         (lambda m: {**m, "config": {**m["config"], "rank": -1}}, r"its config is unreadable \(LoraConfig: rank"),
     ]):
         _refused(_copy(path, f"edited{i}", edit), frozen, ValueError, rf"edited{i} has corrupt jlora metadata: {why}")
