@@ -355,8 +355,14 @@ def _finished(path: epath.Path, who: str) -> epath.Path:
 
 
 def _show(value) -> str:
-    text = json.dumps(value) if isinstance(value, str | int | float | bool | type(None)) else type(value).__name__
-    return text if len(text) <= 40 else text[:37] + "..."
+    """A JSON value as it reads in the file: short ones in full, long ones by their type (list, dict)."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = type(value).__name__
+    if len(text) <= 40:
+        return text
+    return text[:37] + "..." if isinstance(value, str) else type(value).__name__
 
 
 def _is_int(n, low: int = 0) -> bool:

@@ -486,3 +486,218 @@ def test_sigkill_mid_save_leaves_the_previous_checkpoint_intact(tmp_path):
     mngr.wait_until_finished()
     assert mngr.all_steps() == [1, 2]
     mngr.close()
+
+
+# ----------------------------------------------------------------------------- paths as users type them
+
+
+def test_relative_home_and_pathlib_paths(tmp_path, monkeypatch):
+    _, _, cfg, frozen, trainable = _setup("train_in_full")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    save("ckpt/rel", trainable, cfg, frozen=frozen)  # a parent that does not exist yet is made
+    save("~/in_home", trainable, cfg, frozen=frozen)
+    save(Path("ckpt") / "pathlib", trainable, cfg)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["pathlib", "rel"]
+    assert (tmp_path / "home" / "in_home" / "lora_metadata").is_dir()
+    for where in ("ckpt/rel", "~/in_home", Path("ckpt/rel"), "./ckpt/../ckpt/rel"):
+        restored, cfg2 = restore(where, frozen)
+        assert cfg2 == cfg
+        _equal(trainable, restored)
+        assert read_metadata(where)["config"] == cfg.to_dict()
+    with pytest.raises(FileExistsError, match=r"save: .*/ckpt/rel already exists; pass overwrite=True"):
+        save("ckpt/rel", trainable, cfg, frozen=frozen)
+    save("ckpt/rel", trainable, cfg, frozen=frozen, overwrite=True)
+
+
+@pytest.mark.parametrize("bad,error,match", [
+    (None, TypeError, r"save: expected a directory path \(str or pathlib.Path\), got NoneType None"),
+    (3, TypeError, r"save: expected a directory path \(str or pathlib.Path\), got int 3"),
+    ("", ValueError, r"save: expected a directory path, got ''"),
+])
+def test_save_refuses_what_is_not_a_path(bad, error, match, tmp_path, monkeypatch):
+    _, _, cfg, frozen, trainable = _setup("train_in_full")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error, match=match):
+        save(bad, trainable, cfg, frozen=frozen)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_restore_refuses_what_is_not_a_path():
+    with pytest.raises(TypeError, match=r"restore: expected a directory path \(str or pathlib.Path\), got dict"):
+        restore({"params": {}}, {})
+    with pytest.raises(TypeError, match=r"read_metadata: expected a directory path .*got bytes"):
+        read_metadata(b"ckpt")
+
+
+def test_save_under_a_file_is_refused_before_orbax_runs(tmp_path, capfd):
+    _, _, cfg, frozen, trainable = _setup("train_in_full")
+    (tmp_path / "a_file").write_text("not a directory")
+    with pytest.raises(FileExistsError, match=r"save: cannot write a checkpoint at .*a_file/ckpt: .*a_file is a file, "
+                                              r"not a directory\. Choose another directory\."):
+        save(tmp_path / "a_file" / "ckpt", trainable, cfg, frozen=frozen)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_restore_of_a_file_is_refused(tmp_path):
+    (tmp_path / "adapter.safetensors").write_bytes(b"\0" * 8)
+    with pytest.raises(ValueError, match=r"restore: .*adapter\.safetensors is a file; a checkpoint is a directory"):
+        restore(tmp_path / "adapter.safetensors", {})
+
+
+def test_a_failed_save_leaves_nothing_restore_misreads(tmp_path, monkeypatch):
+    _, _, cfg, frozen, trainable = _setup("train_in_full")
+    path = tmp_path / "ckpt"
+
+    def failing_save(self, directory, *args, **kwargs):  # Orbax dies half-way through writing
+        (Path(directory).parent / (Path(directory).name + ocp.step.TMP_DIR_SUFFIX) / "adapters").mkdir(parents=True)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(ocp.Checkpointer, "save", failing_save)
+    with pytest.raises(OSError, match="No space left on device"):
+        save(path, trainable, cfg, frozen=frozen)
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(FileNotFoundError, match=r"restore: no checkpoint at .*ckpt\.$"):  # not "interrupted"
+        restore(path, frozen)
+    save(path, trainable, cfg, frozen=frozen)
+    _equal(trainable, restore(path, frozen)[0])
+
+
+# ----------------------------------------------------------------------------- metadata, field by field
+
+
+def _targets_entry(m, kind="lora"):
+    return next(p for p, e in m["targets"].items() if e["kind"] == kind)
+
+
+def _leaf(m):
+    return next(iter(m["leaves"]))
+
+
+def _set(m, *keys, value=None, drop=False):
+    """A deep copy of ``m`` with ``m[keys...]`` set to ``value`` (or removed)."""
+    m = json.loads(json.dumps(m))
+    inner = m
+    for k in keys[:-1]:
+        inner = inner[k]
+    if drop:
+        del inner[keys[-1]]
+    else:
+        inner[keys[-1]] = value
+    return m
+
+
+META_EDITS = {  # id: (edit of the metadata, what the error says)
+    "leaf-without-shape": (lambda m: _set(m, "leaves", _leaf(m), "shape", drop=True),
+                           r"leaves\['params/Dense_0/kernel/a'\] has no 'shape' field"),
+    "leaf-shape-not-list": (lambda m: _set(m, "leaves", _leaf(m), "shape", value=16),
+                            r"leaves\['params/Dense_0/kernel/a'\]\.shape is 16, not a list of non-negative ints"),
+    "leaf-negative-dim": (lambda m: _set(m, "leaves", _leaf(m), "shape", value=[16, -4]),
+                          r"leaves\['params/Dense_0/kernel/a'\]\.shape is \[16, -4\], not a list of non-negative ints"),
+    "leaf-bad-dtype": (lambda m: _set(m, "leaves", _leaf(m), "dtype", value="float33"),
+                       r"leaves\[.*\]\.dtype is \"float33\", not a numeric dtype name such as \"float32\""),
+    "leaf-object-dtype": (lambda m: _set(m, "leaves", _leaf(m), "dtype", value="object"),
+                          r"leaves\[.*\]\.dtype is \"object\", not a numeric dtype name"),
+    "leaf-not-object": (lambda m: _set(m, "leaves", _leaf(m), value=[16, 4]),
+                        r"leaves\['params/Dense_0/kernel/a'\] is \[16, 4\], not an object with \"shape\" and \"dtype\""),
+    "target-without-base": (lambda m: _set(m, "targets", _targets_entry(m), "base", drop=True),
+                            r"targets\['params/Dense_0/kernel'\] has no 'base' field \(null when saved without"),
+    "base-shape-not-list": (lambda m: _set(m, "targets", _targets_entry(m), "base", "shape", value="16x32"),
+                            r"targets\['params/Dense_0/kernel'\]\.base\.shape is \"16x32\", not a list"),
+    "target-bad-kind": (lambda m: _set(m, "targets", _targets_entry(m), "kind", value="LoRA"),
+                        r"targets\['params/Dense_0/kernel'\]\.kind is \"LoRA\", not \"lora\" or \"full\""),
+    "target-rank-string": (lambda m: _set(m, "targets", _targets_entry(m), "rank", value="4"),
+                           r"targets\['params/Dense_0/kernel'\]\.rank is \"4\", not an int >= 1"),
+    "target-without-in-axes": (lambda m: _set(m, "targets", _targets_entry(m), "in_axes", drop=True),
+                               r"targets\['params/Dense_0/kernel'\] has no 'in_axes' field"),
+    "target-not-object": (lambda m: _set(m, "targets", _targets_entry(m), value=None),
+                          r"targets\['params/Dense_0/kernel'\] is null, not an object"),
+    "config-not-object": (lambda m: _set(m, "config", value=["rank", 4]), r"'config' is \[\"rank\", 4\], not an object"),
+    "config-missing": (lambda m: _set(m, "config", drop=True), r"field 'config' is missing"),
+    "fold-scale-string": (lambda m: _set(m, "fold_scale", value="no"), r"'fold_scale' is \"no\", not bool"),
+    "config-bad-regex": (lambda m: _set(m, "config", "targets", value=["(unclosed"]),
+                         r"its config is unreadable \(.*\) \(in lora_metadata/metadata\)"),
+    "config-targets-int": (lambda m: _set(m, "config", "targets", value=7), r"its config is unreadable \("),
+}
+
+
+@pytest.mark.parametrize("edit,why", list(META_EDITS.values()), ids=list(META_EDITS))
+def test_corrupt_metadata_names_the_field(saved, edit, why):
+    path, frozen, _ = saved
+    copy = _copy(path, "edited", edit)
+    _refused(copy, frozen, ValueError, rf"restore: .*edited has corrupt jlora metadata: {why}")
+    if "config is unreadable" not in why:  # read_metadata does not build the config
+        with pytest.raises(ValueError, match=rf"read_metadata: .*edited has corrupt jlora metadata: {why}"):
+            read_metadata(copy)
+
+
+def test_metadata_item_that_is_a_directory(saved):
+    path, frozen, _ = saved
+    copy = _copy(path, "dir_meta")
+    _meta_file(copy).unlink()
+    _meta_file(copy).mkdir()
+    _refused(copy, frozen, ValueError, r"dir_meta has no readable jlora metadata \((IsADirectoryError|[A-Za-z]+Error)")
+
+
+# ----------------------------------------------------------------------------- fuzzing the metadata file
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 40) | st.floats(allow_nan=False) | st.text(max_size=8)
+    | st.sampled_from(["float32", "bfloat16", "int8", "lora", "full", "params/Dense_0/kernel/a"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+def _nodes(value, keys=()):
+    """Every (keys, value) inside a JSON document, the root first."""
+    yield keys, value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        yield from _nodes(v, (*keys, k))
+
+
+@st.composite
+def _mutated(draw, original: bytes) -> bytes:
+    """The metadata file with one random edit: a value replaced or removed, or its bytes cut or garbled."""
+    how = draw(st.sampled_from(["replace", "remove", "truncate", "garble"]))
+    if how == "truncate":
+        return original[:draw(st.integers(0, len(original) - 1))]
+    if how == "garble":
+        at = draw(st.integers(0, len(original) - 1))
+        return original[:at] + draw(st.binary(min_size=1, max_size=4)) + original[at + 1:]
+    meta = json.loads(original)
+    keys, _ = draw(st.sampled_from(list(_nodes(meta))[1:] if how == "remove" else list(_nodes(meta))))
+    new = draw(JSON_VALUES) if how == "replace" else None
+    if not keys:
+        return json.dumps(new).encode()
+    return json.dumps(_set(meta, *keys, value=new, drop=how == "remove")).encode()
+
+
+@pytest.fixture(scope="module")
+def fuzz_checkpoint(tmp_path_factory):
+    _, _, cfg, frozen, trainable = _setup("train_in_full")
+    path = tmp_path_factory.mktemp("fuzz") / "ckpt"
+    save(path, trainable, cfg, frozen=frozen)
+    return path, frozen, _meta_file(path).read_bytes()
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzzed_metadata_raises_only_documented_errors(fuzz_checkpoint, data):
+    path, frozen, original = fuzz_checkpoint
+    _meta_file(path).write_bytes(data.draw(_mutated(original)))
+    try:
+        for read in (lambda: restore(path, frozen), lambda: read_metadata(path)):
+            try:
+                read()
+            except (ValueError, TypeError) as e:  # the documented refusals, each naming the checkpoint
+                assert str(path) in str(e), e
+    finally:
+        _meta_file(path).write_bytes(original)
