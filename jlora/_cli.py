@@ -25,9 +25,14 @@ def _load_params(path: str):
 
         return nest({k: jnp.asarray(v) for k, v in load_file(str(p)).items()})
     if p.is_dir():
+        import jax
         import orbax.checkpoint as ocp
 
-        return ocp.StandardCheckpointer().restore(p.resolve())
+        # Arrays go where the checkpoint says when this process has those devices, else onto
+        # one local device: a base saved on a mesh of several processes reads here too.
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+            return ckptr.restore(p.resolve(), ocp.args.StandardRestore(fallback_sharding=one))
     raise ValueError(f"{path}: base parameters must be a .safetensors file or an Orbax checkpoint directory.")
 
 

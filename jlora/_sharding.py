@@ -173,7 +173,7 @@ def _sources_of_leaves(leaves: dict[str, Any], targets: dict[str, Target]) -> di
     return out
 
 
-def placement(targets: dict[str, Target], leaves: dict[str, Any]) -> dict[str, NamedSharding]:
+def placement(targets: dict[str, Target], leaves: dict[str, Any], who: str = "jlora.init") -> dict[str, NamedSharding]:
     """The NamedSharding of every target leaf when they lie on a mesh; ``{}`` when none does.
 
     Tracers (``init`` called inside ``jit``) and arrays on a single device count as
@@ -190,7 +190,7 @@ def placement(targets: dict[str, Target], leaves: dict[str, Any]) -> dict[str, N
             loose.append(f"{path} ({type(leaf if sharding is None else sharding).__name__})")
     if placed and loose:
         raise ValueError(
-            f"jlora.init: {len(placed)} targeted leaves lie on a mesh (NamedSharding, e.g. "
+            f"{who}: {len(placed)} targeted leaves lie on a mesh (NamedSharding, e.g. "
             f"{next(iter(placed))}) but these do not: {', '.join(loose[:5])}. Place every adapted or "
             "fully-trained leaf on the mesh (jax.device_put(params, shardings)) or none of them."
         )
@@ -209,6 +209,39 @@ def refuse_partitioned_svd(targets: dict[str, Target], placed: dict[str, NamedSh
             "P()))), init there, then jax.device_put(trainable, jlora.shardings(sharded_params, config)) and "
             "put the residual frozen back with the params' shardings; or use init='kaiming_uniform'."
         )
+
+
+def restore_shardings(targets: dict[str, Target], leaves: dict[str, Any], stored: list[str],
+                      given=None) -> dict[str, jax.sharding.Sharding]:
+    """Where `jlora.restore` puts each stored leaf: ``{leaf path: Sharding}``.
+
+    ``given`` (a tree shaped like ``trainable`` whose leaves are shardings) wins.
+    Otherwise the adapters follow the base: `follow` when its targeted leaves lie
+    on a mesh, else the one device they share (the first local device when they
+    are NumPy arrays or spread out). Never the layout recorded in the checkpoint:
+    that names the devices of whatever wrote it, another mesh or other processes.
+    """
+    if given is not None:
+        flat = flatten(given)
+        errors = [f"{p}: stored in the checkpoint, missing from shardings" for p in stored if p not in flat]
+        errors += [f"{p}: in shardings, not stored in the checkpoint" for p in flat if p not in stored]
+        errors += [f"{p}: {s!r} is a {type(s).__name__}, not a jax.sharding.Sharding"
+                   for p, s in flat.items() if p in stored and not isinstance(s, jax.sharding.Sharding)]
+        if len(errors) > 10:
+            errors[10:] = [f"… {len(errors) - 10} more"]
+        if errors:
+            raise ValueError(
+                "restore: shardings= does not fit the checkpoint:\n  " + "\n  ".join(errors)
+                + "\nGive one jax.sharding.Sharding per leaf of trainable, nested like it, e.g. "
+                "jlora.shardings(frozen, config), or NamedSharding(mesh, spec) for each PartitionSpec."
+            )
+        return {p: flat[p] for p in stored}
+    placed = placement(targets, leaves, "restore")
+    if placed:
+        return follow(targets, placed)
+    devices = {s for p in targets if isinstance(s := _sharding_of(leaves[p]), jax.sharding.SingleDeviceSharding)}
+    one = devices.pop() if len(devices) == 1 else jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return dict.fromkeys(stored, one)
 
 
 def on_mesh(make: Callable, key: jax.Array, targets: dict[str, Target], leaves: dict[str, Any],

@@ -11,7 +11,9 @@ failures. It uses the decoder and the FSDP and Megatron layouts of
   on one device, and compiles no collective large enough to move a whole kernel
   (read from XLA's own optimised HLO, dumped during the call);
 * a jitted training step on the sharded arrays equals the step on one device
-  and keeps the adapters' shardings without compiling twice.
+  and keeps the adapters' shardings without compiling twice;
+* `jlora.restore` puts adapters saved under FSDP where the base it is given
+  says (Megatron, explicit axes, one device) or where ``shardings=`` says.
 """
 
 import os
@@ -210,6 +212,29 @@ def check_pissa(sharded, mesh):
     np.testing.assert_allclose(got["a"], want["a"], rtol=1e-5, atol=1e-6)
 
 
+def check_restore(bases, mesh):
+    """Saved under FSDP, restored onto each base: the base's layout, the same values; or ``shardings=``."""
+    directory = tempfile.mkdtemp(prefix="jlora_ckpt_")
+    try:
+        _, trainable = jlora.init(jax.random.key(1), bases["fsdp"], DORA)
+        jlora.save(f"{directory}/fsdp", trainable, DORA, frozen=bases["fsdp"])
+        want = flatten(trainable)
+        for name, base in bases.items():
+            restored, _ = jlora.restore(f"{directory}/fsdp", base)
+            where = jax.tree.map(lambda x: x.sharding, restored)
+            if name == "one device":
+                assert set(jax.tree.leaves(where)) == {jax.sharding.SingleDeviceSharding(jax.devices()[0])}, where
+            else:
+                assert where == jlora.shardings(base, DORA), (name, where)
+            for path, got in flatten(restored).items():
+                np.testing.assert_array_equal(got, want[path], err_msg=f"{name}: {path}")
+        replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), trainable)
+        restored, _ = jlora.restore(f"{directory}/fsdp", bases["tp"], shardings=replicated)
+        assert jax.tree.map(lambda x: x.sharding, restored) == replicated
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def setup() -> None:
     """Before JAX starts its backend: 8 CPU devices, HLO dumps, and the example's model."""
     global DUMP, ex
@@ -252,6 +277,11 @@ def main() -> int:
     sharded = jax.device_put(params, jax.tree.map(lambda s: NamedSharding(explicit, s), specs))
     check("tp, explicit axes: init (DoRA) follows W, equals one device, gathers nothing", check_init, "tp",
           DORA, DORA_EXPECTED["tp"], sharded, single)
+    bases = {layout: jax.device_put(params, jax.tree.map(lambda s: NamedSharding(mesh, s),
+                                                         ex.param_specs(params, layout)))
+             for layout in ("fsdp", "tp")}
+    check("restore puts adapters saved under FSDP where the base or shardings= says", check_restore,
+          {**bases, "tp, explicit axes": sharded, "one device": single}, mesh)
     print(f"{len(FAILURES)} failed: {FAILURES}" if FAILURES else "all passed")
     shutil.rmtree(DUMP, ignore_errors=True)
     return len(FAILURES)

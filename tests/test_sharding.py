@@ -173,6 +173,41 @@ def test_init_inside_jit_takes_the_plain_path():
     assert jitted["w"]["kernel"]["a"].sharding == out["w"]["kernel"]["a"]
 
 
+def test_restore_follows_the_base_or_shardings(tmp_path):
+    params = {"w": {"kernel": jnp.ones((8, 4)), "bias": jnp.zeros(4)}}
+    cfg = jlora.LoraConfig(rank=2, targets=r".*/kernel", train_in_full=r".*/bias")
+    _, trainable = jlora.init(jax.random.key(0), params, cfg)
+    jlora.save(tmp_path / "ckpt", trainable, cfg, frozen=params)
+    sharded = jax.device_put(params, {"w": {"kernel": NamedSharding(MESH, P("data", "model")),
+                                            "bias": NamedSharding(MESH, P("model"))}})
+    restored, _ = jlora.restore(tmp_path / "ckpt", sharded)
+    assert jax.tree.map(lambda x: x.sharding, restored) == jlora.shardings(sharded, cfg)
+    replicated = jax.tree.map(lambda _: NamedSharding(MESH, P()), trainable)
+    restored, _ = jlora.restore(tmp_path / "ckpt", params, shardings=replicated)
+    assert jax.tree.map(lambda x: x.sharding, restored) == replicated
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(trainable), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_restore_refuses_shardings_that_do_not_fit(tmp_path):
+    params = {"w": {"kernel": jnp.ones((8, 4))}}
+    _, trainable = jlora.init(jax.random.key(0), params, CFG)
+    jlora.save(tmp_path / "ckpt", trainable, CFG, frozen=params)
+    bad = {"w": {"kernel": {"a": P(), "c": NamedSharding(MESH, P())}}}
+    with pytest.raises(ValueError, match=r"restore: shardings= does not fit the checkpoint:\n"
+                                         r"  w/kernel/b: stored in the checkpoint, missing from shardings\n"
+                                         r"  w/kernel/c: in shardings, not stored in the checkpoint\n"
+                                         r"  w/kernel/a: P(artitionSpec)?\(\) is a P(artitionSpec)?, not a "
+                                         r"jax.sharding.Sharding\n.*NamedSharding\(mesh, spec\)"):
+        jlora.restore(tmp_path / "ckpt", params, shardings=bad)
+    sharded = {"w": {"kernel": jax.device_put(params["w"]["kernel"], NamedSharding(MESH, P("model")))},
+               "v": {"kernel": jnp.ones((8, 4))}}
+    jlora.save(tmp_path / "two", {**trainable, "v": trainable["w"]}, CFG)
+    with pytest.raises(ValueError, match=r"restore: 1 targeted leaves lie on a mesh .* but these do not: "
+                                         r"v/kernel \(SingleDeviceSharding\)"):
+        jlora.restore(tmp_path / "two", sharded)
+
+
 def _run(*args, timeout=600):
     proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=_eight_devices_env(),
                           cwd=HERE.parent, timeout=timeout)
