@@ -16,14 +16,38 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _nest_keys(flat: dict, path: str) -> dict:
+    """``nest`` for keys read from a file: an empty part or a key that is also a prefix is an error."""
+    from jlora._paths import nest
+
+    for key in sorted(flat):
+        if not key or "" in key.split("/"):
+            raise ValueError(f"{path}: key {key!r} has an empty part; keys are '/'-joined leaf paths such as "
+                             "'params/dense/kernel'.")
+        if any(other.startswith(key + "/") for other in flat):
+            raise ValueError(f"{path}: key {key!r} is both a leaf and a prefix of other keys; keys are "
+                             "'/'-joined leaf paths such as 'params/dense/kernel'.")
+    return nest(flat)
+
+
 def _load_params(path: str):
-    p = pathlib.Path(path)
+    p = pathlib.Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"base parameters {path}: no such file or directory.")
     if p.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
-        from jlora._paths import nest
-
-        return nest({k: jnp.asarray(v) for k, v in load_file(str(p)).items()})
+        try:
+            tensors = load_file(str(p))
+        except (SafetensorError, OSError, ValueError, TypeError) as e:  # truncated, garbled, a directory...
+            raise ValueError(f"{path}: not a readable .safetensors file ({_first_line(e)}).") from None
+        return _nest_keys({k: jnp.asarray(v) for k, v in tensors.items()}, path)
     if p.is_dir():
         import jax
         import orbax.checkpoint as ocp
@@ -37,9 +61,12 @@ def _load_params(path: str):
 
 
 def _save_params(params, path: str, like: str) -> None:
-    p = pathlib.Path(path)
+    p = pathlib.Path(path).expanduser()
     if p.exists():
-        raise ValueError(f"{path} exists; choose a new output path (nothing was written).")
+        raise FileExistsError(f"{path} exists; choose a new output path (nothing was written).")
+    if not p.parent.is_dir():
+        raise FileNotFoundError(f"{path}: the directory {p.parent} does not exist; create it first "
+                                "(nothing was written).")
     if pathlib.Path(like).suffix == ".safetensors":
         from safetensors.numpy import save_file
 
@@ -55,17 +82,26 @@ def _save_params(params, path: str, like: str) -> None:
 
 
 def _inspect(args) -> None:
-    d = pathlib.Path(args.directory)
+    d = pathlib.Path(args.directory).expanduser()
     if (d / "adapter_config.json").is_file():
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        config = json.loads((d / "adapter_config.json").read_text())
+        try:
+            config = json.loads((d / "adapter_config.json").read_text())
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{d / 'adapter_config.json'}: not readable JSON ({_first_line(e)}).") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{d / 'adapter_config.json'}: expected a JSON object, got {type(config).__name__}.")
+        weights = d / "adapter_model.safetensors"
+        try:  # everything is read before anything is printed: a failure prints its one line alone
+            with safe_open(str(weights), "np") as f:
+                tensors = [f"  {key}  {tuple(f.get_slice(key).get_shape())}" for key in sorted(f.keys())]
+        except (SafetensorError, OSError, ValueError, TypeError) as e:
+            raise ValueError(f"{weights}: not a readable .safetensors file ({_first_line(e)}).") from None
         print(f"PEFT adapter: r={config.get('r')}, lora_alpha={config.get('lora_alpha')}, "
               f"use_rslora={config.get('use_rslora')}, use_dora={config.get('use_dora')}")
         print(f"target_modules: {config.get('target_modules')}")
-        with safe_open(str(d / "adapter_model.safetensors"), "np") as f:
-            for key in sorted(f.keys()):
-                print(f"  {key}  {tuple(f.get_slice(key).get_shape())}")
+        print("\n".join(tensors))
         return
     from jlora._checkpoint import read_metadata
 
@@ -129,11 +165,20 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run one command; every failure is a non-zero exit and one line on stderr, never a traceback."""
+    from absl import logging as absl_logging
+
     args = parser().parse_args(argv)
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.FATAL)  # Orbax logs its own failures with tracebacks
     try:
         args.run(args)
     except (ValueError, TypeError, OSError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"jlora {args.command}: error: {first}", file=sys.stderr)
+        print(f"jlora {args.command}: error: {_first_line(e)}", file=sys.stderr)
         return 1
+    except Exception as e:  # noqa: BLE001 -- an unforeseen failure is still one line, its type named
+        print(f"jlora {args.command}: error: {type(e).__name__}: {_first_line(e)}", file=sys.stderr)
+        return 1
+    finally:
+        absl_logging.set_verbosity(verbosity)
     return 0

@@ -1,8 +1,10 @@
 """python -m jlora: inspect, merge, export-peft, import-peft, and one-line errors."""
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -64,3 +66,106 @@ def test_merge_refuses_to_overwrite(setup, capsys):
     _, _, _, _, _, tmp, base = setup
     assert main(["merge", str(tmp / "adapter"), str(base), str(base)]) == 1
     assert "exists; choose a new output path" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- paths and bad input
+
+
+def test_every_command_takes_relative_and_home_paths(setup, monkeypatch, capsys):
+    model, x, params, trainable, cfg, tmp, base = setup
+    monkeypatch.chdir(tmp)
+    monkeypatch.setenv("HOME", str(tmp))
+    assert main(["inspect", "adapter"]) == 0
+    assert main(["merge", "adapter", "base.safetensors", "merged.safetensors"]) == 0
+    assert main(["merge", "~/adapter", "~/base.safetensors", "~/merged2.safetensors", "--scale", "0.5"]) == 0
+    assert main(["export-peft", "adapter", "~/base.safetensors", "peft"]) == 0
+    assert main(["import-peft", "peft", "base.safetensors", "ckpt/back"]) == 0
+    assert main(["inspect", "~/ckpt/back"]) == 0
+    assert capsys.readouterr().err == ""
+    assert {p.name for p in tmp.iterdir()} >= {"merged.safetensors", "merged2.safetensors", "peft", "ckpt"}
+    back, back_cfg = jlora.restore(tmp / "ckpt" / "back", params)
+    np.testing.assert_allclose(jlora.wrap(model.apply, back_cfg)(params, back, x),
+                               jlora.wrap(model.apply, cfg)(params, trainable, x), rtol=1e-6)
+
+
+def _one_line_error(argv, capsys, command):
+    """``main(argv)`` fails: exit 1, nothing on stdout, exactly one line on stderr; that line."""
+    assert main(argv) == 1
+    out = capsys.readouterr()
+    lines = out.err.strip().splitlines()
+    assert out.out == "" and len(lines) == 1, out.err
+    assert lines[0].startswith(f"jlora {command}: error: ")
+    return lines[0]
+
+
+def _breakers(tmp, base):
+    """Name: (how to break the inputs, argv, what the one error line says)."""
+    header_len = int.from_bytes(base.read_bytes()[:8], "little")
+    return {
+        "truncated-base": (lambda: (tmp / "b.safetensors").write_bytes(base.read_bytes()[:8 + header_len // 2]),
+                           ["merge", "adapter", "b.safetensors", "out.safetensors"],
+                           r"b\.safetensors: not a readable \.safetensors file \(.*header"),
+        "garbage-base": (lambda: (tmp / "b.safetensors").write_bytes(b"definitely not tensors"),
+                         ["export-peft", "adapter", "b.safetensors", "peft"],
+                         r"b\.safetensors: not a readable \.safetensors file \("),
+        "empty-base": (lambda: (tmp / "b.safetensors").write_bytes(b""),
+                       ["import-peft", "adapter", "b.safetensors", "ckpt"],
+                       r"b\.safetensors: not a readable \.safetensors file \("),
+        "missing-base": (lambda: None, ["merge", "adapter", "nothing.safetensors", "out.safetensors"],
+                         r"base parameters nothing\.safetensors: no such file or directory\.$"),
+        "base-not-params": (lambda: (tmp / "b.npz").write_bytes(b"x"), ["merge", "adapter", "b.npz", "out"],
+                            r"b\.npz: base parameters must be a \.safetensors file or an Orbax checkpoint"),
+        "bad-orbax-base": (lambda: (tmp / "empty_dir").mkdir(), ["merge", "adapter", "empty_dir", "out"],
+                           r"empty_dir"),
+        "missing-adapter": (lambda: None, ["merge", "nowhere", "base.safetensors", "out.safetensors"],
+                            r"restore: no checkpoint at .*nowhere\.$"),
+        "adapter-is-file": (lambda: None, ["merge", "base.safetensors", "base.safetensors", "o.safetensors"],
+                            r"restore: .*base\.safetensors is a file; a checkpoint is a directory"),
+        "out-exists": (lambda: None, ["merge", "adapter", "base.safetensors", "base.safetensors"],
+                       r"base\.safetensors exists; choose a new output path \(nothing was written\)"),
+        "out-dir-missing": (lambda: None, ["merge", "adapter", "base.safetensors", "no/dir/out.safetensors"],
+                            r"no/dir/out\.safetensors: the directory no/dir does not exist; create it first"),
+        "conflicting-keys": (lambda: save_file({"params/up": np.ones(2, np.float32),
+                                                "params/up/kernel": np.ones((4, 8), np.float32)},
+                                               str(tmp / "b.safetensors")),
+                             ["merge", "adapter", "b.safetensors", "out.safetensors"],
+                             r"b\.safetensors: key 'params/up' is both a leaf and a prefix of other keys"),
+        "empty-key-part": (lambda: save_file({"params//kernel": np.ones(2, np.float32)}, str(tmp / "b.safetensors")),
+                           ["merge", "adapter", "b.safetensors", "out.safetensors"],
+                           r"b\.safetensors: key 'params//kernel' has an empty part"),
+        "inspect-nothing": (lambda: None, ["inspect", "nowhere"], r"read_metadata: no checkpoint at .*nowhere\.$"),
+        "inspect-bad-peft-json": (lambda: ((tmp / "p").mkdir(), (tmp / "p" / "adapter_config.json").write_text("{")),
+                                  ["inspect", "p"], r"p/adapter_config\.json: not readable JSON \("),
+        "inspect-peft-list": (lambda: ((tmp / "p").mkdir(), (tmp / "p" / "adapter_config.json").write_text("[1]")),
+                              ["inspect", "p"], r"p/adapter_config\.json: expected a JSON object, got list\."),
+        "inspect-peft-bad-weights": (lambda: ((tmp / "p").mkdir(), (tmp / "p" / "adapter_config.json").write_text("{}"),
+                                              (tmp / "p" / "adapter_model.safetensors").write_bytes(b"\x01" * 20)),
+                                     ["inspect", "p"], r"p/adapter_model\.safetensors: not a readable \.safetensors"),
+        "corrupt-metadata": (lambda: (tmp / "adapter" / "lora_metadata" / "metadata").write_text('{"format": 1}'),
+                             ["inspect", "adapter"], r"read_metadata: .*adapter has corrupt jlora metadata: \"format\""),
+    }
+
+
+BREAKERS = list(_breakers(Path("."), Path(__file__)))
+
+
+@pytest.mark.parametrize("name", BREAKERS)
+def test_every_failure_is_one_line_on_stderr(setup, name, monkeypatch, capsys):
+    *_, tmp, base = setup
+    monkeypatch.chdir(tmp)
+    breaks, argv, says = _breakers(tmp, base)[name]
+    breaks()
+    before = sorted(str(p) for p in tmp.rglob("*"))
+    line = _one_line_error(argv, capsys, argv[0])
+    assert re.search(says, line), line
+    assert sorted(str(p) for p in tmp.rglob("*")) == before, "a failed command wrote something"
+
+
+def test_a_subprocess_failure_prints_no_traceback(setup):
+    *_, tmp, base = setup
+    (tmp / "trunc.safetensors").write_bytes(base.read_bytes()[:40])
+    (tmp / "empty_dir").mkdir()
+    for argv in (["merge", "adapter", "trunc.safetensors", "out.safetensors"], ["merge", "adapter", "empty_dir", "out"]):
+        out = subprocess.run([sys.executable, "-m", "jlora", *argv], capture_output=True, text=True, cwd=tmp)
+        assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+        assert out.stderr.startswith(f"jlora {argv[0]}: error: ") and "Traceback" not in out.stderr
