@@ -163,6 +163,42 @@ def eval_jaxpr(ctx: Context, jaxpr, consts: Sequence, args: Sequence) -> list:
     return [read(v) for v in jaxpr.outvars]
 
 
+class UnsupportedJax(RuntimeError):
+    """A primitive of the installed jax carries parameters this jlora does not know."""
+
+
+def _param(eqn, name: str):
+    """``eqn.params[name]``, or an error naming the primitive and the jax version when it is gone.
+
+    JAX renames primitive parameters between releases (``scan`` replaced ``num_consts`` and
+    ``num_carry`` by ``ft_in`` in 0.11); the rewrite reads every parameter through here so
+    that the next rename says what changed instead of raising a bare ``KeyError``.
+    """
+    try:
+        return eqn.params[name]
+    except KeyError:
+        raise UnsupportedJax(
+            f"jlora cannot read the '{eqn.primitive.name}' primitive of jax {jax.__version__}: it has no "
+            f"parameter {name!r} (it has {sorted(eqn.params)}). This jax is newer than the ones jlora was "
+            "tested with; upgrade jlora, or install a supported jax (see the README's supported versions). "
+            "wrap(..., strategy='merge') does not read primitives and works meanwhile."
+        ) from None
+
+
+def _scan_counts(eqn) -> tuple[int, int]:
+    """How many of a ``scan``'s operands are constants and loop carries (jax <= 0.10 and >= 0.11)."""
+    if "num_consts" in eqn.params:  # jax <= 0.10
+        return _param(eqn, "num_consts"), _param(eqn, "num_carry")
+    groups = _param(eqn, "ft_in").unpack()  # jax >= 0.11: a flat tree of (consts, carry, xs)
+    if len(groups) != 3:
+        raise UnsupportedJax(
+            f"jlora cannot read the 'scan' primitive of jax {jax.__version__}: its ft_in has {len(groups)} "
+            "groups where jlora expects three (constants, carry, scanned inputs). Upgrade jlora, or use "
+            "wrap(..., strategy='merge') meanwhile."
+        )
+    return len(groups[0]), len(groups[1])
+
+
 def _bind(eqn, invals, **override):
     params = eqn.primitive.get_bind_params({**eqn.params, **override})
     out = eqn.primitive.bind(*invals, **params)
@@ -222,7 +258,7 @@ def _dot_general(ctx: Context, eqn, invals):
     lhs, rhs = invals
     if isinstance(lhs, Lora) and isinstance(rhs, Lora):
         return _fallback(ctx, eqn, invals)
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    (lc, rc), (lb, rb) = _param(eqn, "dimension_numbers")
     w_is_rhs = isinstance(rhs, Lora)
     lora, x = (rhs, lhs) if w_is_rhs else (lhs, rhs)
     xc, wc, xb, wb = (lc, rc, lb, rb) if w_is_rhs else (rc, lc, rb, lb)
@@ -343,10 +379,9 @@ def _per_example_dot(lora: Lora, x, xc, wc, base, params):
 
 def _conv(ctx: Context, eqn, invals):
     x, lora = invals
-    p = eqn.params
-    if isinstance(x, Lora) or p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+    if isinstance(x, Lora) or _param(eqn, "feature_group_count") != 1 or _param(eqn, "batch_group_count") != 1:
         return _fallback(ctx, eqn, invals)
-    lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
+    lhs_spec, rhs_spec, out_spec = _param(eqn, "dimension_numbers")
     out_dim, in_dim, *spatial = rhs_spec
     lay = lora.layout
     if lay.stack_axes or lay.out_axes != (out_dim,) or set(lay.in_axes) != {in_dim, *spatial}:
@@ -360,7 +395,7 @@ def _conv(ctx: Context, eqn, invals):
     feat = out_spec[1]
     u = lora.nonlinear(u) * jnp.asarray(lora.scale).astype(u.dtype)
     v = lax.dot_general(u, lora.b.astype(dt), (((feat,), (0,)), ((), ())),
-                        precision=p["precision"], preferred_element_type=p["preferred_element_type"])
+                        precision=_param(eqn, "precision"), preferred_element_type=_param(eqn, "preferred_element_type"))
     out = base + jnp.moveaxis(v, -1, feat).astype(base.dtype)
     factor = lora.dora_factor()
     if factor is not None:
@@ -373,13 +408,12 @@ def _conv(ctx: Context, eqn, invals):
 
 def _gather(ctx: Context, eqn, invals):
     lora, idx = invals
-    p = eqn.params
-    dn = p["dimension_numbers"]
+    dn = _param(eqn, "dimension_numbers")
     lay = lora.layout
     if (
         isinstance(idx, Lora) or lora.w.ndim != 2 or lay.in_axes != (0,) or lay.stack_axes or lora.m is not None
         or tuple(dn.collapsed_slice_dims) != (0,) or tuple(dn.start_index_map) != (0,)
-        or dn.operand_batching_dims or tuple(p["slice_sizes"]) != (1, lora.w.shape[1])
+        or dn.operand_batching_dims or tuple(_param(eqn, "slice_sizes")) != (1, lora.w.shape[1])
     ):
         return _fallback(ctx, eqn, invals)
     base = _bind_base(eqn, [lora.w, idx])[0]
@@ -411,7 +445,7 @@ def _gather(ctx: Context, eqn, invals):
 
 def _transpose(ctx: Context, eqn, invals):
     (lora,) = invals
-    perm = eqn.params["permutation"]
+    perm = _param(eqn, "permutation")
     new = {old: i for i, old in enumerate(perm)}
     lay = lora.layout
     layout = Layout(tuple(new[i] for i in lay.in_axes), tuple(new[i] for i in lay.out_axes),
@@ -425,7 +459,7 @@ def _same_axes(ctx: Context, eqn, invals):
     if any(isinstance(x, Lora) for x in rest):
         return _fallback(ctx, eqn, invals)
     if isinstance(lora.w, QArray) and eqn.primitive.name == "convert_element_type":
-        return [dataclasses.replace(lora, w=lora.w.astype(eqn.params["new_dtype"]))]
+        return [dataclasses.replace(lora, w=lora.w.astype(_param(eqn, "new_dtype")))]
     if isinstance(lora.w, QArray) and eqn.primitive.name in ("copy", "copy_p"):
         return [lora]
     return [dataclasses.replace(lora, w=_bind(eqn, [lora.weight(), *rest])[0])]
@@ -474,20 +508,20 @@ def _slice(ctx: Context, eqn, invals):
     p = eqn.params
     if p.get("strides") not in (None, (1,) * invals[0].w.ndim):
         return _fallback(ctx, eqn, invals)
-    sizes = [hi - lo for lo, hi in zip(p["start_indices"], p["limit_indices"], strict=True)]
-    return _slice_stack(ctx, eqn, invals, list(p["start_indices"]), sizes)
+    sizes = [hi - lo for lo, hi in zip(_param(eqn, "start_indices"), _param(eqn, "limit_indices"), strict=True)]
+    return _slice_stack(ctx, eqn, invals, list(_param(eqn, "start_indices")), sizes)
 
 
 def _dynamic_slice(ctx: Context, eqn, invals):
     lora, *idx = invals
     if any(isinstance(i, Lora) for i in idx) or len(idx) != lora.w.ndim:
         return _fallback(ctx, eqn, invals)
-    return _slice_stack(ctx, eqn, invals, idx, list(eqn.params["slice_sizes"]))
+    return _slice_stack(ctx, eqn, invals, idx, list(_param(eqn, "slice_sizes")))
 
 
 def _squeeze(ctx: Context, eqn, invals):
     (lora,) = invals
-    dims = tuple(d % lora.w.ndim for d in eqn.params["dimensions"])
+    dims = tuple(d % lora.w.ndim for d in _param(eqn, "dimensions"))
     if not set(dims) <= set(lora.layout.stack_axes):
         return _fallback(ctx, eqn, invals)
     fdims = tuple(_stack_index(lora, d) for d in dims)
@@ -528,19 +562,19 @@ def _flat(vals):
 
 
 def _pjit(ctx: Context, eqn, invals):
-    closed = eqn.params["jaxpr"]
+    closed = _param(eqn, "jaxpr")
     return eval_jaxpr(ctx, closed.jaxpr, closed.consts, invals)
 
 
 def _custom_jvp(ctx: Context, eqn, invals):
     # Inlined: the custom derivative rule is dropped for this call, the primal is kept.
-    closed = eqn.params["call_jaxpr"]
+    closed = _param(eqn, "call_jaxpr")
     return eval_jaxpr(ctx, closed.jaxpr, closed.consts, invals)
 
 
 def _checkpoint(ctx: Context, eqn, invals):
     arrays, rebuild = _flat(invals)
-    jaxpr = eqn.params["jaxpr"]
+    jaxpr = _param(eqn, "jaxpr")
     out_spec = []
 
     def body(*flat):
@@ -549,14 +583,13 @@ def _checkpoint(ctx: Context, eqn, invals):
         out_spec.append(rebuild_out)
         return outs
 
-    fn = jax.checkpoint(body, prevent_cse=eqn.params["prevent_cse"], policy=eqn.params["policy"])
+    fn = jax.checkpoint(body, prevent_cse=_param(eqn, "prevent_cse"), policy=_param(eqn, "policy"))
     flat_out = fn(*arrays)
     return out_spec[-1](flat_out)
 
 
 def _scan(ctx: Context, eqn, invals):
-    p = eqn.params
-    nc, ncarry = p["num_consts"], p["num_carry"]
+    nc, ncarry = _scan_counts(eqn)
     consts, carry, xs = invals[:nc], invals[nc:nc + ncarry], invals[nc + ncarry:]
     carry = [_plain(c) for c in carry]  # a kernel in the loop carry is rare: merge it
     for c in invals[nc:nc + ncarry]:
@@ -580,7 +613,7 @@ def _scan(ctx: Context, eqn, invals):
             xs_in.append(x)
     const_arrays, const_rebuild = _flat(consts)
     xs_arrays, xs_rebuild = _flat(xs_in)
-    closed = p["jaxpr"]
+    closed = _param(eqn, "jaxpr")
 
     # One step sees W without axis 0; a and b without their (front-moved) stack axis.
     step_layouts = [_drop_axes(x.layout, (0,)) if isinstance(x, Lora) else None for x in xs_in]
@@ -594,8 +627,8 @@ def _scan(ctx: Context, eqn, invals):
         outs = [_plain(o) for o in outs]
         return outs[:ncarry], outs[ncarry:]
 
-    carry_out, ys = lax.scan(body, list(carry), xs_arrays, length=p["length"],
-                             reverse=p["reverse"], unroll=p["unroll"])
+    carry_out, ys = lax.scan(body, list(carry), xs_arrays, length=_param(eqn, "length"),
+                             reverse=_param(eqn, "reverse"), unroll=_param(eqn, "unroll"))
     return [*carry_out, *ys]
 
 
@@ -606,18 +639,17 @@ def _cond(ctx: Context, eqn, invals):
     def branch(closed):
         return lambda *flat: [_plain(o) for o in eval_jaxpr(ctx, closed.jaxpr, closed.consts, rebuild(list(flat)))]
 
-    return lax.switch(_plain(index), [branch(b) for b in eqn.params["branches"]], *arrays)
+    return lax.switch(_plain(index), [branch(b) for b in _param(eqn, "branches")], *arrays)
 
 
 def _while(ctx: Context, eqn, invals):
-    p = eqn.params
-    cn, bn = p["cond_nconsts"], p["body_nconsts"]
+    cn, bn = _param(eqn, "cond_nconsts"), _param(eqn, "body_nconsts")
     cconsts, bconsts, init = invals[:cn], invals[cn:cn + bn], invals[cn + bn:]
     for c in init:
         if isinstance(c, Lora):
             ctx.record(c, "while carry", False)
     init = [_plain(c) for c in init]
-    cj, bj = p["cond_jaxpr"], p["body_jaxpr"]
+    cj, bj = _param(eqn, "cond_jaxpr"), _param(eqn, "body_jaxpr")
 
     def cond_fn(carry):
         return eval_jaxpr(ctx, cj.jaxpr, cj.consts, [*cconsts, *carry])[0]

@@ -339,3 +339,22 @@ def test_dora_in_a_scanned_stack():
     factored, merged = _run_both(fn, cfg, frozen, tr, x)
     layers = [_dora_manual(w[i], tr["w"]["a"][i], tr["w"]["b"][i], tr["w"]["m"][i], 1.5, (0,)) for i in range(3)]
     np.testing.assert_allclose(factored, fn({"w": jnp.stack(layers)}, x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_renamed_primitive_parameter_names_the_primitive_and_the_jax_version():
+    from jlora._rewrite import UnsupportedJax, _param
+
+    eqn = jax.make_jaxpr(lambda x: x.T)(jnp.ones((2, 3))).eqns[0]
+    with pytest.raises(UnsupportedJax, match=rf"'transpose' primitive of jax {jax.__version__}: it has no "
+                                             r"parameter 'permutation'.*strategy='merge'"):
+        _param(eqn.replace(params={}), "permutation")
+
+
+def test_scan_operand_groups_are_read_on_every_supported_jax():
+    """jax <= 0.10 says num_consts/num_carry; jax >= 0.11 packs (consts, carry, xs) into ft_in."""
+    from jlora._rewrite import _scan_counts
+
+    c = jnp.arange(3.0)
+    jaxpr = jax.make_jaxpr(lambda h, xs: lax.scan(lambda h, x: (h * x + c, h), h, xs))(jnp.ones(3), jnp.ones((4, 3)))
+    scan = next(e for e in jaxpr.eqns if e.primitive.name == "scan")
+    assert _scan_counts(scan) == (1, 1)
