@@ -9,6 +9,7 @@ jlora (Flax)            PEFT key                                    PEFT value
 ======================  ==========================================  ==============================
 Dense ``a (in, r)``     ``M.lora_A.weight``                         ``aᵀ``, ``(r, in)``
 Dense ``b (r, out)``    ``M.lora_B.weight``                         ``bᵀ``, ``(out, r)``
+(out, in) kernel a / b  as Dense (``Rule(in_axes=(1,))``)           ``fan_in_fan_out: true``
 DenseGeneral a / b      as Dense, ``in``/``out`` axes flattened     ``(r, Πin)`` / ``(Πout, r)``
 Embed ``a (vocab, r)``  ``M.lora_embedding_A``                      ``aᵀ``, ``(r, vocab)``
 Embed ``b (r, dim)``    ``M.lora_embedding_B``                      ``bᵀ``, ``(dim, r)``
@@ -25,6 +26,17 @@ The scale is PEFT's ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``), with
 per-module ranks and alphas in ``rank_pattern`` / ``alpha_pattern``, exactly as jlora's
 ``alpha / r`` per `Rule`.
 
+Transposed kernels (``fan_in_fan_out``): torch's ``Conv1D`` (GPT-2) stores its weight
+``(in, out)``; Hugging Face's Flax port keeps that kernel as ``(out, in)`` and contracts
+its axis 1, so jlora's layout is ``Rule(in_axes=(1,))`` (what `jlora.infer_layouts`
+derives). PEFT's factors are ``(r, in)`` and ``(out, r)`` for either module, so the
+tensors cross unchanged; the flag only says which axis of a 2-D kernel is its input.
+`import_peft` gives every 2-D Linear adapter of a ``fan_in_fan_out: true`` file
+``in_axes=(1,)``; `export_peft` writes ``true`` when its 2-D Linear adapters all have
+``in_axes=(1,)``. A 2-D kernel saved whole (``modules_to_save``) crosses as its
+transpose either way: torch Linear ``(out, in)`` of a Flax ``(in, out)`` kernel, torch
+Conv1D ``(in, out)`` of the Flax port's ``(out, in)``.
+
 Module names: by default a leaf path drops a leading ``params/`` collection and its
 own last component, and joins the rest with ``.``, which is Hugging Face's naming for
 its Flax ports: ``params/bert/encoder/layer/0/attention/self/query/kernel`` ->
@@ -34,10 +46,16 @@ or ``scale`` is its module's ``weight``; others keep their name (``bias``).
 
 from __future__ import annotations
 
+import ctypes
 import difflib
+import errno
 import json
 import math
+import os
 import re
+import shutil
+import sys
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -77,14 +95,13 @@ _PEFT_DEFAULTS = {
 }
 # Fields import reads.
 _READ = {"peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora",
-         "lora_dropout", "init_lora_weights"}
+         "lora_dropout", "init_lora_weights", "fan_in_fan_out"}
 # Fields that do not change what the saved tensors mean: bookkeeping, which modules PEFT
-# adapts or saves whole (the file's keys say that), initialisation, the base weight's storage order
-# (fan_in_fan_out: the factors are (r, in) and (out, r) either way), and trained biases
+# adapts or saves whole (the file's keys say that), initialisation, and trained biases
 # (`bias`: they are saved as plain tensors and read like modules_to_save).
 _IGNORED = {"peft_version", "auto_mapping", "base_model_name_or_path", "revision", "task_type", "inference_mode",
             "target_modules", "exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern",
-            "loftq_config", "eva_config", "corda_config", "lora_ga_config", "fan_in_fan_out", "bias",
+            "loftq_config", "eva_config", "corda_config", "lora_ga_config", "bias",
             "megatron_config", "megatron_core", "runtime_config", "ensure_weight_tying", "qalora_group_size"}
 # init_lora_weights that also change the base weights: the adapter is relative to weights jlora does not have.
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
@@ -253,20 +270,32 @@ def _frozen_like(trainable, config: LoraConfig) -> dict:
 
 
 def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module_name=None,
-                base_model_name_or_path: str | None = None, conv: str | Sequence[str] = ()) -> None:
+                base_model_name_or_path: str | None = None, conv: str | Sequence[str] = (),
+                fan_in_fan_out: bool | None = None) -> None:
     """Write ``trainable`` as a PEFT LoRA adapter: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
     ``PeftModel.from_pretrained(torch_model, directory)`` then loads it onto the torch
     model whose module names `module_name` gives. Keys, layouts and config fields are
     those of PEFT 0.21 (see the module docstring's table); each adapter's rank and
     alpha go to ``r``/``lora_alpha`` or, where they differ, ``rank_pattern``/``alpha_pattern``.
-    Leaves trained in full become ``modules_to_save``.
+    Leaves trained in full become ``modules_to_save``. A 2-D kernel used transposed
+    (``Rule(in_axes=(1,))``, e.g. GPT-2's ``(out, in)`` Conv1D kernels in Flax) exports
+    as it is, and the file says ``fan_in_fan_out: true``.
+
+    The two files are written into a temporary folder beside ``directory`` and moved
+    into place, so a crash never leaves a config beside weights it does not describe:
+    a new ``directory`` appears whole by one rename; an existing one (its other files
+    are kept) is swapped for the new folder in one step where the system can
+    (Linux ``renameat2(RENAME_EXCHANGE)``), so a reader sees the old pair or the new
+    pair. Elsewhere the weights then the config are replaced file by file (each file
+    whole, the pair not).
 
     An embedding adapter acts on lookups only in PEFT: a tied output head (``embed.attend``)
     that jlora adapts along with the table gets no delta there.
 
     Args:
-      directory: folder to write (created if missing; the two files are overwritten).
+      directory: folder to write (a str or `pathlib.Path`, relative or with ``~``;
+        created if missing; the two files are replaced, other files in it kept).
       trainable: the adapters, as from `jlora.init` and training.
       config: the `LoraConfig` they were made with.
       frozen: the base parameters; if given, ``trainable`` is checked against them.
@@ -277,11 +306,19 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
       conv: regexes (``re.fullmatch``) of the kernel paths that are convolution kernels
         ``(*window, in, out)``; their adapters are written as PEFT's Conv layout. Other
         kernels with several input axes are written as Linear with those axes flattened.
+      fan_in_fan_out: the flag to write: whether the torch model's modules store their
+        weights ``(in, out)`` (Conv1D). Default: ``True`` if every 2-D Linear adapter has
+        ``in_axes=(1,)``, ``False`` if none has. PEFT sets it per module from the module's
+        type (with a warning where it disagrees), so the factors load right either way;
+        pass it when the Flax layout does not tell (e.g. a port that keeps torch
+        Linear's ``(out, in)`` kernels, or a mix of both).
 
     Raises:
       ValueError: for what PEFT cannot represent (a nonlinearity, DyLoRA, PiSSA's residual
-        base, scanned kernels, input axes that are not the kernel's leading axes), and for
-        two leaves that would share a PEFT key.
+        base, scanned kernels, input axes that are not the kernel's leading axes except a
+        2-D ``(out, in)`` kernel), 2-D kernels both transposed and not without
+        ``fan_in_fan_out``, and two leaves that would share a PEFT key.
+      FileExistsError: ``directory`` is a file.
 
     >>> import json, pathlib, tempfile, jax, jax.numpy as jnp
     >>> from jlora import LoraConfig, init
@@ -306,6 +343,7 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
     tensors: dict[str, np.ndarray] = {}
     owner: dict[str, str] = {}  # PEFT key -> leaf path, to catch two leaves on one key
     ranks, alphas, full_modules, errors = {}, {}, set(), []
+    linear_2d: dict[str, bool] = {}  # 2-D Linear adapter path -> used transposed (in_axes=(1,))
 
     def put(key: str, value, path: str) -> None:
         key = PREFIX + key
@@ -332,13 +370,16 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
                 "cannot hold a scanned kernel. Export an unrolled (unscanned) model's adapters instead."
             )
             continue
-        if lay.in_axes != tuple(range(len(lay.in_axes))):
+        transposed = len(t.shape) == 2 and lay.in_axes == (1,)
+        if lay.in_axes != tuple(range(len(lay.in_axes))) and not transposed:
             errors.append(
                 f"{path} has in_axes={lay.in_axes}, not its leading axes, so it is no torch Linear weight "
                 "(in, out) flattened; PEFT's factors would not line up with the kernel. Use a kernel whose "
-                "input axes come first."
+                "input axes come first (a 2-D (out, in) kernel with in_axes=(1,) exports as it is)."
             )
             continue
+        if len(t.shape) == 2 and not t.embedding:
+            linear_2d[path] = transposed
         if is_conv and (len(t.shape) < 3 or lay.out_axes != (len(t.shape) - 1,)):
             errors.append(f"{path} (shape {t.shape}, in_axes={lay.in_axes}) was marked conv but is no Flax "
                           "conv kernel (*window, in, out) with its input axes first; fix the conv patterns.")
@@ -366,6 +407,18 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
         if shared:
             errors.append(f"modules {shared} are both adapted and (partly) trained in full; PEFT adapts a module "
                           "or saves it whole, not both. Drop their leaves from train_in_full or from targets.")
+    if fan_in_fan_out is None and len(set(linear_2d.values())) > 1:
+        flipped = sorted(p for p, tr in linear_2d.items() if tr)
+        plain = sorted(p for p, tr in linear_2d.items() if not tr)
+        errors.append(
+            f"2-D kernels used transposed (in_axes=(1,)): {flipped}, beside kernels that are not: {plain}. "
+            "PEFT's adapter_config.json has one fan_in_fan_out flag; pass fan_in_fan_out=True if the torch "
+            "modules are Conv1D (weights (in, out)), False if they are Linear. The tensors are the same either way."
+        )
+    elif fan_in_fan_out is None:
+        fan_in_fan_out = any(linear_2d.values())
+    elif not isinstance(fan_in_fan_out, bool):
+        raise TypeError(f"export_peft: fan_in_fan_out must be True, False or None, got {fan_in_fan_out!r}.")
     if errors:
         raise ValueError("export_peft: cannot write a PEFT adapter:\n  " + "\n  ".join(errors))
 
@@ -382,11 +435,104 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
         use_rslora=config.rslora,
         use_dora=config.dora,
         lora_dropout=float(config.dropout),
+        fan_in_fan_out=fan_in_fan_out,
     )
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
-    _safetensors().save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    _write_pair(_user_path(directory), {
+        WEIGHTS_FILE: _safetensors().save(tensors, metadata={"format": "pt"}),
+        CONFIG_FILE: (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode(),
+    })
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _user_path(directory) -> Path:
+    """A folder argument as an absolute path: str or PathLike, ``~`` expanded, symlinks followed."""
+    if not isinstance(directory, str | os.PathLike):
+        raise TypeError(f"expected a folder path (str or pathlib.Path), got {type(directory).__name__}.")
+    return Path(os.path.realpath(Path(directory).expanduser()))
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # no glibc 2.28+ (musl, old systems)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # the file system cannot swap
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not every system opens folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_pair(directory: Path, files: dict[str, bytes]) -> None:
+    """Put ``files`` (name -> bytes, in replace order) into ``directory`` as one change where the system can.
+
+    They are written and synced in a temporary folder beside ``directory`` (same file system),
+    then: a missing or empty ``directory`` is replaced by that folder in one rename; an
+    existing one gets its other entries carried over (files hard-linked, folders moved back
+    after) and is swapped with it in one step (`_exchange`); where no swap exists the files
+    are replaced one by one, in the order given.
+    """
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"export_peft: {directory} is a file; give a folder path (it is created if missing).")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    try:
+        for name, data in files.items():
+            with open(tmp / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, directory.stat().st_mode & 0o7777 if directory.exists() else 0o755)
+        _fsync_dir(tmp)
+        try:
+            os.rename(tmp, directory)  # POSIX: atomic onto a missing or empty folder
+            _fsync_dir(directory.parent)
+            return
+        except OSError:
+            pass
+        moved = []
+        for entry in directory.iterdir():
+            if entry.name in files:
+                continue
+            if entry.is_file() and not entry.is_symlink():
+                try:
+                    os.link(entry, tmp / entry.name)
+                except OSError:
+                    shutil.copy2(entry, tmp / entry.name)
+            else:
+                moved.append(entry.name)
+        if _exchange(tmp, directory):
+            for name in moved:  # tmp now holds the old folder
+                os.rename(tmp / name, directory / name)
+        else:
+            for name in files:
+                os.replace(tmp / name, directory / name)
+        _fsync_dir(directory.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- import
@@ -397,7 +543,15 @@ def _read_config(directory: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"import_peft: {path} does not exist; a PEFT adapter folder holds {CONFIG_FILE} "
                                 f"and {WEIGHTS_FILE} (PeftModel.save_pretrained writes both).")
-    cfg = json.loads(path.read_text())
+    try:
+        cfg = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"import_peft: {path} is not valid JSON ({e}); PeftModel.save_pretrained writes it, "
+                         "or write it again with export_peft.") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"import_peft: {path} holds a JSON {type(cfg).__name__}, not an object of PEFT's "
+                         "LoraConfig fields ({\"peft_type\": \"LORA\", \"r\": 8, ...}).")
+    _check_fields(path, cfg)
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"import_peft: {path} has peft_type={cfg.get('peft_type')!r}; jlora reads LoRA adapters "
                          "(peft_type 'LORA') only.")
@@ -417,6 +571,53 @@ def _read_config(directory: Path) -> dict:
     return cfg
 
 
+def _bad_field(path: Path, field: str, value, want: str) -> ValueError:
+    return ValueError(f"import_peft: {path}: field {field!r} is {json.dumps(value)[:80]}, expected {want}; "
+                      "fix the field (or write the adapter again).")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_fields(path: Path, cfg: dict) -> None:
+    """Types and ranges of the fields import reads; one error naming the file and the field."""
+    def positive_int(x):
+        return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+    def positive_number(x):
+        return _is_number(x) and x > 0
+
+    checks = {
+        "peft_type": (lambda x: isinstance(x, str), "a string such as \"LORA\""),
+        "r": (positive_int, "a positive integer (the rank)"),
+        "lora_alpha": (positive_number, "a finite number > 0"),
+        "use_rslora": (lambda x: isinstance(x, bool), "true or false"),
+        "use_dora": (lambda x: isinstance(x, bool), "true or false"),
+        "fan_in_fan_out": (lambda x: isinstance(x, bool), "true or false"),
+        "lora_dropout": (lambda x: _is_number(x) and 0 <= x < 1, "a rate in [0, 1)"),
+        "init_lora_weights": (lambda x: isinstance(x, bool | str), "true, false or a scheme name"),
+    }
+    for field, (ok, want) in checks.items():  # r and lora_alpha may be left out (PEFT's 8), never null
+        if field in cfg and (cfg[field] is not None or field in ("r", "lora_alpha")) and not ok(cfg[field]):
+            raise _bad_field(path, field, cfg[field], want)
+    for field, ok, want in (("rank_pattern", positive_int, "positive integers"),
+                            ("alpha_pattern", positive_number, "finite numbers > 0")):
+        patterns = cfg.get(field)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise _bad_field(path, field, patterns, f"an object {{module name pattern: value}} of {want}")
+        for key, value in patterns.items():
+            if not ok(value):
+                raise _bad_field(path, f"{field}[{key!r}]", value, want)
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise ValueError(f"import_peft: {path}: {field} key {key!r} is not a valid regex ({e}); "
+                                 "fix the field.") from None
+
+
 def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
     path = directory / WEIGHTS_FILE
     if not path.is_file():
@@ -429,7 +630,22 @@ def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
                 f"'{path}', metadata={{'format': 'pt'}})\""
             )
         raise FileNotFoundError(f"import_peft: {path} does not exist; PeftModel.save_pretrained writes it.")
-    return _safetensors().load_file(str(path))
+    loader = _safetensors()
+    try:
+        tensors = loader.load_file(str(path))
+    except OSError as e:
+        if not path.is_file():
+            raise
+        raise ValueError(f"import_peft: {path} cannot be read as safetensors ({e}).") from None
+    except Exception as e:  # SafetensorError and friends: a truncated or corrupt file
+        raise ValueError(f"import_peft: {path} is not a valid safetensors file ({type(e).__name__}: {e}); "
+                         "the file is truncated or corrupt: copy or save it again.") from None
+    bad = [f"{k} ({v.dtype}, shape {v.shape})" for k, v in sorted(tensors.items())
+           if not (np.issubdtype(v.dtype, np.floating) or v.dtype.name == "bfloat16")]
+    if bad:
+        raise ValueError(f"import_peft: {path} holds tensors that are not floating point: {', '.join(bad)}; "
+                         "LoRA factors and trained weights are floats.")
+    return tensors
 
 
 def _split_key(key: str) -> tuple[str, str | None, str]:
@@ -441,9 +657,14 @@ def _split_key(key: str) -> tuple[str, str | None, str]:
     return "", None, rest
 
 
-def _adapter_from_torch(path: str, shape, f: dict, rank: int) -> tuple[dict, str | None]:
-    """jlora's ``a``, ``b`` (and ``m``) for a kernel of ``shape`` from PEFT's factors."""
+def _adapter_from_torch(path: str, shape, f: dict, rank: int, in_axes) -> tuple[dict, str | None]:
+    """jlora's ``a``, ``b`` (and ``m``) for a kernel of ``shape`` from PEFT's factors.
+
+    ``in_axes`` is the kernel's input side for a Linear adapter (None: jlora's default).
+    """
     big_a, big_b, m = f["a"], f["b"], f.get("m")
+    if big_a.ndim < 2 or big_b.ndim < 2 or big_a.ndim != big_b.ndim:
+        return {}, f"lora_A {big_a.shape} / lora_B {big_b.shape} are no pair of Linear (2-D) or conv factors"
     if big_a.ndim >= 3:  # Conv: A (r, in, *k), B (out, r, 1, ..)
         n = big_a.ndim
         a = np.transpose(big_a, (*range(2, n), 1, 0))
@@ -452,10 +673,23 @@ def _adapter_from_torch(path: str, shape, f: dict, rank: int) -> tuple[dict, str
         b = big_b.reshape(shape[-1], rank).T
         out_dims = (shape[-1],)
     else:
-        in_dims, out_dims = _linear_dims(path, shape)
+        if len(shape) < 2:
+            return {}, f"the leaf's shape {shape} is no kernel"
+        layout = default_layout(path, len(shape), in_axes)
+        in_dims, out_dims = tuple(shape[i] for i in layout.in_axes), tuple(shape[i] for i in layout.out_axes)
         if big_a.shape != (rank, math.prod(in_dims)) or big_b.shape != (math.prod(out_dims), rank):
+            hint = ""
+            if len(shape) == 2 and (big_a.shape[1], big_b.shape[0]) == shape[::-1] and in_axes != (1,):
+                hint = (". They fit the kernel used transposed, (out, in) with in_axes=(1,): the torch module is "
+                        "a Conv1D (fan_in_fan_out) or the port keeps (out, in) kernels; pass "
+                        "layouts=jlora.infer_layouts(...) (or a config with Rule(pattern=..., in_axes=(1,)))")
+            elif len(shape) == 2 and (big_a.shape[1], big_b.shape[0]) == shape and in_axes == (1,):
+                hint = (". They fit the kernel as (in, out), in_axes=(0,): fan_in_fan_out: true makes 2-D kernels "
+                        "(out, in) unless layouts say otherwise (PEFT sets the flag per module, so a torch Linear "
+                        "may sit beside Conv1Ds); pass layouts=jlora.infer_layouts(...) or a config with "
+                        "Rule(pattern=..., in_axes=(0,)) for it")
             return {}, (f"lora_A {big_a.shape} / lora_B {big_b.shape} do not fit the kernel's {shape} "
-                        f"(expected ({rank}, {math.prod(in_dims)}) / ({math.prod(out_dims)}, {rank}))")
+                        f"(expected ({rank}, {math.prod(in_dims)}) / ({math.prod(out_dims)}, {rank})){hint}")
         a, b = big_a.T.reshape(*in_dims, rank), big_b.T.reshape(rank, *out_dims)
     out = {"a": a, "b": b}
     if m is not None:
@@ -465,7 +699,7 @@ def _adapter_from_torch(path: str, shape, f: dict, rank: int) -> tuple[dict, str
     return out, None
 
 
-def import_peft(directory, params, *, module_name=None):
+def import_peft(directory, params, *, module_name=None, layouts: LoraConfig | None = None):
     """Read a PEFT LoRA adapter folder as jlora's ``(frozen, trainable, config)``.
 
     Every tensor of ``adapter_model.safetensors`` is placed on the leaf of ``params``
@@ -478,19 +712,36 @@ def import_peft(directory, params, *, module_name=None):
       params: the Flax base parameters (Linen variables or NNX state), already
         converted from the torch base model.
       module_name: as for `export_peft`: leaf path -> PEFT module name.
+      layouts: a `LoraConfig` whose rules say which axes of each kernel are its input
+        (``Rule(in_axes=...)``), e.g. the one `jlora.infer_layouts` returns; only the
+        ``in_axes`` of rules that match a kernel are read, and they win over the file's
+        ``fan_in_fan_out`` (PEFT sets that flag per module from the module's type, so
+        one model may mix Conv1D and Linear). Where they leave ``in_axes`` unset a
+        Linear adapter takes jlora's default layout, or ``in_axes=(1,)`` for a 2-D
+        kernel when the file says ``fan_in_fan_out: true`` (torch Conv1D weights
+        ``(in, out)``, Flax kernels ``(out, in)``). Factor shapes that fit neither are
+        an error; a square kernel's layout is taken as given (``wrap`` checks it
+        against the model's ops).
 
     Returns:
       ``(frozen, trainable, config)``: ``frozen`` is ``params``; ``trainable`` holds the
       factors in the file's dtype (full leaves in their leaf's dtype); ``config`` has one
-      exact-path `Rule` per distinct (rank, alpha), so every module keeps PEFT's
+      exact-path `Rule` per distinct (rank, alpha, in_axes), so every module keeps PEFT's
       ``lora_alpha / r`` (or ``/ sqrt(r)``), plus ``rslora``, ``dora``, ``dropout`` and
       ``train_in_full``. ``jlora.wrap(apply_fn, config)(frozen, trainable, ...)`` then
       computes what the PEFT model computes.
 
     Raises:
-      ValueError: a pickled ``adapter_model.bin`` (unpickling can run code), a PEFT
-        feature jlora does not implement, keys that map to no leaf (all listed at
-        once), or tensors whose shapes do not fit their leaves.
+      FileNotFoundError: the folder or one of its two files is missing.
+      ValueError: everything else about the files, naming the file and the field or
+        key: ``adapter_config.json`` that is not a JSON object or has a field of the
+        wrong type or range; an ``adapter_model.safetensors`` that is truncated, corrupt
+        or holds non-float tensors; a pickled ``adapter_model.bin`` (unpickling can run
+        code); a PEFT feature jlora does not implement; keys that map to no leaf (all
+        listed at once); tensors whose shapes do not fit their leaves (with the layout
+        they would fit). No other exception escapes for any file content (a fuzz test
+        holds this).
+      TypeError: ``layouts`` or ``module_name`` of the wrong type.
 
     >>> import tempfile, jax, jax.numpy as jnp
     >>> from jlora import LoraConfig, init
@@ -503,10 +754,13 @@ def import_peft(directory, params, *, module_name=None):
     >>> jax.tree.map(jnp.shape, back)
     {'params': {'encoder': {'query': {'kernel': {'a': (6, 2), 'b': (2, 4)}}}}}
     """
-    directory = Path(directory)
+    directory = _user_path(directory)
+    if layouts is not None and not isinstance(layouts, LoraConfig):
+        raise TypeError(f"import_peft: layouts must be a jlora.LoraConfig (e.g. from jlora.infer_layouts), "
+                        f"got {type(layouts).__name__}.")
+    namer = _namer(module_name)
     peft = _read_config(directory)
     tensors = _read_tensors(directory)
-    namer = _namer(module_name)
     leaves = flatten(params)
     by_name: dict[str, list[str]] = {}  # "module.param" -> leaf paths
     for path in leaves:
@@ -514,9 +768,10 @@ def import_peft(directory, params, *, module_name=None):
         if isinstance(name, str) and name:
             by_name.setdefault(f"{name}.{_param_name(path)}", []).append(path)
 
-    r, alpha = int(peft.get("r", 8)), float(peft.get("lora_alpha", 8))  # PEFT's defaults
+    r, alpha = peft.get("r", 8), float(peft.get("lora_alpha", 8))  # PEFT's defaults
     rank_pattern, alpha_pattern = peft.get("rank_pattern") or {}, peft.get("alpha_pattern") or {}
     use_dora = bool(peft.get("use_dora", False))
+    transposed = bool(peft.get("fan_in_fan_out", False))
     factors: dict[str, dict[str, np.ndarray]] = {}  # module -> {"a", "b", "m"}
     module_keys: dict[str, list[str]] = {}
     full: dict[str, np.ndarray] = {}
@@ -558,17 +813,32 @@ def import_peft(directory, params, *, module_name=None):
         path = leaf_for(f"{module}.weight", module_keys[module])
         if path is None:
             continue
+        if f["a"].ndim < 2:
+            errors.append(f"{key}: lora_A has shape {f['a'].shape}; PEFT's factors have a rank axis and an input axis")
+            continue
         rank = int(f["a"].shape[0])
         want = _pattern_value(rank_pattern, module, r)
         if rank != want:
             errors.append(f"{key}: lora_A has rank {rank}, but r/rank_pattern give {want}")
             continue
-        adapter, error = _adapter_from_torch(path, tuple(np.shape(leaves[path])), f, rank)
+        shape = tuple(np.shape(leaves[path]))
+        embedding = any(k.endswith("lora_embedding_A") for k in module_keys[module])
+        rule = None if layouts is None else layouts.rule_for(path)
+        in_axes = None if rule is None else rule.in_axes
+        if rule is not None and rule.stack_axes:
+            errors.append(f"{key} -> {path}: layouts give stack_axes={rule.stack_axes}; a PEFT module is one layer, "
+                          "import into an unrolled (unscanned) model's params")
+            continue
+        if in_axes is None and transposed and len(shape) == 2 and f["a"].ndim == 2 and not embedding:
+            in_axes = (1,)  # torch Conv1D (in, out) -> Flax kernel (out, in)
+        adapter, error = _adapter_from_torch(path, shape, f, rank, in_axes)
         if error:
             errors.append(f"{key} -> {path}: {error}")
             continue
         adapters[path] = adapter
-        groups.setdefault((rank, float(_pattern_value(alpha_pattern, module, alpha))), []).append(path)
+        if in_axes is not None and default_layout(path, len(shape), in_axes) == default_layout(path, len(shape)):
+            in_axes = None  # the default: no need to spell it out
+        groups.setdefault((rank, float(_pattern_value(alpha_pattern, module, alpha)), in_axes), []).append(path)
 
     trained = {}
     for name, value in full.items():
@@ -594,8 +864,8 @@ def import_peft(directory, params, *, module_name=None):
     dtype = dtypes.pop() if len(dtypes) == 1 and jnp.issubdtype(next(iter(dtypes)), jnp.floating) else np.float32
     rules = tuple(
         Rule(pattern="|".join(re.escape(p) for p in sorted(paths)),
-             rank=None if rank == r else rank, alpha=None if a == alpha else a)
-        for (rank, a), paths in sorted(groups.items())
+             rank=None if rank == r else rank, alpha=None if a == alpha else a, in_axes=in_axes)
+        for (rank, a, in_axes), paths in sorted(groups.items(), key=lambda kv: (kv[0][:2], kv[0][2] or ()))
     )
     config = LoraConfig(
         rank=r, alpha=alpha, targets=rules, rslora=bool(peft.get("use_rslora", False)), dora=use_dora,

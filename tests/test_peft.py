@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax import lax
 from models import LinenScan, LinenZoo, NnxModel, bump, nnx_apply
 from safetensors.numpy import load_file, save_file
 
@@ -70,15 +71,103 @@ def torch_to_flax(state: dict) -> dict:
     return nest(flat)
 
 
+GPT2 = dict(vocab=50, positions=16, d=16, layers=2, heads=2)  # the fixture script's GPT2Config
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's FlaxConv1D: a kernel ``(out, in)`` (torch Conv1D's ``(in, out)`` weight, transposed), used transposed."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.normal(0.02), (self.features, x.shape[-1]))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        y = lax.dot_general(x, kernel, (((x.ndim - 1,), (1,)), ((), ())))
+        return y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
+
+
+class GPT2Attention(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        b, t, d = x.shape
+        heads = GPT2["heads"]
+        q, k, v = (y.reshape(b, t, heads, d // heads) for y in jnp.split(Conv1D(3 * d, name="c_attn")(x), 3, axis=-1))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (d // heads) ** -0.5
+        causal = jnp.tril(jnp.ones((t, t), bool))[None, None]
+        probs = jax.nn.softmax(jnp.where(causal, scores, jnp.finfo(scores.dtype).min), axis=-1)
+        return Conv1D(d, name="c_proj")(jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, d))
+
+
+class GPT2MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = jax.nn.gelu(Conv1D(4 * x.shape[-1], name="c_fc")(x), approximate=True)  # gelu_new
+        return Conv1D(x.shape[-1], name="c_proj")(h)
+
+
+class GPT2Block(nn.Module):
+    @nn.compact
+    def __call__(self, h):
+        h = h + GPT2Attention(name="attn")(nn.LayerNorm(1e-5, name="ln_1")(h))
+        return h + GPT2MLP(name="mlp")(nn.LayerNorm(1e-5, name="ln_2")(h))
+
+
+class GPT2Layers(nn.Module):
+    @nn.compact
+    def __call__(self, h):
+        for i in range(GPT2["layers"]):
+            h = GPT2Block(name=str(i))(h)
+        return h
+
+
+class GPT2Transformer(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        wte = nn.Embed(GPT2["vocab"], GPT2["d"], name="wte")
+        h = wte(ids) + nn.Embed(GPT2["positions"], GPT2["d"], name="wpe")(jnp.arange(ids.shape[1])[None])
+        return wte.attend(nn.LayerNorm(1e-5, name="ln_f")(GPT2Layers(name="h")(h)))  # tied head
+
+
+class GPT2LM(nn.Module):
+    """GPT2LMHeadModel in the manner of Hugging Face's FlaxGPT2 (its parameter names, (out, in) kernels)."""
+
+    @nn.compact
+    def __call__(self, ids):
+        return GPT2Transformer(name="transformer")(ids)
+
+
+def gpt2_to_flax(state: dict) -> dict:
+    """A torch GPT-2 state dict as FlaxGPT2 params: Conv1D ``(in, out)`` -> kernel ``(out, in)``."""
+    flat = {}
+    for key, value in state.items():
+        *module, name = key.split(".")
+        if name == "weight" and module[-1] in ("wte", "wpe"):
+            name = "embedding"
+        elif name == "weight" and module[-1].startswith("ln_"):
+            name = "scale"
+        elif name == "weight":
+            name, value = "kernel", value.T
+        flat["/".join(["params", *module, name])] = jnp.asarray(value)
+    return nest(flat)
+
+
+# The FlaxGPT2 layout, as a Rule: jlora.infer_layouts derives the same in_axes=(1,) from the model's dot_generals.
+GPT2_LAYOUTS = jlora.LoraConfig(targets=jlora.Rule(pattern=r".*/(c_attn|c_proj|c_fc)/kernel", in_axes=(1,)))
+
+
 def _fixture(name: str):
     """``(model, params, inputs, expected outputs, folder)`` of one fixture variant."""
     folder = FIXTURES / name
     kind = name.split("_")[0]
-    params = torch_to_flax(load_file(FIXTURES / f"{kind}_base.safetensors"))
+    state = load_file(FIXTURES / f"{kind}_base.safetensors")
+    params = gpt2_to_flax(state) if kind == "gpt2" else torch_to_flax(state)
     inputs = load_file(FIXTURES / f"{kind}_inputs.safetensors")
     if kind == "bert":
         model = BertClassifier()
         args = (inputs["input_ids"].astype(np.int32), inputs["attention_mask"].astype(np.int32))
+    elif kind == "gpt2":
+        model, args = GPT2LM(), (inputs["input_ids"].astype(np.int32),)
     else:
         model, args = TinyConv(), (inputs["x"],)
     return model, params, args, load_file(folder / "expected.safetensors"), folder
@@ -88,7 +177,7 @@ def _outputs(out) -> dict:
     return {"logits": out[0], "hidden": out[1]} if isinstance(out, tuple) else {"logits": out}
 
 
-VARIANTS = ["bert_lora", "bert_rslora", "bert_dora", "conv_lora", "conv_dora"]
+VARIANTS = ["bert_lora", "bert_rslora", "bert_dora", "conv_lora", "conv_dora", "gpt2_lora", "gpt2_save"]
 
 
 # --------------------------------------------------------------------------- against PEFT's own files
@@ -104,7 +193,7 @@ def test_imported_adapter_reproduces_peft_outputs(name):
     for key, want in expected.items():
         np.testing.assert_allclose(got[key], want, rtol=0, atol=1e-5, err_msg=f"{name}: {key}")
     assert all(u.factored for u in lora_apply.uses(frozen, trainable, *args))
-    if name == "conv_lora":  # the merged weights too (a BERT compile more is not worth its seconds)
+    if name in ("conv_lora", "gpt2_lora"):  # the merged weights too (a BERT compile more is not worth its seconds)
         merged = model.apply(jlora.merge(frozen, trainable, config), *args)
         np.testing.assert_allclose(merged, expected["logits"], rtol=0, atol=1e-5)
 
@@ -181,12 +270,17 @@ def test_export_of_import_reproduces_peft_files(name, tmp_path):
     their_cfg = json.loads((folder / "adapter_config.json").read_text())
     our_cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert set(our_cfg) == set(their_cfg) - {"peft_version"}
-    differ = {"target_modules", "rank_pattern", "alpha_pattern", "auto_mapping", "lora_alpha"}
+    differ = {"target_modules", "rank_pattern", "alpha_pattern", "auto_mapping", "lora_alpha", "modules_to_save"}
     for field in set(our_cfg) - differ:
         assert our_cfg[field] == their_cfg[field], field
     assert our_cfg["lora_alpha"] == their_cfg["lora_alpha"]  # also the int type
     modules = _modules(params)
     assert _peft_targets(our_cfg, modules) == _peft_targets(their_cfg, modules)
+
+    def saved(cfg):  # PEFT matches modules_to_save entries as module-name suffixes
+        return sorted(m for m in modules if any(m == t or m.endswith(f".{t}") for t in cfg["modules_to_save"] or ()))
+
+    assert saved(our_cfg) == saved(their_cfg)
 
 
 # --------------------------------------------------------------------------- jlora -> PEFT -> jlora
@@ -296,6 +390,131 @@ def test_module_name_override_and_dtype(tmp_path):
     assert config2.dtype == "bfloat16" and back["params"]["blocks_0"]["attn"]["q"]["kernel"]["a"].dtype == jnp.bfloat16
 
 
+# --------------------------------------------------------------------------- transposed kernels (fan_in_fan_out)
+
+
+def _gpt2_params():
+    return gpt2_to_flax(load_file(FIXTURES / "gpt2_base.safetensors"))
+
+
+C_PROJ = "params/transformer/h/0/attn/c_proj/kernel"  # square (16, 16): shapes cannot catch a swap of a and b
+
+
+def test_gpt2_import_reads_fan_in_fan_out_as_in_axes_1():
+    _, params, _, _, folder = _fixture("gpt2_lora")
+    _, trainable, config = import_peft(folder, params)
+    targets = resolve(config, params)
+    assert {t.layout.in_axes for t in targets.values() if t.is_lora} == {(1,)}
+    assert len([t for t in targets.values() if t.is_lora]) == 8
+    # The square kernel, by hand: PEFT adds (B @ A)ᵀ·s to the torch (in, out) weight, i.e. s·B @ A to the (out, in) kernel.
+    peft = load_file(folder / "adapter_model.safetensors")
+    big_a, big_b = (peft[f"base_model.model.transformer.h.0.attn.c_proj.lora_{x}.weight"] for x in "AB")
+    adapter = trainable["params"]["transformer"]["h"]["0"]["attn"]["c_proj"]["kernel"]
+    np.testing.assert_array_equal(adapter["a"], big_a.T)
+    np.testing.assert_array_equal(adapter["b"], big_b.T)
+    merged = jlora.merge(params, trainable, config)["params"]["transformer"]["h"]["0"]["attn"]["c_proj"]["kernel"]
+    kernel = params["params"]["transformer"]["h"]["0"]["attn"]["c_proj"]["kernel"]
+    np.testing.assert_allclose(merged, kernel + 3 / 4 * big_b @ big_a, rtol=0, atol=1e-6)  # alpha_pattern 3, r 4
+    # The same file read with explicit layouts (what jlora.infer_layouts gives) is the same config.
+    _, trainable2, config2 = import_peft(folder, params, layouts=GPT2_LAYOUTS)
+    assert config2 == config
+    jax.tree.map(np.testing.assert_array_equal, trainable2, trainable)
+
+
+def test_gpt2_import_without_fan_in_fan_out_is_an_error_not_a_swap(tmp_path):
+    folder = _copy("gpt2_lora", tmp_path)
+    _edit_config(folder, fan_in_fan_out=False)
+    with pytest.raises(ValueError, match=r"(?s)c_attn -> params/transformer/h/0/attn/c_attn/kernel: lora_A \(4, 16\) / "
+                                         r"lora_B \(48, 4\) do not fit the kernel's \(48, 16\).*They fit the kernel "
+                                         r"used transposed, \(out, in\) with in_axes=\(1,\).*layouts=jlora\.infer_layouts"):
+        import_peft(folder, _gpt2_params())
+    # Told the layout, the same file reads right, the square kernel included.
+    _, trainable, config = import_peft(folder, _gpt2_params(), layouts=GPT2_LAYOUTS)
+    assert resolve(config, _gpt2_params())[C_PROJ].layout.in_axes == (1,)
+
+
+def test_gpt2_import_layouts_win_over_fan_in_fan_out_and_are_checked():
+    _, params, _, _, folder = _fixture("gpt2_lora")
+    # PEFT sets fan_in_fan_out per module from its type; explicit layouts say which kernels are (in, out).
+    wrong = jlora.LoraConfig(targets=(jlora.Rule(pattern=r".*/c_(attn|fc)/kernel", in_axes=(0,)), r".*/kernel"))
+    with pytest.raises(ValueError, match=r"c_attn -> params/transformer/h/0/attn/c_attn/kernel: lora_A \(4, 16\) / "
+                                         r"lora_B \(48, 4\) do not fit the kernel's \(48, 16\).*They fit the kernel "
+                                         r"used transposed"):
+        import_peft(folder, params, layouts=wrong)
+    with pytest.raises(TypeError, match=r"layouts must be a jlora\.LoraConfig .*got dict"):
+        import_peft(folder, params, layouts={"c_proj": (1,)})
+    stacked = jlora.LoraConfig(targets=jlora.Rule(pattern=r".*c_fc/kernel", stack_axes=(0,)))
+    with pytest.raises(ValueError, match=r"mlp/c_fc/kernel: layouts give stack_axes=\(0,\); a PEFT module is one layer"):
+        import_peft(folder, params, layouts=stacked)
+
+
+def _square(in_axes):
+    """A kernel (16, 16) with a jlora adapter whose a and b differ, under a rule of ``in_axes``."""
+    params = {"params": {"attn": {"c_proj": {"kernel": jnp.asarray(np.random.default_rng(3).normal(size=(16, 16)),
+                                                                   jnp.float32)}}}}
+    config = jlora.LoraConfig(rank=2, alpha=4.0, targets=jlora.Rule(pattern=r".*/kernel", in_axes=in_axes))
+    return (*_init(params, config, seed=5), config)
+
+
+@pytest.mark.parametrize("in_axes", [(0,), (1,)], ids=["in-out", "out-in"])
+def test_square_kernel_exports_with_its_input_side(in_axes, tmp_path):
+    """PEFT's delta from the files, (B @ A) on torch's (out, in), is jlora's merged delta on the Flax kernel."""
+    params, trainable, config = _square(in_axes)
+    export_peft(tmp_path, trainable, config)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is (in_axes == (1,))
+    peft = load_file(tmp_path / "adapter_model.safetensors")
+    big_a, big_b = peft["base_model.model.attn.c_proj.lora_A.weight"], peft["base_model.model.attn.c_proj.lora_B.weight"]
+    adapter = trainable["params"]["attn"]["c_proj"]["kernel"]
+    np.testing.assert_array_equal(big_a, adapter["a"].T)
+    np.testing.assert_array_equal(big_b, adapter["b"].T)
+    delta = jlora.merge(params, trainable, config)["params"]["attn"]["c_proj"]["kernel"] - params["params"]["attn"][
+        "c_proj"]["kernel"]
+    torch_delta = 2.0 * big_b @ big_a  # (out, in)
+    np.testing.assert_allclose(delta, torch_delta.T if in_axes == (0,) else torch_delta, rtol=0, atol=1e-6)
+    assert np.max(np.abs(torch_delta - torch_delta.T)) > 1e-2  # a swap would show
+    _, back, config2 = import_peft(tmp_path, params)
+    jax.tree.map(np.testing.assert_array_equal, back, trainable)
+    assert resolve(config2, params)["params/attn/c_proj/kernel"].layout.in_axes == in_axes
+
+
+def test_export_refuses_a_mix_of_transposed_kernels_unless_told(tmp_path):
+    params = {"params": {"c_attn": {"kernel": jnp.ones((12, 4))}, "dense": {"kernel": jnp.ones((4, 6))}}}
+    config = jlora.LoraConfig(rank=2, targets=(jlora.Rule(pattern=r".*/c_attn/kernel", in_axes=(1,)), r".*/kernel"))
+    _, trainable = _init(params, config)
+    with pytest.raises(ValueError, match=r"2-D kernels used transposed \(in_axes=\(1,\)\): \['params/c_attn/kernel'\], "
+                                         r"beside kernels that are not: \['params/dense/kernel'\].*pass fan_in_fan_out=True"):
+        export_peft(tmp_path / "mixed", trainable, config)
+    assert not (tmp_path / "mixed").exists()
+    with pytest.raises(TypeError, match=r"fan_in_fan_out must be True, False or None, got 'yes'"):
+        export_peft(tmp_path / "mixed", trainable, config, fan_in_fan_out="yes")
+    export_peft(tmp_path / "told", trainable, config, fan_in_fan_out=True)
+    assert json.loads((tmp_path / "told" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    with pytest.raises(ValueError, match=r"dense -> params/dense/kernel: lora_A \(2, 4\) / lora_B \(6, 2\) do not fit "
+                                         r"the kernel's \(4, 6\).*fit the kernel as \(in, out\), in_axes=\(0,\): "
+                                         r"fan_in_fan_out: true makes 2-D kernels \(out, in\) unless layouts say"):
+        import_peft(tmp_path / "told", params)
+    layouts = jlora.LoraConfig(targets=(jlora.Rule(pattern=r".*/c_attn/kernel", in_axes=(1,)),
+                                        jlora.Rule(pattern=r".*/kernel", in_axes=(0,))))
+    _, back, config2 = import_peft(tmp_path / "told", params, layouts=layouts)
+    jax.tree.map(np.testing.assert_array_equal, back, trainable)
+
+
+def test_gpt2_round_trip_of_jlora_adapters(tmp_path):
+    """jlora adapters on FlaxGPT2 kernels -> PEFT files (fan_in_fan_out) -> jlora: same factors, same logits."""
+    params = _gpt2_params()
+    config = jlora.LoraConfig(rank=2, alpha=4.0, train_in_full=r".*/ln_f/.*", targets=(
+        jlora.Rule(pattern=r".*/(c_attn|c_proj|c_fc)/kernel", in_axes=(1,)),))  # = jlora.infer_layouts' result
+    frozen, trainable = _init(params, config, seed=2)
+    export_peft(tmp_path, trainable, config, frozen=frozen)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    frozen2, trainable2, config2 = import_peft(tmp_path, params)
+    jax.tree.map(np.testing.assert_array_equal, trainable2, trainable)
+    ids = jnp.asarray(load_file(FIXTURES / "gpt2_inputs.safetensors")["input_ids"], jnp.int32)
+    apply = jax.jit(GPT2LM().apply)
+    np.testing.assert_allclose(apply(jlora.merge(frozen2, trainable2, config2), ids),
+                               apply(jlora.merge(frozen, trainable, config), ids), rtol=1e-6)
+
+
 # --------------------------------------------------------------------------- what PEFT cannot hold (export)
 
 
@@ -326,15 +545,18 @@ def test_export_refuses_scanned_kernels(tmp_path):
 
 
 @pytest.mark.parametrize("config,kwargs,match", [
-    (jlora.LoraConfig(rank=2, targets=jlora.Rule(pattern=r".*/kernel", in_axes=(1,))), {},
-     r"params/dense/kernel has in_axes=\(1,\), not its leading axes"),
+    (jlora.LoraConfig(rank=2, targets=jlora.Rule(pattern=r".*/kernel", in_axes=(1,))),
+     {"params": {"params": {"dense": {"kernel": jnp.ones((3, 4, 6))}}}},
+     r"params/dense/kernel has in_axes=\(1,\), not its leading axes.*a 2-D \(out, in\) kernel with in_axes=\(1,\) "
+     r"exports as it is"),
     (jlora.LoraConfig(rank=2, targets=r".*/kernel"), {"conv": r".*"},
      r"params/dense/kernel \(shape \(4, 6\).*was marked conv"),
     (jlora.LoraConfig(rank=2, targets=r".*/kernel", train_in_full=r".*/bias"), {},
      r"modules \['dense'\] are both adapted and \(partly\) trained in full"),
 ], ids=["input-axes-not-leading", "conv-mark-on-dense", "adapted-and-trained-in-full"])
 def test_export_refuses_a_dense_layout_peft_cannot_hold(tmp_path, config, kwargs, match):
-    _, trainable = _init(_dense(), config)
+    kwargs = dict(kwargs)
+    _, trainable = _init(kwargs.pop("params", None) or _dense(), config)
     with pytest.raises(ValueError, match=match):
         export_peft(tmp_path, trainable, config, **kwargs)
 
