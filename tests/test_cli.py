@@ -169,3 +169,92 @@ def test_a_subprocess_failure_prints_no_traceback(setup):
         out = subprocess.run([sys.executable, "-m", "jlora", *argv], capture_output=True, text=True, cwd=tmp)
         assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
         assert out.stderr.startswith(f"jlora {argv[0]}: error: ") and "Traceback" not in out.stderr
+
+
+# ----------------------------------------------------------------------------- fuzzing the files the CLI reads
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 2**40) | st.text(max_size=6)
+    | st.sampled_from(["F32", "BF16", "I64", "lora", "float32", "params/up/kernel"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=2),
+    max_leaves=5,
+)
+
+
+def _nodes(value, keys=()):
+    yield keys, value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        yield from _nodes(v, (*keys, k))
+
+
+def _edit_json(draw, doc):
+    """``doc`` with one node replaced by a random JSON value or removed (the root only replaced)."""
+    keys, _ = draw(st.sampled_from(list(_nodes(doc))))
+    if not keys:
+        return draw(JSON_VALUES)
+    doc = json.loads(json.dumps(doc))
+    inner = doc
+    for k in keys[:-1]:
+        inner = inner[k]
+    if draw(st.booleans()):
+        inner[keys[-1]] = draw(JSON_VALUES)
+    elif isinstance(inner, dict):
+        del inner[keys[-1]]
+    else:
+        inner.pop(keys[-1])
+    return doc
+
+
+@st.composite
+def _mutated_safetensors(draw, original: bytes) -> bytes:
+    """The base file with its header edited, its header length changed, or its bytes cut or garbled."""
+    n = int.from_bytes(original[:8], "little")
+    header, data = json.loads(original[8:8 + n]), original[8 + n:]
+    how = draw(st.sampled_from(["header", "length", "truncate", "garble"]))
+    if how == "header":
+        text = json.dumps(_edit_json(draw, header)).encode()
+        return len(text).to_bytes(8, "little") + text + data
+    if how == "length":
+        return draw(st.integers(0, 2**64 - 1)).to_bytes(8, "little") + original[8:]
+    if how == "truncate":
+        return original[:draw(st.integers(0, len(original) - 1))]
+    at = draw(st.integers(0, len(original) - 1))
+    return original[:at] + draw(st.binary(min_size=1, max_size=4)) + original[at + 1:]
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzzed_files_give_one_line_or_success(setup, capsys, data):
+    *_, tmp, base = setup
+    original_base = base.read_bytes()
+    meta = tmp / "adapter" / "lora_metadata" / "metadata"
+    original_meta = meta.read_bytes()
+    new_base, new_meta = original_base, original_meta  # every draw before any write
+    if data.draw(st.booleans(), label="mutate the base (else the adapter's metadata)"):
+        new_base = data.draw(_mutated_safetensors(original_base))
+        argv = ["merge", str(tmp / "adapter"), str(base), str(tmp / "out.safetensors")]
+    else:
+        new_meta = json.dumps(_edit_json(data.draw, json.loads(original_meta))).encode()
+        argv = [data.draw(st.sampled_from(["inspect", "merge"])), str(tmp / "adapter")]
+        argv += [str(base), str(tmp / "out.safetensors")] if argv[0] == "merge" else []
+    capsys.readouterr()
+    try:
+        base.write_bytes(new_base)
+        meta.write_bytes(new_meta)
+        code = main(argv)
+        out = capsys.readouterr()
+        if code != 0:
+            assert code == 1 and out.out == "", out
+            assert len(out.err.strip().splitlines()) == 1 and out.err.startswith(f"jlora {argv[0]}: error: "), out.err
+            assert not (tmp / "out.safetensors").exists()
+        else:
+            assert out.err == ""
+    finally:
+        base.write_bytes(original_base)
+        meta.write_bytes(original_meta)
+        (tmp / "out.safetensors").unlink(missing_ok=True)
