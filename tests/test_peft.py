@@ -757,3 +757,33 @@ def test_live_conv_dora_through_peft(tmp_path):
     with torch.no_grad():
         got = peft_model(torch.tensor(x)).numpy()
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_live_gpt2_conv1d_through_peft(tmp_path):
+    """jlora adapters on FlaxGPT2's (out, in) kernels load into PEFT's Conv1D GPT-2 and compute the same, both ways."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    torch_model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=GPT2["vocab"], n_positions=GPT2["positions"], n_embd=GPT2["d"], n_layer=GPT2["layers"],
+        n_head=GPT2["heads"])).eval()
+    params = gpt2_to_flax({k: v.numpy() for k, v in torch_model.state_dict().items() if k != "lm_head.weight"})
+    config = jlora.LoraConfig(rank=4, alpha=8.0, targets=(  # jlora.infer_layouts gives these in_axes
+        jlora.Rule(pattern=r".*/attn/c_proj/kernel", rank=2, alpha=3.0, in_axes=(1,)),  # the square one
+        jlora.Rule(pattern=r".*/(c_attn|c_proj|c_fc)/kernel", in_axes=(1,))))
+    frozen, trainable = jlora.init(jax.random.key(0), params, config)
+    trainable = _random(jax.eval_shape(lambda: trainable), seed=4)
+    ids = np.array([[3, 7, 1, 9, 4, 11], [2, 8, 8, 5, 0, 49]], np.int32)
+    want = jlora.wrap(GPT2LM().apply, config)(frozen, trainable, ids)
+    assert np.max(np.abs(want - GPT2LM().apply(params, ids))) > 1e-2
+
+    export_peft(tmp_path / "jlora", trainable, config)
+    peft_model = peft.PeftModel.from_pretrained(torch_model, tmp_path / "jlora").eval()
+    with torch.no_grad():
+        got = peft_model(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+    peft_model.save_pretrained(tmp_path / "peft")
+    frozen2, trainable2, config2 = import_peft(tmp_path / "peft", params)
+    np.testing.assert_allclose(jlora.wrap(GPT2LM().apply, config2)(frozen2, trainable2, ids), want, rtol=0, atol=1e-6)
