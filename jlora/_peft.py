@@ -59,6 +59,7 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -862,6 +863,7 @@ def import_peft(directory, params, *, module_name=None, layouts: LoraConfig | No
 
     dtypes = {x.dtype for ad in adapters.values() for x in ad.values()}
     dtype = dtypes.pop() if len(dtypes) == 1 and jnp.issubdtype(next(iter(dtypes)), jnp.floating) else np.float32
+    dtype = jax.dtypes.canonicalize_dtype(dtype)  # float64 factors are float32 unless jax_enable_x64
     rules = tuple(
         Rule(pattern="|".join(re.escape(p) for p in sorted(paths)),
              rank=None if rank == r else rank, alpha=None if a == alpha else a, in_axes=in_axes)

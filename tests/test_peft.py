@@ -8,6 +8,7 @@ export into real PEFT in-process.
 
 import functools
 import json
+import os
 import pathlib
 import re
 import shutil
@@ -19,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from jax import lax
 from models import LinenScan, LinenZoo, NnxModel, bump, nnx_apply
 from safetensors.numpy import load_file, save_file
@@ -694,6 +697,234 @@ def test_import_refuses_leaves_it_cannot_tell_apart():
     with pytest.raises(ValueError, match=r"conv1\.weight: the leaves \['params/conv1/kernel', 'params/conv2/kernel'\] "
                                          r"all map to 'conv1\.weight'; tell them apart with module_name"):
         import_peft(folder, params, module_name=lambda path: default_module_name(path).replace("conv2", "conv1"))
+
+
+# --------------------------------------------------------------------------- broken files (import)
+
+
+def _raw_config(folder: pathlib.Path, text) -> None:
+    (folder / "adapter_config.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+
+
+@pytest.mark.parametrize("text, match", [
+    ("{\"peft_type\": \"LORA\", \"r\": ", r"adapter_config\.json is not valid JSON \(Expecting value"),
+    (b"\xff\xfe{}", r"adapter_config\.json is not valid JSON \(.*utf-8"),
+    ("[1, 2]", r"adapter_config\.json holds a JSON list, not an object of PEFT's LoraConfig fields"),
+    ("\"LORA\"", r"adapter_config\.json holds a JSON str, not an object"),
+], ids=["truncated", "not-utf8", "list", "string"])
+def test_import_names_a_config_that_is_no_json_object(text, match, tmp_path):
+    folder = _copy("conv_lora", tmp_path)
+    _raw_config(folder, text)
+    with pytest.raises(ValueError, match=match):
+        import_peft(folder, {})
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(r="eight"), r"adapter_config\.json: field 'r' is \"eight\", expected a positive integer \(the rank\); fix"),
+    (dict(r=0), r"field 'r' is 0, expected a positive integer"),
+    (dict(r=True), r"field 'r' is true, expected a positive integer"),
+    (dict(r=2.5), r"field 'r' is 2\.5, expected a positive integer"),
+    (dict(r=None), r"field 'r' is null, expected a positive integer"),
+    (dict(lora_alpha=None), r"field 'lora_alpha' is null, expected a finite number > 0"),
+    (dict(lora_alpha="8"), r"field 'lora_alpha' is \"8\", expected a finite number > 0"),
+    (dict(lora_alpha=float("inf")), r"field 'lora_alpha' is Infinity, expected a finite number > 0"),
+    (dict(peft_type=3), r"field 'peft_type' is 3, expected a string"),
+    (dict(use_dora="yes"), r"field 'use_dora' is \"yes\", expected true or false"),
+    (dict(fan_in_fan_out="true"), r"field 'fan_in_fan_out' is \"true\", expected true or false"),
+    (dict(lora_dropout=1.5), r"field 'lora_dropout' is 1\.5, expected a rate in \[0, 1\)"),
+    (dict(init_lora_weights=3), r"field 'init_lora_weights' is 3, expected true, false or a scheme name"),
+    (dict(rank_pattern=["conv1"]), r"field 'rank_pattern' is \[\"conv1\"\], expected an object \{module name "
+                                   r"pattern: value\} of positive integers"),
+    (dict(rank_pattern={"conv2": "2"}), r"field \"rank_pattern\['conv2'\]\" is \"2\", expected positive integers"),
+    (dict(alpha_pattern={"conv2": -1}), r"field \"alpha_pattern\['conv2'\]\" is -1, expected finite numbers > 0"),
+    (dict(rank_pattern={"conv(": 2}), r"rank_pattern key 'conv\(' is not a valid regex \(missing \)"),
+])
+def test_import_names_the_file_and_the_bad_field(fields, match, tmp_path):
+    folder = _copy("conv_lora", tmp_path)
+    _edit_config(folder, **fields)
+    _, params, _, _, _ = _fixture("conv_lora")
+    with pytest.raises(ValueError, match=match) as err:
+        import_peft(folder, params)
+    assert str(folder / "adapter_config.json") in str(err.value)
+
+
+def _weights(folder: pathlib.Path) -> pathlib.Path:
+    return folder / "adapter_model.safetensors"
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda raw: raw[: len(raw) // 2], r"is not a valid safetensors file \(SafetensorError: .*truncated or corrupt"),
+    (lambda raw: b"", r"is not a valid safetensors file \(SafetensorError"),
+    (lambda raw: b"\x00garbage" * 40, r"is not a valid safetensors file \(SafetensorError"),
+    (lambda raw: raw[:9] + b"!" + raw[10:], r"is not a valid safetensors file \(SafetensorError: .*header"),
+], ids=["truncated", "empty", "garbage", "header-json"])
+def test_import_names_a_broken_safetensors_file(damage, match, tmp_path):
+    folder = _copy("conv_lora", tmp_path)
+    _weights(folder).write_bytes(damage(_weights(folder).read_bytes()))
+    _, params, _, _, _ = _fixture("conv_lora")
+    with pytest.raises(ValueError, match=r"import_peft: .*adapter_model\.safetensors " + match):
+        import_peft(folder, params)
+
+
+def test_import_refuses_tensors_that_are_no_factors(tmp_path):
+    params = {"params": {"fc": {"kernel": np.ones((4, 3), np.float32)}}}
+    folder = tmp_path / "int"
+    folder.mkdir()
+    save_file({"base_model.model.fc.lora_A.weight": np.ones((2, 4), np.int32),
+               "base_model.model.fc.lora_B.weight": np.ones((3, 2), np.float32)}, _weights(folder))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors holds tensors that are not floating point: "
+                                         r"base_model\.model\.fc\.lora_A\.weight \(int32, shape \(2, 4\)\)"):
+        import_peft(folder, params)
+    flat = _write_adapter(tmp_path / "flat", {"fc.lora_A.weight": np.ones(4), "fc.lora_B.weight": np.ones((3, 2))})
+    with pytest.raises(ValueError, match=r"base_model\.model\.fc: lora_A has shape \(4,\); PEFT's factors have a rank "
+                                         r"axis and an input axis"):
+        import_peft(flat, params)
+    flat_b = _write_adapter(tmp_path / "flat_b", {"fc.lora_A.weight": np.ones((2, 4)), "fc.lora_B.weight": np.ones(3)})
+    with pytest.raises(ValueError, match=r"fc -> params/fc/kernel: lora_A \(2, 4\) / lora_B \(3,\) are no pair of "
+                                         r"Linear \(2-D\) or conv factors"):
+        import_peft(flat_b, params)
+
+
+# The documented failures of import_peft on any file content; nothing else may escape.
+DOCUMENTED = (ValueError, FileNotFoundError)
+_JUNK = st.one_of(st.none(), st.booleans(), st.integers(-3, 10**20), st.floats(allow_nan=True), st.text(max_size=4),
+                  st.lists(st.integers(-1, 3), max_size=2),
+                  st.dictionaries(st.text(max_size=3), st.one_of(st.integers(-1, 5), st.text(max_size=2),
+                                                                 st.floats(-1, 5)), max_size=2))
+_FIELDS = ["peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "fan_in_fan_out",
+           "lora_dropout", "init_lora_weights", "target_modules", "modules_to_save", "bias", "lora_bias", "use_qalora",
+           "layers_to_transform", "some_future_field"]
+
+
+def _fuzz_folder(tmp: pathlib.Path) -> tuple[pathlib.Path, dict]:
+    params = {"params": {"fc": {"kernel": np.ones((4, 3), np.float32), "bias": np.zeros(3, np.float32)},
+                         "conv": {"kernel": np.ones((3, 3, 2, 4), np.float32)}}}
+    folder = tmp / "adapter"
+    shutil.rmtree(folder, ignore_errors=True)
+    _write_adapter(folder, {"fc.lora_A.weight": np.ones((2, 4)), "fc.lora_B.weight": np.ones((3, 2)),
+                            "conv.lora_A.weight": np.ones((3, 2, 3, 3)), "conv.lora_B.weight": np.ones((4, 3, 1, 1)),
+                            "fc.bias": np.ones(3)}, rank_pattern={"conv": 3}, alpha_pattern={"fc": 2.0})
+    return folder, params
+
+
+def _import_or_documented_error(folder, params) -> None:
+    try:
+        import_peft(folder, params)
+    except DOCUMENTED as e:
+        assert str(folder) in str(e) or "import_peft" in str(e), e
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_fuzz_adapter_config_only_documented_errors_escape(tmp_path, data):
+    folder, params = _fuzz_folder(tmp_path)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    for _ in range(data.draw(st.integers(1, 3))):
+        field = data.draw(st.sampled_from(_FIELDS))
+        if data.draw(st.booleans()):
+            config.pop(field, None)
+        else:
+            config[field] = data.draw(_JUNK)
+    text = json.dumps(config)
+    if data.draw(st.booleans()):
+        text = text[: data.draw(st.integers(0, len(text)))]
+    _raw_config(folder, text)
+    _import_or_documented_error(folder, params)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_fuzz_safetensors_only_documented_errors_escape(tmp_path, data):
+    folder, params = _fuzz_folder(tmp_path)
+    raw = bytearray(_weights(folder).read_bytes())
+    header = 8 + int.from_bytes(raw[:8], "little")
+    if data.draw(st.booleans()):
+        raw = raw[: data.draw(st.integers(0, len(raw)))]
+    else:
+        for _ in range(data.draw(st.integers(1, 4))):
+            i = data.draw(st.integers(0, header - 1))
+            raw[i] = data.draw(st.integers(0, 255))
+    _weights(folder).write_bytes(bytes(raw))
+    _import_or_documented_error(folder, params)
+
+
+# --------------------------------------------------------------------------- writing files (export)
+
+
+def _two_adapters():
+    """``(params, (trainable, config) rank 2, (trainable, config) rank 3)`` on one kernel."""
+    params = {"params": {"fc": {"kernel": jnp.ones((4, 6))}}}
+    out = [params]
+    for rank in (2, 3):
+        config = jlora.LoraConfig(rank=rank, targets=r".*/kernel")
+        out.append((_init(params, config, seed=rank)[1], config))
+    return out
+
+
+def _rank_in(folder) -> int:
+    return json.loads((folder / "adapter_config.json").read_text())["r"]
+
+
+@pytest.mark.parametrize("swap", [True, False], ids=["exchange", "file-by-file"])
+def test_export_replaces_an_older_adapter_and_keeps_other_files(swap, tmp_path, monkeypatch):
+    if not swap:  # a system without renameat2(RENAME_EXCHANGE)
+        monkeypatch.setattr("jlora._peft._exchange", lambda a, b: False)
+    params, (old, old_cfg), (new, new_cfg) = _two_adapters()
+    target = tmp_path / "adapter"
+    export_peft(target, old, old_cfg)
+    (target / "README.md").write_text("model card")
+    (target / "other").mkdir()
+    (target / "other" / "adapter_config.json").write_text("{}")
+    export_peft(target, new, new_cfg)
+    _, back, config = import_peft(target, params)
+    assert config.rank == 3
+    jax.tree.map(np.testing.assert_array_equal, back, new)
+    assert (target / "README.md").read_text() == "model card"
+    assert (target / "other" / "adapter_config.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temporary folder left beside it
+
+
+@pytest.mark.parametrize("fail_at", ["_exchange", "fsync"])
+def test_a_failed_export_leaves_the_old_pair_and_nothing_else(fail_at, tmp_path, monkeypatch):
+    params, (old, old_cfg), (new, new_cfg) = _two_adapters()
+    target = tmp_path / "adapter"
+    export_peft(target, old, old_cfg)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def crash(*args):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr("jlora._peft._exchange" if fail_at == "_exchange" else "jlora._peft.os.fsync", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        export_peft(target, new, new_cfg)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    if fail_at == "fsync":  # a new folder appears whole or not at all
+        with pytest.raises(OSError, match="disk gone"):
+            export_peft(tmp_path / "fresh", new, new_cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_export_and_import_take_relative_home_and_pathlib_paths(tmp_path, monkeypatch):
+    params, (trainable, config), _ = _two_adapters()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    export_peft("rel/adapter", trainable, config)
+    assert (tmp_path / "rel" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "rel" / "adapter").stat().st_mode & 0o777 == 0o755
+    export_peft(pathlib.Path("~/adapter"), trainable, config)
+    assert (tmp_path / "home" / "adapter" / "adapter_config.json").is_file()
+    for where in ("rel/adapter", pathlib.Path("rel/adapter"), "~/adapter", pathlib.Path("~") / "adapter"):
+        _, back, _ = import_peft(where, params)
+        jax.tree.map(np.testing.assert_array_equal, back, trainable)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FileExistsError, match=r"export_peft: .*file is a file; give a folder path"):
+        export_peft("file", trainable, config)
+    with pytest.raises(TypeError, match=r"expected a folder path \(str or pathlib\.Path\), got int"):
+        export_peft(3, trainable, config)
+    with pytest.raises(FileNotFoundError, match=r"rel/none/adapter_config\.json does not exist"):
+        import_peft("rel/none", params)
+    assert os.path.isdir(tmp_path / "rel")
 
 
 # --------------------------------------------------------------------------- live, with torch and peft
