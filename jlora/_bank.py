@@ -117,9 +117,18 @@ def stack(adapters: Sequence[tuple] | Mapping[str, tuple], *, rank: int | None =
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < top):
         errors.append(f"rank={rank!r} is below the largest adapter rank {top}; use rank >= {top}.")
     for path in sorted(paths) if not errors else ():
-        splits = {(e[path][0].shape[:-1], e[path][2].in_axes, e[path][2].stack_axes) for e in entries}
+        splits = {(e[path][2].in_axes, e[path][2].stack_axes) for e in entries}
         if len(splits) > 1:
-            errors.append(f"{path}: the adapters split this kernel differently: {sorted(map(str, splits))}")
+            errors.append(f"{path}: the adapters split this kernel differently (in_axes, stack_axes): "
+                          f"{sorted(map(str, splits))}")
+            continue
+        n_stack = len(entries[0][path][2].stack_axes)
+        widths = [(e[path][0].shape[:-1], e[path][1].shape[:n_stack] + e[path][1].shape[n_stack + 1:])
+                  for e in entries]
+        if len(set(widths)) > 1:
+            each = ", ".join(f"adapter {i}: {ins} -> {outs}" for i, (ins, outs) in enumerate(widths))
+            errors.append(f"{path}: the kernels differ in width (input -> output shape, without the rank): {each}; "
+                          "a bank stacks adapters trained on one base")
     if errors:
         raise ValueError("stack: the adapters do not fit one bank:\n  " + "\n  ".join(errors))
     bank, rules = {}, []

@@ -173,3 +173,51 @@ def test_per_example_refuses_a_tied_head():
     bank, bank_cfg = jlora.stack([(jlora.init(jax.random.key(1), params, cfg)[1], cfg)])
     with pytest.raises(ValueError, match=r"per-example adapters need the batch as axis 0 of the input of x·W"):
         jlora.wrap(Tied().apply, bank_cfg)(params, bank, TOKENS, lora_index=jnp.zeros(4, jnp.int32))
+
+
+# ----------------------------------------------------------------------------- adapters that cannot share a bank
+
+
+def _dense_adapter(width_in, width_out, rank=2, in_axes=None, key=0):
+    params = {"params": {"dense": {"kernel": jnp.ones((width_in, width_out))}}}
+    cfg = jlora.LoraConfig(rank=rank, targets=jlora.Rule(pattern=r".*/kernel", in_axes=in_axes))
+    return bump(jlora.init(jax.random.key(key), params, cfg)[1]), cfg
+
+
+def test_stack_names_the_path_and_the_widths_that_differ():
+    with pytest.raises(ValueError, match=r"(?s)stack: the adapters do not fit one bank:\n  params/dense/kernel: the "
+                                         r"kernels differ in width \(input -> output shape, without the rank\): "
+                                         r"adapter 0: \(16,\) -> \(4,\), adapter 1: \(16,\) -> \(8,\); a bank stacks"):
+        jlora.stack([_dense_adapter(16, 4), _dense_adapter(16, 8)])
+    with pytest.raises(ValueError, match=r"params/dense/kernel: the kernels differ in width .*adapter 0: \(16,\) -> "
+                                         r"\(4,\), adapter 1: \(16,\) -> \(4,\), adapter 2: \(12,\) -> \(4,\)"):
+        jlora.stack({"x": _dense_adapter(16, 4), "y": _dense_adapter(16, 4, rank=3), "z": _dense_adapter(12, 4)})
+
+
+def test_stack_names_a_kernel_split_differently():
+    params = {"params": {"proj": {"kernel": jnp.ones((4, 6, 8))}}}  # (in, in, out) or (in, out, out)
+    pairs = []
+    for in_axes in ((0, 1), (0,)):
+        cfg = jlora.LoraConfig(rank=2, targets=jlora.Rule(pattern=r".*/kernel", in_axes=in_axes))
+        pairs.append((jlora.init(jax.random.key(0), params, cfg)[1], cfg))
+    with pytest.raises(ValueError, match=r"params/proj/kernel: the adapters split this kernel differently "
+                                         r"\(in_axes, stack_axes\): \['\(\(0,\), \(\)\)', '\(\(0, 1\), \(\)\)'\]"):
+        jlora.stack(pairs)
+
+
+def test_stack_refuses_what_is_not_a_pair():
+    with pytest.raises(TypeError, match=r"stack: adapter 1 must be a \(trainable, config\) pair, got dict"):
+        jlora.stack([_dense_adapter(16, 4), {"trainable": 1}])
+    with pytest.raises(TypeError, match=r"stack: adapter 0: expected \(trainable, jlora.LoraConfig\) pairs, got str"):
+        jlora.stack([(_dense_adapter(16, 4)[0], "rank=2")])
+    with pytest.raises(ValueError, match=r"stack: give at least one \(trainable, config\) pair"):
+        jlora.stack({})
+
+
+def test_put_names_the_path_whose_width_differs():
+    bank, cfg = jlora.stack([_dense_adapter(16, 4), _dense_adapter(16, 4, key=1)])
+    with pytest.raises(ValueError, match=r"(?s)put: the adapter does not fit the bank:\n  params/dense/kernel/b: shape "
+                                         r"\(2, 8\), the bank holds \(2, 4\)"):
+        jlora.put(bank, cfg, 0, *_dense_adapter(16, 8))
+    with pytest.raises(ValueError, match=r"put: slot must be an int in 0\.\.1, got -1"):
+        jlora.put(bank, cfg, -1, *_dense_adapter(16, 4))
