@@ -62,6 +62,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jlora._config import LoraConfig, Rule
 from jlora._layout import default_layout
@@ -340,6 +341,9 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
     base = _frozen_like(trainable, config) if frozen is None else frozen
     targets = resolve(config, base)
     values = check_trainable(targets, trainable)
+    # Arrays split across processes are gathered whole (a collective: every process calls export_peft).
+    values = jax.tree.map(lambda x: x if getattr(x, "is_fully_addressable", True)
+                          else multihost_utils.process_allgather(x, tiled=True), values)
 
     tensors: dict[str, np.ndarray] = {}
     owner: dict[str, str] = {}  # PEFT key -> leaf path, to catch two leaves on one key
@@ -527,13 +531,19 @@ def _write_pair(directory: Path, files: dict[str, bytes]) -> None:
                 moved.append(entry.name)
         if _exchange(tmp, directory):
             for name in moved:  # tmp now holds the old folder
-                os.rename(tmp / name, directory / name)
+                try:
+                    os.rename(tmp / name, directory / name)
+                except OSError as e:
+                    kept, tmp = tmp, None  # never delete what could not be moved back
+                    raise OSError(f"export_peft: wrote the new adapter to {directory}, but could not move {name} "
+                                  f"back into it ({e}); it is in {kept}: move it by hand.") from e
         else:
             for name in files:
                 os.replace(tmp / name, directory / name)
         _fsync_dir(directory.parent)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- import

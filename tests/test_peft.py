@@ -905,6 +905,29 @@ def test_a_failed_export_leaves_the_old_pair_and_nothing_else(fail_at, tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
+def test_export_never_deletes_a_subfolder_it_could_not_move_back(tmp_path, monkeypatch):
+    params, (old, old_cfg), (new, new_cfg) = _two_adapters()
+    target = tmp_path / "adapter"
+    export_peft(target, old, old_cfg)
+    (target / "other").mkdir()
+    (target / "other" / "keep.txt").write_text("mine")
+    rename = os.rename
+
+    def failing(src, dst):
+        if pathlib.Path(src).name == "other":
+            raise OSError("busy")
+        return rename(src, dst)
+
+    monkeypatch.setattr("jlora._peft.os.rename", failing)
+    with pytest.raises(OSError, match=r"wrote the new adapter to .*adapter, but could not move other back into it "
+                                      r"\(busy\); it is in .*\.adapter\..*\.tmp: move it by hand"):
+        export_peft(target, new, new_cfg)
+    monkeypatch.undo()
+    assert _rank_in(target) == 3
+    (hidden,) = [p for p in tmp_path.iterdir() if p.name != "adapter"]
+    assert (hidden / "other" / "keep.txt").read_text() == "mine"
+
+
 def test_export_and_import_take_relative_home_and_pathlib_paths(tmp_path, monkeypatch):
     params, (trainable, config), _ = _two_adapters()
     monkeypatch.chdir(tmp_path)
