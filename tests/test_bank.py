@@ -201,7 +201,7 @@ def test_stack_names_a_kernel_split_differently():
         cfg = jlora.LoraConfig(rank=2, targets=jlora.Rule(pattern=r".*/kernel", in_axes=in_axes))
         pairs.append((jlora.init(jax.random.key(0), params, cfg)[1], cfg))
     with pytest.raises(ValueError, match=r"params/proj/kernel: the adapters split this kernel differently "
-                                         r"\(in_axes, stack_axes\): \['\(\(0,\), \(\)\)', '\(\(0, 1\), \(\)\)'\]"):
+                                         r"\(in_axes, stack_axes\): \['\(\(0, 1\), \(\)\)', '\(\(0,\), \(\)\)'\]"):
         jlora.stack(pairs)
 
 
