@@ -41,16 +41,23 @@ gives the two items `save` writes, so every step directory is also a checkpoint
 `restore` reads. Saves are asynchronous (the step loop goes on while the arrays
 are written) and only the last ``max_to_keep`` steps stay on disk. Orbax 0.12.8
 saves and restores typed PRNG keys as they are (older versions need
-``jax.random.key_data(key)`` saved and ``jax.random.wrap_key_data`` on restore)::
+``jax.random.key_data(key)`` saved and ``jax.random.wrap_key_data`` on restore).
+With several processes (``jax.distributed``) every process runs the same code and
+every array saved must be a global one: Orbax refuses an array on one local device
+("host local jax.Array"), so the optimizer's step counts and the key are placed
+on the mesh, replicated (the moments already follow ``trainable``)::
 
     import orbax.checkpoint as ocp
+    from jax.sharding import NamedSharding, PartitionSpec as P
 
     options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=True)
     mngr = ocp.CheckpointManager(ckpt_dir, options=options)
 
     frozen, trainable = jlora.init(jax.random.key(0), params, config)
     tx = jlora.optimizer(config, learning_rate=1e-3)
-    opt_state, key, start = tx.init(trainable), jax.random.key(1), 0
+    replicated = NamedSharding(mesh, P())  # one device: jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    opt_state = jax.tree.map(lambda x: x if x.ndim else jax.device_put(x, replicated), tx.init(trainable))
+    key, start = jax.jit(lambda: jax.random.key(1), out_shardings=replicated)(), 0
 
     if (last := mngr.latest_step()) is not None:  # resume from the newest complete step
         abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
@@ -76,7 +83,8 @@ saves and restores typed PRNG keys as they are (older versions need
 
 ``train_step`` must draw its randomness from ``key`` (split it each step) and
 ``batch(step)`` must depend on the step alone; then a resumed run equals an
-uninterrupted one bit for bit.
+uninterrupted one bit for bit (``tests/test_multiprocess.py`` runs this recipe as
+written on two processes).
 """
 
 from __future__ import annotations
