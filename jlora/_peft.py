@@ -32,8 +32,8 @@ its axis 1, so jlora's layout is ``Rule(in_axes=(1,))`` (what `jlora.infer_layou
 derives). PEFT's factors are ``(r, in)`` and ``(out, r)`` for either module, so the
 tensors cross unchanged; the flag only says which axis of a 2-D kernel is its input.
 `import_peft` gives every 2-D Linear adapter of a ``fan_in_fan_out: true`` file
-``in_axes=(1,)``; `export_peft` writes ``true`` when its 2-D Linear adapters all have
-``in_axes=(1,)``. A 2-D kernel saved whole (``modules_to_save``) crosses as its
+``in_axes=(1,)`` unless its ``layouts=`` say otherwise; `export_peft` writes ``true``
+when its 2-D Linear adapters all have ``in_axes=(1,)``. A 2-D kernel saved whole (``modules_to_save``) crosses as its
 transpose either way: torch Linear ``(out, in)`` of a Flax ``(in, out)`` kernel, torch
 Conv1D ``(in, out)`` of the Flax port's ``(out, in)``.
 
