@@ -25,7 +25,7 @@ head) in an FSDP and a Megatron layout, each process checks:
 
 Process 0 leaves the expected values in WORKDIR. The single reader then restores
 the two-process checkpoint on one device with `jlora.restore`, and merges it into
-the two-process Orbax base with ``python -m jlora merge`` (`jlora._cli.main`).
+the two-process Orbax base with ``python -m jlora merge`` (a child of its own).
 Each check prints ``ok …``; the first failure prints its traceback and exits 1
 at once (the other process, stuck in a collective, is killed by the test).
 """
@@ -33,6 +33,7 @@ at once (the other process, stuck in a collective, is killed by the test).
 import os
 import pathlib
 import re
+import subprocess
 import sys
 import time
 import traceback
@@ -94,7 +95,7 @@ def pair(process_id: int, port: int, work: pathlib.Path) -> None:
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id,
-                               initialization_timeout=60)
+                               coordinator_bind_address=f"127.0.0.1:{port}", initialization_timeout=60)
     try:
         Pair(process_id, work).run()
     finally:
@@ -413,8 +414,10 @@ def single(work: pathlib.Path) -> None:
 
     def cli_merge():
         out = work / "merged"
-        rc = _cli.main(["merge", str(work / "fsdp" / "adapters"), str(work / "fsdp" / "base"), str(out)])
-        assert rc == 0, f"python -m jlora merge exited {rc}"
+        command = [sys.executable, "-m", "jlora", "merge", str(work / "fsdp" / "adapters"), str(work / "fsdp" / "base"),
+                   str(out)]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=120)  # same process group
+        assert proc.returncode == 0, f"python -m jlora merge exited {proc.returncode}:\n{proc.stderr}"
         merged = flatten(_cli._load_params(str(out)))
         reference = flatten(jlora.merge(base, nest(want), config))
         for p, x in reference.items():
