@@ -33,7 +33,19 @@ class Effective:
 
 
 def _rank_mask(t: Target, config: LoraConfig, a, b, rank, train: bool):
+    """Components ``k..r`` of ``t`` masked out, and the scale at rank ``k``.
+
+    ``k`` ranges over ``1..top`` (``top``: the config's largest rank; a target of a
+    smaller rank uses all its components above its own rank). A concrete ``k`` outside
+    that range is a ValueError; a traced one makes the scale NaN, so the output is NaN
+    rather than the adapter at some other rank.
+    """
     n_stack = len(t.layout.stack_axes)
+    top = max(config.rank_for(r) for r in config.rules)
+    if not isinstance(rank, jax.core.Tracer) and not 1 <= int(rank) <= top:
+        raise ValueError(f"rank={int(rank)} is out of range for this DyLoRA adapter of rank {top}; "
+                         f"choose 1 <= rank <= {top}.")
+    in_range = (jnp.asarray(rank) >= 1) & (jnp.asarray(rank) <= top)
     k = jnp.clip(jnp.asarray(rank, jnp.int32), 1, t.rank)
     idx = jnp.arange(t.rank)
 
@@ -52,7 +64,7 @@ def _rank_mask(t: Target, config: LoraConfig, a, b, rank, train: bool):
     b = b * on_b(keep).astype(b.dtype)
     kf = k.astype(jnp.float32)
     ratio = jnp.sqrt(t.rank / kf) if config.rslora else t.rank / kf
-    return a, b, t.scale * ratio
+    return a, b, jnp.where(in_range, t.scale * ratio, jnp.float32(jnp.nan))
 
 
 def effective(t: Target, config: LoraConfig, w, a, b, m, *, scale=None, rank=None, train=False) -> Effective:

@@ -354,10 +354,17 @@ def _branch_2d(lora: Lora, x, xc, wc, first, second, free, precision, pet):
 
 
 def _per_example(lora: Lora):
-    """Each example's factors ``(B, ...)``, and its on/off mask (index -1: the base alone)."""
+    """Each example's factors ``(B, ...)``, and its gate ``(B,)`` float32 that multiplies its branch.
+
+    The gate is 1 for an adapter of the bank, 0 for index -1 (the base alone) and NaN for an
+    index outside ``-1..K-1`` (only a traced index gets here; `LoraApply` refuses concrete
+    ones): that example's output becomes NaN, never another adapter's.
+    """
     k = lora.a.shape[0]
     sel = jnp.clip(lora.index, 0, k - 1)
-    return jnp.take(lora.a, sel, axis=0), jnp.take(lora.b, sel, axis=0), lora.index >= 0
+    valid = (lora.index >= -1) & (lora.index < k)
+    gate = jnp.where(valid, (lora.index >= 0).astype(jnp.float32), jnp.float32(jnp.nan))
+    return jnp.take(lora.a, sel, axis=0), jnp.take(lora.b, sel, axis=0), gate
 
 
 def _per_example_dot(lora: Lora, x, xc, wc, base, params):

@@ -14,7 +14,7 @@ from jlora._config import LoraConfig
 from jlora._effective import effective, sample_rank
 from jlora._layout import merged
 from jlora._merge import interpolate, merged_leaves
-from jlora._paths import flatten, leaf_paths, leaves, structure
+from jlora._paths import adapter_of, flatten, leaf_paths, leaves, structure
 from jlora._quant import QArray, dense, is_qarray
 from jlora._rewrite import Context, Lora, Use, eval_jaxpr
 from jlora._targets import check_trainable, resolve
@@ -106,6 +106,54 @@ def _knobs(lora_scale, lora_rank, lora_rng, lora_weights=None, lora_index=None) 
     return knobs
 
 
+def _concrete(x) -> bool:
+    """Whether ``x`` has a value here (not a tracer of an enclosing ``jax.jit``)."""
+    return not any(isinstance(v, jax.core.Tracer) for v in jax.tree_util.tree_leaves(x))
+
+
+def _check_factors(trainable) -> None:
+    """Adapter factors (``a``, ``b``, DoRA's ``m``) are floating point; one TypeError names every other."""
+    flat = flatten(trainable)
+    bad = [f"{p} ({jnp.result_type(x).name})" for p, x in flat.items()
+           if adapter_of(p, flat) is not None and not jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+    if bad:
+        raise TypeError(
+            "trainable has adapter factors that are not floating point: " + ", ".join(bad)
+            + ". LoRA factors are LoraConfig.dtype (float32 by default); make them with jlora.init, or cast "
+            "them back with .astype(jnp.float32)."
+        )
+
+
+def _check_knob_values(config: LoraConfig, trainable, lora_rank, lora_index) -> None:
+    """Refuse a ``lora_rank`` / ``lora_index`` that would serve the wrong adapter, when its value is known.
+
+    Traced values (the call inside the user's own ``jax.jit``) cannot be read here; the
+    rewrite turns them into NaN outputs instead (see `LoraApply`).
+    """
+    if lora_rank is not None:
+        if config.dylora is None:
+            raise ValueError(
+                f"lora_rank={lora_rank!r} is given, but this adapter is not DyLoRA (LoraConfig(dylora=None)): its "
+                "rank is fixed. Drop lora_rank, export a lower rank with jlora.truncate, or train with "
+                "dylora='frozen' to choose the rank at run time."
+            )
+        top = max(config.rank_for(r) for r in config.rules)
+        if _concrete(lora_rank) and not 1 <= int(np.asarray(lora_rank)) <= top:
+            raise ValueError(f"lora_rank={int(np.asarray(lora_rank))} is out of range for this DyLoRA adapter of "
+                             f"rank {top}; choose 1 <= lora_rank <= {top}.")
+    if lora_index is not None and _concrete(lora_index):
+        sizes = {np.shape(x)[0] for x in jax.tree_util.tree_leaves(trainable) if np.ndim(x)}
+        if len(sizes) != 1:
+            return  # not a bank: _check_bank says so
+        k = sizes.pop()
+        index = np.asarray(lora_index)
+        bad = np.flatnonzero((index < -1) | (index >= k))
+        if bad.size:
+            shown = ", ".join(f"{int(index[n])} (example {n})" for n in bad[:5]) + (", ..." if bad.size > 5 else "")
+            raise ValueError(f"lora_index holds {shown}, outside -1..{k - 1}: the bank has {k} adapters "
+                             f"(0..{k - 1}) and -1 means the base model. Index the adapters the bank holds.")
+
+
 def _check_bank(targets, trainable) -> dict:
     """Like `check_trainable`, for a bank (`stack`): every leaf leads with the same K."""
     leaves = jax.tree_util.tree_leaves(trainable)
@@ -139,6 +187,17 @@ class LoraApply:
     * ``lora_weights`` (shape ``(K,)``) / ``lora_index`` (shape ``(batch,)``, ``-1`` for
       the base): for a bank of K adapters made by `jlora.stack`, their weighted sum,
       or one adapter per example.
+
+    Values that would serve the wrong adapter are refused, never clipped: a
+    ``lora_index`` outside ``-1..K-1``, a ``lora_rank`` outside ``1..r`` (``r``: the
+    largest rank of the config), a ``lora_rank`` for an adapter that is not DyLoRA
+    (``ValueError``) and adapter factors that are not floating point (``TypeError``).
+    When the call runs inside your own ``jax.jit``, ``lora_index`` and ``lora_rank``
+    are traced and cannot be checked before it runs; then an out-of-range index
+    makes that example's output NaN (its row of the batch; the other examples are
+    served as asked), and an out-of-range rank makes the whole output NaN, so a bad
+    value shows up in the result instead of silently serving another adapter or rank.
+    Checking concrete ``lora_index`` values reads them on the host (a tiny transfer).
     """
 
     def __init__(self, apply_fn, config: LoraConfig, strategy: str, fallback: str):
@@ -149,6 +208,8 @@ class LoraApply:
                  lora_weights=None, lora_index=None, **kwargs):
         dynamic, static = _split(args, kwargs)
         knobs = _knobs(lora_scale, lora_rank, lora_rng, lora_weights, lora_index)
+        _check_factors(trainable)
+        _check_knob_values(self.config, trainable, lora_rank, lora_index)
         return self._jitted(frozen, trainable, dynamic, knobs, static=static)
 
     def uses(self, frozen, trainable, *args, lora_scale=None, lora_rank=None, lora_rng=None,
@@ -160,6 +221,8 @@ class LoraApply:
         equation fell back to the merged weight.
         """
         dynamic, static = _split(args, kwargs)
+        _check_factors(trainable)
+        _check_knob_values(self.config, trainable, lora_rank, lora_index)
         ctx = Context(fallback=self.fallback, uses=[])
         jax.make_jaxpr(lambda f, t, d, k: self._run(f, t, d, k, static=static, ctx=ctx))(
             frozen, trainable, dynamic, _knobs(lora_scale, lora_rank, lora_rng, lora_weights, lora_index)

@@ -221,3 +221,36 @@ def test_put_names_the_path_whose_width_differs():
         jlora.put(bank, cfg, 0, *_dense_adapter(16, 8))
     with pytest.raises(ValueError, match=r"put: slot must be an int in 0\.\.1, got -1"):
         jlora.put(bank, cfg, -1, *_dense_adapter(16, 4))
+
+
+# ----------------------------------------------------------------------------- an index the bank does not hold
+
+
+@pytest.mark.parametrize("index,shown", [
+    ([0, 2, 1, -1], r"2 \(example 1\)"),
+    ([5, 0, 0, 0], r"5 \(example 0\)"),
+    ([-2, 0, -1, 0], r"-2 \(example 0\)"),
+    ([7, -5, 0, 1], r"7 \(example 0\), -5 \(example 1\)"),
+])
+def test_lora_index_out_of_range_is_refused(index, shown):
+    bank, cfg = jlora.stack(ADAPTERS[:2])
+    for strategy_index in (jnp.array(index), np.array(index, np.int32)):
+        with pytest.raises(ValueError, match=rf"lora_index holds {shown}, outside -1\.\.1: the bank has 2 adapters "
+                                             r"\(0\.\.1\) and -1 means the base model\."):
+            jlora.wrap(Net().apply, cfg)(PARAMS, bank, TOKENS, lora_index=strategy_index)
+    with pytest.raises(ValueError, match=rf"lora_index holds {shown}, outside -1\.\.1"):
+        jlora.wrap(Net().apply, cfg).uses(PARAMS, bank, TOKENS, lora_index=jnp.array(index))
+
+
+def test_traced_index_out_of_range_gives_nan_rows_never_another_adapter():
+    bank, cfg = jlora.stack(ADAPTERS[:2])
+    lora_apply = jlora.wrap(Net().apply, cfg, fallback="error")
+    serve = jax.jit(lambda index: lora_apply(PARAMS, bank, TOKENS, lora_index=index))
+    got = np.asarray(serve(jnp.array([1, 2, -2, 0])))  # examples 1 and 2 ask for adapters the bank lacks
+    assert np.isnan(got[1]).all() and np.isnan(got[2]).all()
+    np.testing.assert_allclose(got[0], _alone(1)[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[3], _alone(0)[3], rtol=1e-5, atol=1e-5)
+    base = jax.jit(Net().apply)(PARAMS, TOKENS)
+    got = np.asarray(serve(jnp.array([-1, 0, 1, -1])))  # in range: no NaN anywhere, -1 is the base
+    np.testing.assert_allclose(got[0], base[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[2], _alone(1)[2], rtol=1e-5, atol=1e-5)

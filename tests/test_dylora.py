@@ -95,3 +95,57 @@ def test_errors():
     frozen, trainable = jlora.init(jax.random.key(2), params, cfg)
     with pytest.raises(ValueError, match=r"lora_rank must be an integer scalar, got 2.5"):
         jlora.wrap(model.apply, cfg)(frozen, trainable, x, lora_rank=2.5)
+
+
+# ----------------------------------------------------------------------------- a rank that does not exist
+
+
+@pytest.mark.parametrize("strategy", ["factored", "merge"])
+@pytest.mark.parametrize("rank", [0, 5, -1])
+def test_lora_rank_out_of_range_is_refused(strategy, rank):
+    model, x, params = _mlp()
+    cfg = jlora.LoraConfig(rank=4, dylora="plain", targets=(jlora.Rule(pattern=r".*_0/kernel", rank=3), r".*/kernel"))
+    frozen, trainable = jlora.init(jax.random.key(2), params, cfg)
+    with pytest.raises(ValueError, match=rf"lora_rank={rank} is out of range for this DyLoRA adapter of rank 4; "
+                                         r"choose 1 <= lora_rank <= 4\."):
+        jlora.wrap(model.apply, cfg, strategy)(frozen, trainable, x, lora_rank=rank)
+    with pytest.raises(ValueError, match=rf"lora_rank={rank} is out of range"):
+        jlora.wrap(model.apply, cfg, strategy).uses(frozen, trainable, x, lora_rank=jnp.int32(rank))
+
+
+@pytest.mark.parametrize("rank", [0, 5])
+def test_merge_at_a_rank_out_of_range_is_refused(rank):
+    model, x, params = _mlp()
+    cfg = jlora.LoraConfig(rank=4, dylora="frozen", targets=r".*/kernel")
+    frozen, trainable = jlora.init(jax.random.key(2), params, cfg)
+    with pytest.raises(ValueError, match=rf"rank={rank} is out of range for this DyLoRA adapter of rank 4; "
+                                         r"choose 1 <= rank <= 4\."):
+        jlora.merge(frozen, trainable, cfg, rank=rank)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_lora_rank_on_a_plain_adapter_is_refused(jit):
+    model, x, params = _mlp()
+    cfg = jlora.LoraConfig(rank=4, targets=r".*/kernel")
+    frozen, trainable = jlora.init(jax.random.key(2), params, cfg)
+    lora_apply = jlora.wrap(model.apply, cfg)
+    call = jax.jit(lambda k: lora_apply(frozen, trainable, x, lora_rank=k)) if jit else (
+        lambda k: lora_apply(frozen, trainable, x, lora_rank=k))
+    with pytest.raises(ValueError, match=r"lora_rank=.* is given, but this adapter is not DyLoRA "
+                                         r"\(LoraConfig\(dylora=None\)\): its rank is fixed\. Drop lora_rank"):
+        call(1)
+
+
+@pytest.mark.parametrize("strategy", ["factored", "merge"])
+def test_traced_rank_out_of_range_gives_nan_never_another_rank(strategy):
+    model, x, params = _mlp()
+    cfg = jlora.LoraConfig(rank=4, alpha=8.0, dylora="plain", targets=r".*/kernel")
+    frozen, trainable = jlora.init(jax.random.key(2), params, cfg)
+    trainable = bump(trainable, 0.2)
+    lora_apply = jlora.wrap(model.apply, cfg, strategy)
+    serve = jax.jit(lambda k: lora_apply(frozen, trainable, x, lora_rank=k))
+    for k in (1, 4):  # in range: the adapter at rank k, as a truncated adapter computes it
+        small, cfg_k = jlora.truncate(trainable, cfg, k)
+        np.testing.assert_allclose(serve(k), jlora.wrap(model.apply, cfg_k)(frozen, small, x), rtol=1e-5, atol=1e-5)
+    for k in (0, 5, -3):
+        assert np.isnan(np.asarray(serve(k))).all(), k

@@ -29,11 +29,15 @@ def test_dylora_rank_masks_components_and_rescales(rslora, k):
     np.testing.assert_allclose(e.scale, want, rtol=1e-6)
 
 
-def test_rank_is_clipped_to_the_adapter_rank():
+def test_rank_out_of_range_is_refused_or_nan_never_clipped():
     cfg, t, w, tr = _target(dylora="plain")
-    e = effective(t, cfg, w, tr["a"], tr["b"], None, rank=99)
+    e = effective(t, cfg, w, tr["a"], tr["b"], None, rank=4)
     np.testing.assert_array_equal(e.a, tr["a"])
     np.testing.assert_allclose(e.scale, 2.0)
+    with pytest.raises(ValueError, match=r"rank=99 is out of range for this DyLoRA adapter of rank 4"):
+        effective(t, cfg, w, tr["a"], tr["b"], None, rank=99)
+    scale = jax.jit(lambda k: effective(t, cfg, w, tr["a"], tr["b"], None, rank=k).scale)
+    assert np.isnan(scale(99)) and np.isnan(scale(0)) and float(scale(4)) == 2.0
 
 
 def test_frozen_mode_trains_only_the_kth_component():

@@ -276,3 +276,28 @@ def test_errors():
         with pytest.raises(ValueError, match=r"(?s)params/kernel/a has shape \(4, 3\), expected \(4, 2\).*"
                                              r"params/kernel/b has shape \(3, 3\), expected \(2, 3\)"):
             jlora.wrap(model.apply, cfg, strategy)(frozen, wrong, x)
+
+
+# ----------------------------------------------------------------------------- factors that are not float
+
+
+@pytest.mark.parametrize("strategy", ["factored", "merge"])
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_])
+def test_non_float_factors_are_refused_at_the_call(strategy, dtype):
+    model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(3)])
+    x = jnp.ones((2, 4))
+    params = model.init(jax.random.key(0), x)
+    cfg = jlora.LoraConfig(rank=2, targets=".*/kernel")
+    frozen, trainable = jlora.init(jax.random.key(1), params, cfg)
+    trainable["params"]["layers_0"]["kernel"]["a"] = trainable["params"]["layers_0"]["kernel"]["a"].astype(dtype)
+    trainable["params"]["layers_2"]["kernel"]["b"] = trainable["params"]["layers_2"]["kernel"]["b"].astype(dtype)
+    name = jnp.dtype(dtype).name
+    lora_apply = jlora.wrap(model.apply, cfg, strategy)
+    message = (rf"trainable has adapter factors that are not floating point: params/layers_0/kernel/a \({name}\), "
+               rf"params/layers_2/kernel/b \({name}\)\. LoRA factors are LoraConfig\.dtype .*astype\(jnp\.float32\)")
+    with pytest.raises(TypeError, match=message):
+        lora_apply(frozen, trainable, x)
+    with pytest.raises(TypeError, match=message):
+        jax.jit(lambda t: lora_apply(frozen, t, x))(trainable)  # dtypes are known under jit too
+    with pytest.raises(TypeError, match=message):
+        lora_apply.uses(frozen, trainable, x)
