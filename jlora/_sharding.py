@@ -18,7 +18,8 @@ state per device shrinks with the device count as the base's does.
 
 `shardings` is the public face; `placement` and `on_mesh` let `jlora.init` create
 adapters of a sharded model directly with these shardings, so no device ever holds
-a whole kernel it did not hold before.
+a whole kernel it did not hold before; `restore_shardings` tells `jlora.restore`
+where to read each stored array (the same rule, never the layout that wrote it).
 """
 
 from __future__ import annotations
