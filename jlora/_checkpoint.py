@@ -499,7 +499,8 @@ def restore(directory, frozen, *, shardings=None) -> tuple[dict, LoraConfig]:
 
     Args:
       directory: a checkpoint written by `save`, or a ``CheckpointManager`` step
-        directory saved with `save_args`.
+        directory saved with `save_args`: a ``str`` or ``pathlib.Path`` (relative to
+        the working directory, ``~`` expanded) or an ``etils.epath`` URL.
       frozen: the base parameters the adapters go with.
       shardings: where to put each array: a tree shaped like ``trainable`` of
         ``jax.sharding.Sharding``s. By default the adapters follow ``frozen``:
@@ -517,9 +518,11 @@ def restore(directory, frozen, *, shardings=None) -> tuple[dict, LoraConfig]:
     Raises:
       FileNotFoundError: no checkpoint at ``directory`` (the message says so when a
         save there was interrupted).
-      ValueError: missing or corrupt metadata; a format newer than this jlora
-        reads; a config that does not fit ``frozen``; stored arrays whose shape or
-        dtype differs from the expected ones (every path named).
+      TypeError: ``directory`` is not a path.
+      ValueError: missing or corrupt metadata (the message names the field); a
+        format newer than this jlora reads; a config that does not fit ``frozen``;
+        stored arrays whose shape or dtype differs from the expected ones (every
+        path named).
 
     >>> restore("/no/such/adapter", {})
     Traceback (most recent call last):
