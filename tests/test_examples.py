@@ -28,6 +28,31 @@ def test_tweet_sentiment_quick(tmp_path):
     assert record["merged_same_predictions"] and record["restored_identical"]
     assert 0 < record["rows"]["LoRA"]["trainable"] < 0.01 * record["parameters"]
     assert (tmp_path / "tweet_sentiment_loss.png").stat().st_size > 0
+    # The probe trains until its training-set loss stops falling, not for the others' step count.
+    probe = record["probe"][0]
+    assert probe["steps"] > record["steps"] and probe["train_loss"] < np.mean(record["curves"]["linear probe"][:4])
+    assert record["rows"]["LoRA+"]["per_seed"] == [record["rows"]["LoRA+"]["accuracy"]]
+    assert 0 < record["comparisons"]["LoRA+"]["mean_loss_ratio"][0] < 2
+
+
+def test_seed_statistics():
+    """The numbers the seed tables print: mean ± sd (ddof 1), the test set's standard error,
+    a validation split carved per class, the area under a loss curve."""
+    import tweet_sentiment as ts
+    import tweets
+
+    assert ts.fmt([0.70, 0.72, 0.74]) == "72.0 ± 2.0"
+    assert ts.fmt([0.7]) == "70.0"
+    assert ts.fmt([-0.01, 0.03], sign="+") == "+1.0 ± 2.8"
+    assert ts.standard_error(0.75, 900) == pytest.approx(0.01443, abs=1e-5)
+    assert ts.mean_loss([1.0, 0.5, 0.0]) == 0.5
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 2], np.int32)
+    split = tweets.Split(np.array([f"t{i}" for i in range(10)]), labels)
+    rest, held = ts.carve(split, 2)
+    assert np.bincount(held.labels).tolist() == [2, 2, 2]
+    assert sorted([*rest.texts, *held.texts]) == sorted(split.texts)
+    assert ts.method_name(1.0) == "LoRA" and ts.method_name(16.0) == "LoRA+"
+    assert ts.method_name("auto") == "LoRA+ (ratio auto)" and ts.method_name(4.0) == "LoRA+ (ratio 4)"
 
 
 @pytest.mark.standard_promotion
