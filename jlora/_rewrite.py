@@ -38,7 +38,10 @@ from jax import lax
 from jax.extend.core import Literal
 
 from jlora._config import NONLINEARITIES
-from jlora._layout import Layout, column_norm, dora_merged, merged
+from jlora._layout import Layout, LayoutError, column_norm, dora_merged, merged
+from jlora._primitives import UnsupportedJax as UnsupportedJax
+from jlora._primitives import param as _param
+from jlora._primitives import scan_counts as _scan_counts
 from jlora._quant import QArray, dense
 
 
@@ -123,10 +126,6 @@ class Use(NamedTuple):
     factored: bool
 
 
-class LayoutError(ValueError):
-    pass
-
-
 @dataclasses.dataclass
 class Context:
     fallback: str = "merge"  # or "error"
@@ -161,42 +160,6 @@ def eval_jaxpr(ctx: Context, jaxpr, consts: Sequence, args: Sequence) -> list:
         for v, x in zip(eqn.outvars, outs, strict=True):
             env[v] = x
     return [read(v) for v in jaxpr.outvars]
-
-
-class UnsupportedJax(RuntimeError):
-    """A primitive of the installed jax carries parameters this jlora does not know."""
-
-
-def _param(eqn, name: str):
-    """``eqn.params[name]``, or an error naming the primitive and the jax version when it is gone.
-
-    JAX renames primitive parameters between releases (``scan`` replaced ``num_consts`` and
-    ``num_carry`` by ``ft_in`` in 0.11); the rewrite reads every parameter through here so
-    that the next rename says what changed instead of raising a bare ``KeyError``.
-    """
-    try:
-        return eqn.params[name]
-    except KeyError:
-        raise UnsupportedJax(
-            f"jlora cannot read the '{eqn.primitive.name}' primitive of jax {jax.__version__}: it has no "
-            f"parameter {name!r} (it has {sorted(eqn.params)}). This jax is newer than the ones jlora was "
-            "tested with; upgrade jlora, or install a supported jax (see the README's supported versions). "
-            "wrap(..., strategy='merge') does not read primitives and works meanwhile."
-        ) from None
-
-
-def _scan_counts(eqn) -> tuple[int, int]:
-    """How many of a ``scan``'s operands are constants and loop carries (jax <= 0.10 and >= 0.11)."""
-    if "num_consts" in eqn.params:  # jax <= 0.10
-        return _param(eqn, "num_consts"), _param(eqn, "num_carry")
-    groups = _param(eqn, "ft_in").unpack()  # jax >= 0.11: a flat tree of (consts, carry, xs)
-    if len(groups) != 3:
-        raise UnsupportedJax(
-            f"jlora cannot read the 'scan' primitive of jax {jax.__version__}: its ft_in has {len(groups)} "
-            "groups where jlora expects three (constants, carry, scanned inputs). Upgrade jlora, or use "
-            "wrap(..., strategy='merge') meanwhile."
-        )
-    return len(groups[0]), len(groups[1])
 
 
 def _bind(eqn, invals, **override):

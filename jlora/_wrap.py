@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import zlib
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -12,62 +11,19 @@ import numpy as np
 from jlora._bank import weighted
 from jlora._config import LoraConfig
 from jlora._effective import effective, sample_rank
+from jlora._infer import check, derive, kernel_views, mismatch_error, uses_in
 from jlora._layout import merged
 from jlora._merge import interpolate, merged_leaves
 from jlora._paths import adapter_of, flatten, leaf_paths, leaves, structure
-from jlora._quant import QArray, dense, is_qarray
+from jlora._quant import dense
 from jlora._rewrite import Context, Lora, Use, eval_jaxpr
 from jlora._targets import check_trainable, resolve
+from jlora._trace import Static as _Static
+from jlora._trace import split as _split
+from jlora._trace import trace
 
 STRATEGIES = ("factored", "merge")
 FALLBACKS = ("merge", "error")
-
-
-class _Static:
-    """Non-array call arguments (flags, strings, methods) as a hashable jit static."""
-
-    def __init__(self, treedef, leaves: dict[int, Any]):
-        self.treedef, self.leaves = treedef, leaves
-
-    def _key(self):
-        return (self.treedef, tuple(self.leaves.items()))
-
-    def __hash__(self):
-        try:
-            return hash(self._key())
-        except TypeError:
-            return hash((self.treedef, tuple(self.leaves)))
-
-    def __eq__(self, other):
-        if not isinstance(other, _Static) or self.treedef != other.treedef:
-            return False
-        if self.leaves.keys() != other.leaves.keys():
-            return False
-        return all(v is other.leaves[k] or _safe_eq(v, other.leaves[k]) for k, v in self.leaves.items())
-
-    def rebuild(self, dynamic: list):
-        it = iter(dynamic)
-        n = self.treedef.num_leaves
-        leaves = [self.leaves[i] if i in self.leaves else next(it) for i in range(n)]
-        return jax.tree_util.tree_unflatten(self.treedef, leaves)
-
-
-def _safe_eq(a, b) -> bool:
-    try:
-        return bool(a == b)
-    except Exception:
-        return False
-
-
-def _is_dynamic(x) -> bool:
-    return isinstance(x, jax.Array | np.ndarray | np.generic)
-
-
-def _split(args, kwargs):
-    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
-    dynamic = [x for x in leaves if _is_dynamic(x)]
-    static = {i: x for i, x in enumerate(leaves) if not _is_dynamic(x)}
-    return dynamic, _Static(treedef, static)
 
 
 def _knobs(lora_scale, lora_rank, lora_rng, lora_weights=None, lora_index=None) -> dict:
@@ -170,6 +126,27 @@ def _check_bank(targets, trainable) -> dict:
     return {path: (flat[f"{path}/a"], flat[f"{path}/b"]) for path in targets}
 
 
+def _verify(closed, frozen, targets) -> None:
+    """Every use of every adapted kernel in ``closed`` agrees with its configured split; else one error.
+
+    Runs once per trace. A kernel contracted on the axes the config calls its output
+    (and never used forward) would get ``a`` and ``b`` swapped, and a layer or expert axis
+    sliced one at a time but not declared a stack axis would share one adapter: both are
+    listed, each with the split its uses imply, in one `LayoutError`.
+    """
+    _, views = kernel_views(frozen, targets)
+    if not views:
+        return
+    uses = uses_in(closed, views)
+    problems = {}
+    for path, found in uses.items():
+        t = targets[path]
+        if not check(t.layout, found):
+            problems[path] = (t.layout, derive(path, len(t.shape), found), found)
+    if problems:
+        raise mismatch_error(problems)
+
+
 class LoraApply:
     """``lora_apply(frozen, trainable, *args, lora_scale=None, lora_rank=None, lora_rng=None, **kwargs)``.
 
@@ -247,6 +224,7 @@ class LoraApply:
                     "strategy='merge' folds the adapter into W, so it cannot drop out the LoRA branch's input; "
                     "train with strategy='factored', or set dropout=0."
                 )
+            _verify(trace(self.apply_fn, frozen, dynamic, static)[0], frozen, targets)
             new = merged_leaves(frozen, trainable, config, scale, rank=rank, train=train)
             params = jax.tree_util.tree_unflatten(structure(frozen), new)
             args, kwargs = static.rebuild(dynamic)
@@ -273,14 +251,9 @@ class LoraApply:
         A quantized kernel is traced as a ``ShapeDtypeStruct`` of its logical weight and
         handed to the rewrite quantized (the carrier's ``w``).
         """
-        flat, treedef = jax.tree_util.tree_flatten(frozen, is_leaf=is_qarray)
-        avals = [jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(x, QArray) else x for x in flat]
-
-        def traced(param_leaves, dyn):
-            args, kwargs = static.rebuild(dyn)
-            return self.apply_fn(jax.tree_util.tree_unflatten(treedef, param_leaves), *args, **kwargs)
-
-        closed, out_shape = jax.make_jaxpr(traced, return_shape=True)(avals, dynamic)
+        closed, out_shape = trace(self.apply_fn, frozen, dynamic, static)
+        _verify(closed, frozen, targets)
+        flat = leaves(frozen)
         invals = []
         for path, leaf in zip(leaf_paths(frozen), flat, strict=True):
             t = targets.get(path)

@@ -193,7 +193,8 @@ def test_wrong_split_names_the_fix():
     x = jnp.ones((3, 4))
     cfg, frozen, tr = _setup({"w": w}, "w")
     fn = lambda p, x: jnp.einsum("bi,lio->blo", x, p["w"])  # noqa: E731  contracts axis 1 only
-    with pytest.raises(ValueError, match=r"w: 'dot_general' contracts kernel axes \(1,\).*in_axes=\(1,\)"):
+    with pytest.raises(ValueError, match=r"w: configured in_axes=\(0, 1\).*dot_general contracts axes \(1,\); "
+                                         r"the real split is in_axes=\(1,\)(.|\n)*jlora.infer_layouts\(config"):
         jlora.wrap(fn, cfg)(frozen, tr, x)
 
 
@@ -201,7 +202,8 @@ def test_scan_over_kernel_without_stack_axes_names_the_fix():
     w = jnp.ones((3, 4, 4))
     cfg, frozen, tr = _setup({"w": w}, "w")
     fn = lambda p, x: lax.scan(lambda h, wl: (h @ wl, None), x, p["w"])[0]  # noqa: E731
-    with pytest.raises(ValueError, match=r"w: 'scan.*stack_axes=\(0,\)"):
+    with pytest.raises(ValueError, match=r"w: configured in_axes=\(0, 1\).*one slice of axes \(0,\) at a time; "
+                                         r"the real split is in_axes=\(1,\), stack_axes=\(0,\)"):
         jlora.wrap(fn, cfg)(frozen, tr, jnp.ones((2, 4)))
 
 
@@ -248,9 +250,12 @@ def test_nonlinearity_in_conv_and_embedding_lookup():
 def test_nonlinearity_refuses_a_transposed_use_and_a_fallback():
     table = jax.random.normal(jax.random.key(1), (10, 4))
     cfg, frozen, tr = _variant({"embedding": table}, "embedding", nonlinearity="relu")
-    head = lambda p, h: h @ p["embedding"].T  # noqa: E731
+    tied = lambda p, h: (jnp.take(p["embedding"], jnp.array([1, 2]), axis=0), h @ p["embedding"].T)  # noqa: E731
     with pytest.raises(ValueError, match=r"embedding: this dot_general uses the kernel transposed"):
-        jlora.wrap(head, cfg)(frozen, tr, jnp.ones((2, 4)))
+        jlora.wrap(tied, cfg)(frozen, tr, jnp.ones((2, 4)))
+    head_only = lambda p, h: h @ p["embedding"].T  # noqa: E731  only transposed: the split is swapped
+    with pytest.raises(ValueError, match=r"embedding: configured in_axes=\(0,\).*the real split is in_axes=\(1,\)"):
+        jlora.wrap(head_only, cfg)(frozen, tr, jnp.ones((2, 4)))
     doubled = lambda p, h: h @ (2.0 * p["embedding"]).T  # noqa: E731
     with pytest.raises(ValueError, match=r"embedding: an op with no factored rule .* no merged weight exists"):
         jlora.wrap(doubled, cfg)(frozen, tr, jnp.ones((2, 4)))
