@@ -511,6 +511,17 @@ def test_relative_home_and_pathlib_paths(tmp_path, monkeypatch):
     save("ckpt/rel", trainable, cfg, frozen=frozen, overwrite=True)
 
 
+def test_paths_are_made_absolute_and_urls_kept(tmp_path, monkeypatch):
+    from jlora._checkpoint import absolute_path
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", "/home/someone")
+    assert str(absolute_path("ckpt/a", "save")) == str(tmp_path / "ckpt" / "a")
+    assert str(absolute_path(Path("x/../y"), "save")) == str(tmp_path / "y")
+    assert str(absolute_path("~/runs/a", "save")) == "/home/someone/runs/a"
+    assert str(absolute_path("gs://bucket/runs/a", "save")) == "gs://bucket/runs/a"  # never joined to the cwd
+
+
 @pytest.mark.parametrize("bad,error,match", [
     (None, TypeError, r"save: expected a directory path \(str or pathlib.Path\), got NoneType None"),
     (3, TypeError, r"save: expected a directory path \(str or pathlib.Path\), got int 3"),
