@@ -67,11 +67,20 @@ def _concrete(x) -> bool:
     return not any(isinstance(v, jax.core.Tracer) for v in jax.tree_util.tree_leaves(x))
 
 
+def _floating(x) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.floating)
+
+
 def _check_factors(trainable) -> None:
-    """Adapter factors (``a``, ``b``, DoRA's ``m``) are floating point; one TypeError names every other."""
+    """Adapter factors (``a``, ``b``, DoRA's ``m``) are floating point; one TypeError names every other.
+
+    Cheap on every call: the paths are only spelled out when some leaf is not a float.
+    """
+    if all(_floating(x) for x in jax.tree_util.tree_leaves(trainable)):
+        return
     flat = flatten(trainable)
     bad = [f"{p} ({jnp.result_type(x).name})" for p, x in flat.items()
-           if adapter_of(p, flat) is not None and not jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+           if adapter_of(p, flat) is not None and not _floating(x)]
     if bad:
         raise TypeError(
             "trainable has adapter factors that are not floating point: " + ", ".join(bad)
