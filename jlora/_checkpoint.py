@@ -531,6 +531,9 @@ def restore(directory, frozen, *, shardings=None) -> tuple[dict, LoraConfig]:
     path = _finished(absolute_path(directory, "restore"), "restore")
     with contextlib.closing(ocp.Checkpointer(ocp.CompositeCheckpointHandler())) as ckptr:
         meta = _metadata(path, ckptr, "restore")
+        if not (path / ADAPTERS).is_dir():
+            raise ValueError(f"restore: {path} has jlora metadata but no {ADAPTERS!r} item (the arrays); the "
+                             "checkpoint is incomplete or damaged. Restore another one.")
         try:
             config = LoraConfig.from_dict(meta["config"])
         except (TypeError, ValueError, KeyError, AttributeError, re.error) as e:

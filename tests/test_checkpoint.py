@@ -645,6 +645,15 @@ def test_corrupt_metadata_names_the_field(saved, edit, why):
             read_metadata(copy)
 
 
+def test_restore_without_the_arrays(saved):
+    path, frozen, _ = saved
+    copy = _copy(path, "no_arrays")
+    shutil.rmtree(copy / "adapters")
+    _refused(copy, frozen, ValueError, r"restore: .*no_arrays has jlora metadata but no 'adapters' item \(the arrays\); "
+                                       r"the checkpoint is incomplete or damaged")
+    assert read_metadata(copy)["format"] == "jlora-adapters"  # the metadata alone is still readable
+
+
 def test_metadata_item_that_is_a_directory(saved):
     path, frozen, _ = saved
     copy = _copy(path, "dir_meta")
