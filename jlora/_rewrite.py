@@ -347,6 +347,52 @@ def _per_example_dot(lora: Lora, x, xc, wc, base, params):
     return base + lax.transpose(v, tuple(perm)).astype(base.dtype)
 
 
+def _ragged_dot(ctx: Context, eqn, invals):
+    """Experts by group (``ragged_dot``): ``x_g·W_g + s·f(x_g·a_g)·b_g`` for every group ``g``.
+
+    W's group axis is a stack axis of the layout, so each expert has its own ``a``/``b``;
+    both factors are applied with ``ragged_dot`` and the same group sizes, so each row of
+    ``x`` meets exactly its expert's adapter.
+    """
+    x, lora, *rest = invals
+    dn = _param(eqn, "ragged_dot_dimension_numbers")
+    (xc, wc), (xb, wb) = dn.dot_dimension_numbers
+    groups = tuple(dn.rhs_group_dimensions)
+    if isinstance(x, Lora) or any(isinstance(v, Lora) for v in rest):
+        return _fallback(ctx, eqn, invals)
+    lay = lora.layout
+    if xb or wb or len(groups) != 1 or set(groups) != set(lay.stack_axes) or set(wc) != set(lay.in_axes):
+        return _fallback(ctx, eqn, invals)
+    if lora.index is not None or lora.m is not None:
+        raise ValueError(
+            f"{lora.path}: experts consumed by ragged_dot take one adapter per expert; per-example adapters "
+            "(lora_index) and DoRA are not defined there. Serve them without lora_index, or set dora=False."
+        )
+    base = _bind_base(eqn, [x, lora.w, *rest])[0]
+    (a, a_map, _), (b, b_map, b_r) = _factor_maps(lora)
+    dt = lora.w.dtype
+    options = {k: _param(eqn, k) for k in ("precision", "preferred_element_type", "group_offset")}
+    x_free = [i for i in range(x.ndim) if i not in xc]
+    (ragged,) = dn.lhs_ragged_dimensions
+    u = lax.ragged_dot_general(
+        lora.drop(x), a.astype(dt), *rest,
+        lax.RaggedDotDimensionNumbers(((tuple(xc), tuple(a_map[w] for w in wc)), ((), ())), (ragged,),
+                                      (a_map[groups[0]],)),
+        **options,
+    )  # (*x_free, r)
+    u = lora.nonlinear(u) * jnp.asarray(lora.scale).astype(u.dtype)
+    v = lax.ragged_dot_general(
+        u, b.astype(dt), *rest,
+        lax.RaggedDotDimensionNumbers((((u.ndim - 1,), (b_r,)), ((), ())), (x_free.index(ragged),),
+                                      (b_map[groups[0]],)),
+        **options,
+    )  # (*x_free, *out in b's order)
+    n_free = len(x_free)
+    perm = list(range(n_free)) + [n_free + lay.out_axes.index(w) for w in sorted(lay.out_axes)]
+    ctx.record(lora, "ragged_dot_general", True)
+    return [base + lax.transpose(v, tuple(perm)).astype(base.dtype)]
+
+
 def _conv(ctx: Context, eqn, invals):
     x, lora = invals
     if isinstance(x, Lora) or _param(eqn, "feature_group_count") != 1 or _param(eqn, "batch_group_count") != 1:
@@ -433,6 +479,82 @@ def _same_axes(ctx: Context, eqn, invals):
     if isinstance(lora.w, QArray) and eqn.primitive.name in ("copy", "copy_p"):
         return [lora]
     return [dataclasses.replace(lora, w=_bind(eqn, [lora.weight(), *rest])[0])]
+
+
+def _reshape_groups(old: Sequence[int], new: Sequence[int]):
+    """Pair runs of ``old`` axes with runs of ``new`` axes of equal size: ``[(old_run, new_run), ...]``.
+
+    Size-1 axes that are only dropped or only added pair with an empty run.
+    """
+    pairs, i, j = [], 0, 0
+    while i < len(old) or j < len(new):
+        if i < len(old) and old[i] == 1 and (j >= len(new) or new[j] != 1):
+            pairs.append(((i,), ()))
+            i += 1
+        elif j < len(new) and new[j] == 1 and (i >= len(old) or old[i] != 1):
+            pairs.append(((), (j,)))
+            j += 1
+        else:
+            run_old, run_new, n_old, n_new = [i], [j], old[i], new[j]
+            while n_old != n_new:
+                if n_old < n_new:
+                    i += 1
+                    n_old *= old[i]
+                    run_old.append(i)
+                else:
+                    j += 1
+                    n_new *= new[j]
+                    run_new.append(j)
+            pairs.append((tuple(run_old), tuple(run_new)))
+            i, j = i + 1, j + 1
+    return pairs
+
+
+def _reshape(ctx: Context, eqn, invals):
+    """Merge or split axes within the input side or within the output side: the factors follow.
+
+    ``a``'s input axes (in W's order) are reshaped like W's, and so are ``b``'s output
+    axes; a reshape that mixes input with output or stack axes, or changes a stack
+    axis, has no factored form and falls back.
+    """
+    lora = invals[0]
+    if len(invals) != 1 or isinstance(lora.w, QArray) or lora.index is not None:
+        return _fallback(ctx, eqn, invals)
+    lay = lora.layout
+    old, new = lora.w.shape, eqn.outvars[0].aval.shape
+    role = {**{w: "stack" for w in lay.stack_axes}, **{w: "in" for w in lay.in_axes},
+            **{w: "out" for w in lay.out_axes}}
+    new_role = {}
+    for run_old, run_new in _reshape_groups(old, new):
+        roles = {role[w] for w in run_old}
+        if len(roles) != 1:
+            return _fallback(ctx, eqn, invals)  # an added axis, or input mixed with output or stack axes
+        (kind,) = roles
+        if kind == "stack" and (len(run_old), len(run_new)) != (1, 1):
+            return _fallback(ctx, eqn, invals)  # a layer axis merged, split or dropped
+        new_role.update({w: kind for w in run_new})
+    if list(lay.stack_axes) != sorted(lay.stack_axes):
+        return _fallback(ctx, eqn, invals)
+    n_stack = len(lay.stack_axes)
+    new_in = tuple(w for w in range(len(new)) if new_role[w] == "in")
+    new_out = tuple(w for w in range(len(new)) if new_role[w] == "out")
+    new_stack = tuple(w for w in range(len(new)) if new_role[w] == "stack")
+    if len(new_stack) != n_stack or not new_in or not new_out:
+        return _fallback(ctx, eqn, invals)
+    stack_shape = lora.a.shape[:n_stack]
+    rank = lora.a.shape[-1]
+    # a: (*stack, *in in layout order, r) -> in axes in W's order -> the new in shape.
+    a = lax.transpose(lora.a, (*range(n_stack), *(n_stack + lay.in_axes.index(w) for w in sorted(lay.in_axes)),
+                               lora.a.ndim - 1))
+    a = a.reshape(*stack_shape, *(new[w] for w in new_in), rank)
+    b = lax.transpose(lora.b, (*range(n_stack + 1),
+                               *(n_stack + 1 + lay.out_axes.index(w) for w in sorted(lay.out_axes))))
+    b = b.reshape(*stack_shape, rank, *(new[w] for w in new_out))
+    m = None if lora.m is None else lax.transpose(
+        lora.m, (*range(n_stack), *(n_stack + lay.out_axes.index(w) for w in sorted(lay.out_axes)))
+    ).reshape(*stack_shape, *(new[w] for w in new_out))
+    w = _bind(eqn, [lora.w])[0]
+    return [dataclasses.replace(lora, w=w, a=a, b=b, m=m, layout=Layout(new_in, new_out, new_stack))]
 
 
 def _drop_axes(layout: Layout, dropped: Sequence[int]) -> Layout:
@@ -632,7 +754,9 @@ def _while(ctx: Context, eqn, invals):
 
 _RULES: dict[str, Callable] = {
     "dot_general": _dot_general,
+    "ragged_dot_general": _ragged_dot,
     "conv_general_dilated": _conv,
+    "reshape": _reshape,
     "gather": _gather,
     "transpose": _transpose,
     "convert_element_type": _same_axes,
