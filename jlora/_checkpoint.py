@@ -51,6 +51,7 @@ on the mesh, replicated (the moments already follow ``trainable``)::
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=True)
+    ckpt_dir = os.path.abspath(ckpt_dir)  # unlike save/restore, CheckpointManager takes absolute paths only
     mngr = ocp.CheckpointManager(ckpt_dir, options=options)
 
     frozen, trainable = jlora.init(jax.random.key(0), params, config)
