@@ -61,6 +61,7 @@ bench: install
 	$(BIN)/python benchmarks/suite.py --repeats 5
 	$(BIN)/python benchmarks/bank.py
 	$(BIN)/python benchmarks/quant.py
+	$(BIN)/python benchmarks/compile.py
 
 lint: install
 	$(BIN)/ruff check jlora tests benchmarks examples

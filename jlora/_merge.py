@@ -132,6 +132,11 @@ def merge(frozen, trainable, config: LoraConfig, *, scale=1.0, rank=None, safe: 
     >>> bool((merge(frozen, trainable, cfg)["w"]["kernel"] == params["w"]["kernel"]).all())
     True
     """
+    if rank is not None and config.dylora is None:
+        raise ValueError(
+            f"merge: rank={rank!r} picks a DyLoRA rank, but this config has dylora=None, so every adapter acts at "
+            "its full rank; drop rank=, or cut a plain adapter with jlora.truncate only after DyLoRA training."
+        )
     new = merged_leaves(frozen, trainable, config, scale, rank=rank)
     targets = resolve(config, frozen) if safe or requantize else {}
     if safe:

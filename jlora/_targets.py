@@ -143,6 +143,10 @@ def check_trainable(targets: dict[str, Target], trainable) -> dict[str, jax.Arra
             errors.append(f"missing {path} (expected shape {shape})")
         elif tuple(np.shape(flat[path])) != shape:
             errors.append(f"{path} has shape {tuple(np.shape(flat[path]))}, expected {shape}")
+        elif not _floating(flat[path]):
+            errors.append(f"{path} has dtype {jnp.result_type(flat[path]).name}; LoRA factors and leaves trained "
+                          "in full are floating point (LoraConfig.dtype, float32 by default): cast with "
+                          ".astype(jnp.float32)")
     for path in flat:
         if path not in expected:
             errors.append(f"unexpected {path} (shape {tuple(np.shape(flat[path]))}): no target of this config has that path")

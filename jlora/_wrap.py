@@ -196,6 +196,11 @@ class LoraApply:
         knobs = _knobs(lora_scale, lora_rank, lora_rng, lora_weights, lora_index)
         _check_factors(trainable)
         _check_knob_values(self.config, trainable, lora_rank, lora_index)
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((frozen, trainable, dynamic, knobs))):
+            # Inside the caller's own trace (a jitted or differentiated step): evaluate in place.
+            # A nested jit would make JAX differentiate and lower a second copy of the model's
+            # jaxpr, which costs trace time (benchmarks/compile.py) and buys no caching there.
+            return self._run(frozen, trainable, dynamic, knobs, static=static)
         return self._jitted(frozen, trainable, dynamic, knobs, static=static)
 
     def uses(self, frozen, trainable, *args, lora_scale=None, lora_rank=None, lora_rng=None,

@@ -131,3 +131,14 @@ def test_dora_merge_is_the_paper_formula_and_unmerge_is_refused(key):
     np.testing.assert_allclose(jnp.linalg.norm(merged, axis=0), tr["w"]["m"], rtol=1e-5)
     with pytest.raises(ValueError, match=r"unmerge: a DoRA merge rescales every output unit"):
         jlora.unmerge(merged, tr, cfg)
+
+
+def test_merge_refuses_integer_factors_and_a_rank_without_dylora():
+    params = {"w": jnp.ones((4, 3))}
+    cfg = jlora.LoraConfig(rank=2, targets="w")
+    frozen, trainable = jlora.init(jax.random.key(0), params, cfg)
+    ints = jax.tree.map(lambda v: v.astype(jnp.int32), trainable)
+    with pytest.raises(ValueError, match=r"w/a has dtype int32; LoRA factors .* floating point"):
+        jlora.merge(frozen, ints, cfg)
+    with pytest.raises(ValueError, match=r"merge: rank=1 picks a DyLoRA rank, but this config has dylora=None"):
+        jlora.merge(frozen, trainable, cfg, rank=1)
