@@ -8,10 +8,11 @@ with the same data and learning rates. The DyLoRA run takes twice the steps of o
 LoRA run (half those of the four together): component ``j`` only learns in the steps
 whose sampled rank reaches it. Both use ``lr_ratio=1``: DyLoRA's scale ``alpha/k``
 already makes a low-rank step ``r/k`` times larger, and with LoRA+'s 16x on ``b`` the
-low ranks diverge (see BUILD_NOTES.md). Prints the table and saves accuracy against
-rank as a PNG.
+low ranks diverge (see BUILD_NOTES.md). ``--seeds N`` repeats everything with N training
+seeds (initialisation, batch order, dropout; the data split is fixed) and reports mean ± sd.
+Prints the table and saves accuracy against rank (first seed) as a PNG.
 
-    python examples/dylora_ranks.py [--mode plain|frozen] [--steps 120] [--dylora-steps 240] [--lr-ratio 1]
+    python examples/dylora_ranks.py [--mode plain|frozen] [--steps 120] [--dylora-steps 240] [--lr-ratio 1] [--seeds 1]
 """
 
 from __future__ import annotations
@@ -21,13 +22,12 @@ import json
 import pathlib
 import sys
 
-import jax
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import minilm  # noqa: E402
 import tweets  # noqa: E402
-from tweet_sentiment import Batches, accuracy, lora_config, train  # noqa: E402
+from tweet_sentiment import Batches, accuracy, fmt, lora_config, seed_keys, train  # noqa: E402
 
 import jlora  # noqa: E402
 
@@ -43,6 +43,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--lr-ratio", type=float, default=1.0, help="ratio of b's learning rate to a's (LoRA+)")
     parser.add_argument("--lora-ranks", default="1,2,4,8", help="ranks of the LoRA runs to compare with "
                         "('' for none)")
+    parser.add_argument("--seeds", type=int, default=1, help="training seeds (mean ± sd over them)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "out")
     args = parser.parse_args(argv)
@@ -56,55 +57,69 @@ def main(argv=None) -> dict:
     tokenizer = minilm.load_tokenizer(max_len)
     train_ids, train_mask = minilm.tokenize(tokenizer, train_split.texts)
     test_ids, test_mask = minilm.tokenize(tokenizer, test_split.texts)
-    model, params = minilm.load_classifier(num_classes=3, key=jax.random.key(0))
+    model_config, pretrained = minilm.load_pretrained()
+    model = minilm.MiniLMClassifier(3, config=model_config)
 
-    def run(config, name, steps):
-        frozen, trainable = jlora.init(jax.random.key(3), params, config)
+    def run(config, name, steps, seed):
+        keys = seed_keys(seed)
+        params = minilm.init_classifier_params(keys["head"], model, pretrained)
+        frozen, trainable = jlora.init(keys["init"], params, config)
         lora_apply = jlora.wrap(model.apply, config)
 
         def forward(t, ids, mask, k):
             return lora_apply(frozen, t, ids, mask, deterministic=False, rngs={"dropout": k}, lora_rng=k)
 
         tx = jlora.optimizer(config, 5e-4, lr_ratio=args.lr_ratio, full_lr=1e-3, weight_decay=0.01)
-        data = Batches((train_ids, train_mask, train_split.labels), batch, seed=1)
-        trainable, _, secs = train(name, forward, trainable, tx, data, steps, jax.random.key(2))
+        data = Batches((train_ids, train_mask, train_split.labels), batch, seed=keys["batches"])
+        trainable, _, secs = train(name, forward, trainable, tx, data, steps, keys["dropout"])
         return frozen, trainable, lora_apply, secs
 
     config = lora_config(dylora=args.mode)
-    frozen, trainable, lora_apply, secs = run(config, f"DyLoRA r={RANK}", dylora_steps)
+    dylora_seeds, lora_seeds = [], []  # per seed: {rank: accuracy}
+    for seed in range(args.seeds):
+        frozen, trainable, lora_apply, secs = run(config, f"DyLoRA r={RANK}", dylora_steps, seed)
 
-    def at_rank(k):
-        return accuracy(lambda ids, mask: lora_apply(frozen, trainable, ids, mask, lora_rank=k),
-                        test_ids, test_mask, test_split.labels, eval_batch)
+        def at_rank(k, frozen=frozen, trainable=trainable, lora_apply=lora_apply):
+            return accuracy(lambda ids, mask: lora_apply(frozen, trainable, ids, mask, lora_rank=k),
+                            test_ids, test_mask, test_split.labels, eval_batch)
 
-    dylora = jlora.rank_sweep(at_rank, config)
-    lora = {}
-    for k in lora_ranks:
-        c = jlora.LoraConfig(rank=k, alpha=config.alpha, targets=config.targets, train_in_full=config.train_in_full,
-                             dropout=config.dropout)
-        f, t, la, _ = run(c, f"LoRA r={k}", steps)
-        lora[k] = accuracy(lambda ids, mask, la=la, f=f, t=t: la(f, t, ids, mask), test_ids, test_mask,
-                           test_split.labels, eval_batch)
+        dylora_seeds.append(jlora.rank_sweep(at_rank, config))
+        lora = {}
+        for k in lora_ranks:
+            c = jlora.LoraConfig(rank=k, alpha=config.alpha, targets=config.targets,
+                                 train_in_full=config.train_in_full, dropout=config.dropout)
+            f, t, la, _ = run(c, f"LoRA r={k}", steps, seed)
+            lora[k] = accuracy(lambda ids, mask, la=la, f=f, t=t: la(f, t, ids, mask), test_ids, test_mask,
+                               test_split.labels, eval_batch)
+        lora_seeds.append(lora)
+        if seed == 0:
+            first = (frozen, trainable, dylora_seeds[0])
 
+    dylora = {k: float(np.mean([d[k] for d in dylora_seeds])) for k in dylora_seeds[0]}
+    lora = {k: float(np.mean([d[k] for d in lora_seeds])) for k in lora_ranks}
     print(f"\nDyLoRA ({args.mode} mode), one run of {dylora_steps} steps ({secs:.0f} s), vs LoRA trained at each rank "
-          f"for {steps} steps; lr_ratio {args.lr_ratio:g}")
-    print("| rank | DyLoRA accuracy | LoRA accuracy | difference (points) |")
+          f"for {steps} steps; lr_ratio {args.lr_ratio:g}; mean ± sd over {args.seeds} seed(s)")
+    print("| rank | DyLoRA accuracy (%) | LoRA accuracy (%) | difference (points) |")
     print("|---:|---:|---:|---:|")
-    for k, acc in dylora.items():
-        other = f"{100 * lora[k]:.1f}%" if k in lora else "-"
-        diff = f"{100 * (acc - lora[k]):+.1f}" if k in lora else "-"
-        print(f"| {k} | {100 * acc:.1f}% | {other} | {diff} |")
+    for k in dylora:
+        mine = [d[k] for d in dylora_seeds]
+        other = fmt([d[k] for d in lora_seeds]) if k in lora else "-"
+        diff = fmt([d[k] - o[k] for d, o in zip(dylora_seeds, lora_seeds, strict=True)], sign="+") \
+            if k in lora else "-"
+        print(f"| {k} | {fmt(mine)} | {other} | {diff} |")
+    frozen, trainable, first_sweep = first
 
     # Exported at rank k, the adapter is a plain rank-k LoRA adapter with the same predictions.
     small, small_config = jlora.truncate(trainable, config, 2)
     exported = accuracy(lambda ids, mask: jlora.wrap(model.apply, small_config)(frozen, small, ids, mask),
                         test_ids, test_mask, test_split.labels, eval_batch)
-    print(f"truncate(..., 2) exported as a rank-2 adapter: accuracy {100 * exported:.1f}% "
-          f"(rank_sweep at 2: {100 * dylora[2]:.1f}%)")
+    print(f"truncate(..., 2) exported as a rank-2 adapter (first seed): accuracy {100 * exported:.1f}% "
+          f"(rank_sweep at 2: {100 * first_sweep[2]:.1f}%)")
 
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"mode": args.mode, "steps": steps, "dylora_steps": dylora_steps, "lr_ratio": args.lr_ratio,
-              "dylora": dylora, "lora": lora, "truncated_rank2": exported}
+              "seeds": args.seeds, "dylora": dylora, "lora": lora, "dylora_per_seed": dylora_seeds,
+              "lora_per_seed": lora_seeds, "truncated_rank2": exported}
     (args.out / f"dylora_{args.mode}.json").write_text(json.dumps(record, indent=2) + "\n")
     plot(dylora, lora, args.mode, args.out / f"dylora_{args.mode}.png")
     return record

@@ -287,6 +287,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--per-class", type=int, default=None, help="training tweets per class")
     parser.add_argument("--seeds", type=int, default=1, help="training seeds (init, batch order, dropout); "
                         "the data split stays fixed")
+    parser.add_argument("--first-seed", type=int, default=0, help="the first training seed (to split seeds "
+                        "across processes)")
     parser.add_argument("--lr", type=float, default=5e-4, help="a's learning rate for LoRA and LoRA+")
     parser.add_argument("--full-lr", type=float, default=3e-5, help="full fine-tuning's learning rate")
     parser.add_argument("--ratios", default="1,16", help="lr_ratio of each LoRA run: 1 is LoRA, 16 LoRA+; "
@@ -329,7 +331,7 @@ def main(argv=None) -> dict:
     def test_accuracy(predict):
         return accuracy(predict, test_ids, test_mask, test_split.labels, eval_batch)
 
-    record = {"steps": steps, "batch": batch, "train_tweets": int(len(train_split.labels)),
+    record = {"first_seed": args.first_seed, "steps": steps, "batch": batch, "train_tweets": int(len(train_split.labels)),
               "test_tweets": int(n_test), "parameters": int(n_params), "seeds": args.seeds,
               "ratios": [str(r) for r in ratios]}
 
@@ -381,7 +383,8 @@ def main(argv=None) -> dict:
         record["probe_feature_seconds"] = feature_secs
 
     kept = None  # the first seed's LoRA+ run, merged and saved below
-    for seed in range(args.seeds):
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    for seed in seeds:
         params = minilm.init_classifier_params(seed_keys(seed)["head"], model, pretrained)
         if "full" in methods:
             run = train_full(model, params, train_arrays, lr=args.full_lr, steps=steps, batch=batch, seed=seed)
@@ -408,9 +411,9 @@ def main(argv=None) -> dict:
             trained[name] = sum(x.size for x in jax.tree.leaves(run["trainable"]))
             secs[name].append(run["seconds"])
             curves[name].append(run["losses"])
-            if seed == 0 and (kept is None or ratio == 16):
+            if seed == seeds[0] and (kept is None or ratio == 16):
                 kept = run
-            if seed == 0 and name == "LoRA":
+            if seed == seeds[0] and name == "LoRA":
                 print(jlora.summary(run["frozen"], run["trainable"]).splitlines()[-1])
         print(f"seed {seed}: " + ", ".join(f"{n} {100 * a[-1]:.1f}%" for n, a in accs.items() if a), flush=True)
         record.update(partial_record(accs, trained, secs, curves, probe_epochs, n_params))
