@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.extend.core import Literal
+from jax.sharding import PartitionSpec
 
 from jlora._config import NONLINEARITIES
 from jlora._layout import Layout, LayoutError, column_norm, dora_merged, merged
@@ -658,6 +659,61 @@ def _pjit(ctx: Context, eqn, invals):
     return eval_jaxpr(ctx, closed.jaxpr, closed.consts, invals)
 
 
+def _factor_specs(lora: Lora, spec):
+    """PartitionSpecs of a kernel's factors inside ``shard_map``, following W's ``spec`` (as `jlora.shardings`)."""
+    entries = tuple(spec) + (None,) * (lora.w.ndim - len(tuple(spec)))
+    lay = lora.layout
+    stack = tuple(entries[w] for w in lay.stack_axes)
+    a = PartitionSpec(*stack, *(entries[w] for w in lay.in_axes), None)
+    b = PartitionSpec(*stack, None, *(entries[w] for w in lay.out_axes))
+    return a, b
+
+
+def _shard_map(ctx: Context, eqn, invals):
+    """``shard_map`` rebuilt around a rewritten body: each adapted kernel enters as its factors.
+
+    ``a`` and ``b`` are split the way W is split along the axes they share with it (the
+    rank axis whole), so inside the body every shard sees the factors of its own block
+    of W and the branch is computed per shard like ``x·W``. DoRA's norm needs whole
+    columns, a quantized W and per-example adapters are not carried in: those kernels
+    enter merged, as any op without a rule.
+    """
+    if any(isinstance(x, Lora) and (x.m is not None or isinstance(x.w, QArray) or x.index is not None)
+           for x in invals):
+        return _fallback(ctx, eqn, invals)
+    arrays, specs, spec_of = [], [], []
+    for x, spec in zip(invals, _param(eqn, "in_specs"), strict=True):
+        if isinstance(x, Lora):
+            a_spec, b_spec = _factor_specs(x, spec)
+            replicated = PartitionSpec()
+            spec_of.append(x)
+            parts = [(x.w, spec), (x.a, a_spec), (x.b, b_spec), (jnp.asarray(x.scale), replicated)]
+            if x.key is not None:
+                parts.append((x.key, replicated))
+            arrays.extend(p[0] for p in parts)
+            specs.extend(p[1] for p in parts)
+        else:
+            spec_of.append(None)
+            arrays.append(x)
+            specs.append(spec)
+    jaxpr = _param(eqn, "jaxpr")
+
+    def body(*flat):
+        it, vals = iter(flat), []
+        for lora in spec_of:
+            if lora is None:
+                vals.append(next(it))
+                continue
+            w, a, b, scale = next(it), next(it), next(it), next(it)
+            key = next(it) if lora.key is not None else None
+            vals.append(dataclasses.replace(lora, w=w, a=a, b=b, scale=scale, key=key))
+        return tuple(_plain(o) for o in eval_jaxpr(ctx, jaxpr, getattr(jaxpr, "consts", ()), vals))
+
+    out = jax.shard_map(body, mesh=_param(eqn, "mesh"), in_specs=tuple(specs), out_specs=tuple(_param(eqn, "out_specs")),
+                        axis_names=_param(eqn, "newly_manual_axes"), check_vma=_param(eqn, "check_vma"))(*arrays)
+    return list(out)
+
+
 def _custom_jvp(ctx: Context, eqn, invals):
     # Inlined: the custom derivative rule is dropped for this call, the primal is kept.
     closed = _param(eqn, "call_jaxpr")
@@ -770,6 +826,7 @@ _RULES: dict[str, Callable] = {
     "jit": _pjit,
     "closed_call": _pjit,
     "custom_jvp_call": _custom_jvp,
+    "shard_map": _shard_map,
     "checkpoint": _checkpoint,
     "remat": _checkpoint,
     "remat2": _checkpoint,

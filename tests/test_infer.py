@@ -3,7 +3,7 @@
 Each style below is a tiny model in the manner of a public JAX LLM implementation: einsum
 kernels with the input axis first, in the middle or last (torch's ``(out, in)`` used
 transposed), layers scanned on axis 0 or 1 (Linen and NNX), experts through a batched
-einsum and ``ragged_dot``, a tied embedding head, a kernel reshaped before use. For every
+einsum, ``ragged_dot`` and ``shard_map``, a tied embedding head, a kernel reshaped before use. For every
 one: `infer_layouts` + `init` + `wrap` need no Rules, zero ``b`` reproduces the base,
 factored equals merged, nothing falls back, and three jitted LoRA+ steps lower the loss.
 Without `infer_layouts` each either works with the default split (and that split is the
@@ -117,6 +117,22 @@ class RaggedMoe(nn.Module):
         return lax.ragged_dot(h, down, sizes)
 
 
+class ShardMapMoe(nn.Module):
+    """Expert parallelism: the experts' einsums inside shard_map, experts split over a mesh axis."""
+
+    @nn.compact
+    def __call__(self, x):
+        up, down = self.param("wi", _init((E, D, F))), self.param("wo", _init((E, F, D)))
+        tokens = x.reshape(-1, D)[: E * 3].reshape(E, 3, D)
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("expert",))
+
+        def experts(t, up, down):
+            return jnp.einsum("ecf,efd->ecd", jax.nn.gelu(jnp.einsum("ecd,edf->ecf", t, up)), down)
+
+        spec = jax.sharding.PartitionSpec("expert")
+        return jax.shard_map(experts, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)(tokens, up, down)
+
+
 class Tied(nn.Module):
     @nn.compact
     def __call__(self, ids):
@@ -171,6 +187,7 @@ STYLES = {
     "nnx_scan": ("nnx", X, r"layers/.*/kernel", None),
     "moe_batched_einsum": (BatchedMoe(), X, r".*/(wi|wo)", None),
     "moe_ragged_dot": (RaggedMoe(), X, r".*/(gate|up|down)", None),
+    "moe_shard_map": (ShardMapMoe(), X, r".*/(wi|wo)", None),
     "tied_embedding": (Tied(), IDS, r".*/(embedding|up|down)", None),
     "reshaped_kernel": (Fused(), X, r".*/qkv", None),
 }
@@ -185,6 +202,7 @@ EXPECTED = {
     "nnx_scan": {"kernel": ((1,), (0,))},
     "moe_batched_einsum": {"wi": ((1,), (0,)), "wo": ((1,), (0,))},
     "moe_ragged_dot": {"gate": ((1,), (0,)), "down": ((1,), (0,))},
+    "moe_shard_map": {"wi": ((1,), (0,)), "wo": ((1,), (0,))},
     "tied_embedding": {"embedding": ((0,), ()), "up": ((0,), ())},
     "reshaped_kernel": {"qkv": ((0,), ())},
 }
