@@ -374,10 +374,14 @@ def derive(path: str, ndim: int, uses: Sequence[KernelUse]) -> Derived:
 
 def _agrees(layout: Layout, use: KernelUse, forward_elsewhere: bool) -> bool:
     """Whether ``use`` is one the factored rules serve with ``layout``."""
+    stack = set(layout.stack_axes)
     if use.kind == "other":
-        return use.peeled <= set(layout.stack_axes)
-    if use.stacked != set(layout.stack_axes):
+        return use.peeled <= stack
+    # A dot may leave stack axes free (every layer or expert applied to one input): each keeps its adapter.
+    free_stack = stack - use.stacked if use.kind == "dot" else set()
+    if not use.stacked <= stack or not free_stack <= use.free or (stack - use.stacked) - free_stack:
         return False
+    use = dataclasses.replace(use, free=use.free - free_stack)
     if use.contracted == set(layout.in_axes):
         return True
     # A transposed use (x·Wᵀ, contracting the output axes): a tied embedding head, served with b
@@ -387,7 +391,7 @@ def _agrees(layout: Layout, use: KernelUse, forward_elsewhere: bool) -> bool:
 
 def check(layout: Layout, uses: Sequence[KernelUse]) -> bool:
     """Whether every use of a kernel agrees with ``layout`` (transposed uses only beside a forward one)."""
-    forward = any(u.kind != "other" and u.stacked == set(layout.stack_axes)
+    forward = any(u.kind != "other" and u.stacked <= set(layout.stack_axes)
                   and u.contracted == set(layout.in_axes) for u in uses)
     return all(_agrees(layout, u, forward) for u in uses)
 

@@ -227,7 +227,10 @@ def _dot_general(ctx: Context, eqn, invals):
     lora, x = (rhs, lhs) if w_is_rhs else (lhs, rhs)
     xc, wc, xb, wb = (lc, rc, lb, rb) if w_is_rhs else (rc, lc, rb, lb)
     lay = lora.layout
-    if set(wb) != set(lay.stack_axes):
+    # Stack axes the op batches over, or leaves free (every layer or expert applied to the same
+    # input, 'bi,lio->lbo'): each of those slices gets its own a and b.
+    free_stack = tuple(w for w in lay.stack_axes if w not in wb)
+    if not set(wb) <= set(lay.stack_axes) or set(free_stack) & set(wc) or (free_stack and lora.m is not None):
         return _fallback(ctx, eqn, invals)
     a_side, b_side = _factor_maps(lora)
     if set(wc) == set(lay.in_axes):
@@ -258,27 +261,33 @@ def _dot_general(ctx: Context, eqn, invals):
     s_arr, s_map, s_r = second
     nb = len(xb)
     n_tokens = x.ndim - len(xc) - nb  # x's free axes
-    if not xb and n_tokens > 1 and sorted(xc) == list(range(n_tokens, x.ndim)):
+    n_fs = len(free_stack)
+    if not xb and not n_fs and n_tokens > 1 and sorted(xc) == list(range(n_tokens, x.ndim)) \
+            and not _explicitly_sharded(x):
         v = _branch_2d(lora, x, xc, wc, first, second, free, precision, pet)
     else:
-        # u = x · first over W's contracted axes, batched over the stack axes: (*batch, *x_free, r)
+        # u = x · first over W's contracted axes, batched over the stack axes: (*batch, *x_free, *free_stack, r)
         u = lax.dot_general(
             lora.drop(x), f_arr.astype(dt),
             ((tuple(xc), tuple(f_map[w] for w in wc)), (tuple(xb), tuple(f_map[w] for w in wb))),
             precision=precision, preferred_element_type=pet,
         )
         u = lora.nonlinear(u) * jnp.asarray(lora.scale).astype(u.dtype)
-        # v = u · second over r: (*batch, *x_free, *free in factor order)
+        # v = u · second over r: (*batch, *free_stack, *x_free, *free in factor order)
+        u_fs = tuple(range(u.ndim - 1 - n_fs, u.ndim - 1))
         v = lax.dot_general(
             u, s_arr.astype(dt),
-            (((u.ndim - 1,), (s_r,)), (tuple(range(nb)), tuple(s_map[w] for w in wb))),
+            (((u.ndim - 1,), (s_r,)),
+             ((*range(nb), *u_fs), (*(s_map[w] for w in wb), *(s_map[w] for w in free_stack)))),
             precision=precision, preferred_element_type=pet,
         )
     # Reorder to dot_general's output: batch, lhs free, rhs free (free W axes ascending).
-    n_xfree = v.ndim - nb - len(free)
+    n_xfree = v.ndim - nb - n_fs - len(free)
     batch = list(range(nb))
-    x_free = list(range(nb, nb + n_xfree))
-    w_free = [nb + n_xfree + free.index(w) for w in sorted(free)]
+    x_free = list(range(nb + n_fs, nb + n_fs + n_xfree))
+    position = {w: nb + i for i, w in enumerate(free_stack)}
+    position |= {w: nb + n_fs + n_xfree + free.index(w) for w in free}
+    w_free = [position[w] for w in sorted(position)]
     perm = batch + (x_free + w_free if w_is_rhs else w_free + x_free)
     out = base + lax.transpose(v, tuple(perm)).astype(base.dtype)
     factor = lora.dora_factor()
@@ -293,6 +302,16 @@ def _dot_general(ctx: Context, eqn, invals):
         out = (out * factor.reshape(shape).astype(out.dtype)).astype(base.dtype)
     ctx.record(lora, "dot_general", True)
     return [out]
+
+
+def _explicitly_sharded(x) -> bool:
+    """Whether ``x`` carries an explicit sharding in its type (a mesh with explicit axes, ``jax.make_mesh``'s default).
+
+    Flattening its token axes into one and splitting them back is a reshape explicit
+    sharding refuses to guess; the N-D ``dot_general`` form lets JAX infer every sharding.
+    """
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    return sharding is not None and any(entry is not None for entry in getattr(sharding, "spec", ()))
 
 
 def _branch_2d(lora: Lora, x, xc, wc, first, second, free, precision, pet):

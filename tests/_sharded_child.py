@@ -12,6 +12,7 @@ failures. It uses the decoder and the FSDP and Megatron layouts of
   (read from XLA's own optimised HLO, dumped during the call);
 * a jitted training step on the sharded arrays equals the step on one device
   and keeps the adapters' shardings without compiling twice;
+* on explicit axes, the factored forward and gradient equal merge's;
 * `jlora.restore` puts adapters saved under FSDP where the base it is given
   says (Megatron, explicit axes, one device) or where ``shardings=`` says.
 """
@@ -235,6 +236,46 @@ def check_restore(bases, mesh):
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def check_explicit_forward(mesh):
+    """On explicit axes (``jax.make_mesh``'s default), the factored forward and gradient equal merge's.
+
+    Attention's query/key/value kernels split by heads on 'model', the batch on 'data': the
+    branch's token axes must not be flattened and split again (explicit sharding refuses that
+    reshape), so the rewrite keeps them as they are there.
+    """
+    import flax.linen as nn
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=16, name="attn")(x)
+            return nn.Dense(8, name="head")(h)
+
+    model, x = Model(), jax.random.normal(jax.random.key(1), (4, 5, 16))
+    params = model.init(jax.random.key(0), x)
+
+    def spec(path, leaf):
+        name = jax.tree_util.keystr(path)
+        return P(None, "model", None) if leaf.ndim == 3 and re.search("query|key|value", name) else P()
+
+    with jax.set_mesh(mesh):
+        params = jax.tree_util.tree_map_with_path(lambda p, v: jax.device_put(v, NamedSharding(mesh, spec(p, v))),
+                                                  params)
+        xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+        config = jlora.infer_layouts(jlora.LoraConfig(rank=2, targets=r".*/kernel"), model.apply, params, xs)
+        frozen, trainable = jlora.init(jax.random.key(2), params, config)
+        trainable = jax.tree.map(lambda v: v + 0.1, trainable)
+        for strategy in ("factored", "merge"):
+            fn = jlora.wrap(model.apply, config, strategy)
+            out = fn(frozen, trainable, xs)
+            grads = jax.jit(jax.grad(lambda t, fn=fn: (fn(frozen, t, xs) ** 2).sum()))(trainable)
+            if strategy == "factored":
+                want_out, want_grads = out, grads
+        np.testing.assert_allclose(want_out, out, rtol=1e-5, atol=1e-5)
+        for path, g in flatten(want_grads).items():
+            close(g, flatten(grads)[path], path)
+
+
 def setup() -> None:
     """Before JAX starts its backend: 8 CPU devices, HLO dumps, and the example's model."""
     global DUMP, ex
@@ -277,6 +318,7 @@ def main() -> int:
     sharded = jax.device_put(params, jax.tree.map(lambda s: NamedSharding(explicit, s), specs))
     check("tp, explicit axes: init (DoRA) follows W, equals one device, gathers nothing", check_init, "tp",
           DORA, DORA_EXPECTED["tp"], sharded, single)
+    check("explicit axes: the factored forward and gradient equal merge's", check_explicit_forward, explicit)
     bases = {layout: jax.device_put(params, jax.tree.map(lambda s: NamedSharding(mesh, s),
                                                          ex.param_specs(params, layout)))
              for layout in ("fsdp", "tp")}

@@ -90,7 +90,7 @@ def test_token_axes_make_the_branch_two_matmuls_of_2d_operands(in_shape, out_sha
     np.testing.assert_allclose(merged, manual, rtol=RTOL, atol=1e-5)
 
     jaxpr = jax.make_jaxpr(lambda t: jlora.wrap(fn, cfg)(frozen, t, x))(tr)
-    dots = [e for e in jaxpr.eqns[0].params["jaxpr"].eqns if e.primitive.name == "dot_general"]
+    dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]  # inside a trace: evaluated in place
     branch = [e for e in dots if e.outvars[0].aval.shape[0] == 10]  # the 2 x 5 tokens, flattened
     assert len(dots) == 3 and len(branch) == 2, dots
     assert all(v.aval.ndim == 2 for e in branch for v in e.invars), branch
@@ -363,3 +363,15 @@ def test_scan_operand_groups_are_read_on_every_supported_jax():
     jaxpr = jax.make_jaxpr(lambda h, xs: lax.scan(lambda h, x: (h * x + c, h), h, xs))(jnp.ones(3), jnp.ones((4, 3)))
     scan = next(e for e in jaxpr.eqns if e.primitive.name == "scan")
     assert _scan_counts(scan) == (1, 1)
+
+
+def test_stack_axes_left_free_by_the_op_keep_one_adapter_each():
+    """'bi,lio->lbo': every layer applied to the same input; layer l uses its own a[l], b[l]."""
+    w = jax.random.normal(jax.random.key(0), (3, 6, 4))
+    x = jax.random.normal(jax.random.key(1), (5, 6))
+    cfg, frozen, tr = _setup({"w": w}, "w", rank=2, stack_axes=(0,))
+    fn = lambda p, x: jnp.einsum("bi,lio->lbo", x, p["w"])  # noqa: E731
+    factored, merged = _run_both(fn, cfg, frozen, tr, x)
+    manual = jnp.stack([x @ (w[i] + 1.5 * tr["w"]["a"][i] @ tr["w"]["b"][i]) for i in range(3)])
+    np.testing.assert_allclose(factored, manual, rtol=RTOL, atol=1e-5)
+    np.testing.assert_allclose(merged, manual, rtol=RTOL, atol=1e-5)
