@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from jax.extend.core import Literal
 
 from jlora._config import LoraConfig, Rule
-from jlora._layout import Layout, LayoutError
+from jlora._layout import Layout, LayoutError, reshape_runs
 from jlora._paths import leaf_paths
 from jlora._primitives import param, scan_counts
 from jlora._targets import resolve
@@ -178,32 +178,13 @@ def _step(eqn, invals: list, uses) -> list:
 
 def _reshape(x: View, old: Sequence[int], new: Sequence[int]) -> View:
     """Each new axis carries the kernel axes of the old axes it is made of."""
-    out: list[Axes] = []
-    peeled = x.peeled
-    i = j = 0
-    while i < len(old) or j < len(new):
-        if i < len(old) and old[i] == 1 and (j >= len(new) or new[j] != 1):
-            peeled |= x.axes[i]  # a size-1 axis dropped: a layer or expert picked out before
-            i += 1
-        elif j < len(new) and new[j] == 1 and (i >= len(old) or old[i] != 1):
-            out.append(Axes())
-            j += 1
-        elif old[i] == 1 and new[j] == 1:
-            out.append(x.axes[i])
-            i, j = i + 1, j + 1
-        else:
-            group, size_old, size_new, first = [i], old[i], new[j], j
-            while size_old != size_new:
-                if size_old < size_new:
-                    i += 1
-                    size_old *= old[i]
-                    group.append(i)
-                else:
-                    j += 1
-                    size_new *= new[j]
-            carried = _union(x.axes[k] for k in group)
-            out.extend([carried] * (j - first + 1))
-            i, j = i + 1, j + 1
+    out, peeled = [Axes()] * len(new), x.peeled
+    for run_old, run_new in reshape_runs(old, new):
+        carried = _union(x.axes[k] for k in run_old)
+        if not run_new:
+            peeled |= carried  # a size-1 axis dropped: a layer or expert picked out before
+        for j in run_new:
+            out[j] = carried
     return View(x.path, tuple(out), peeled)
 
 

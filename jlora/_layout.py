@@ -157,3 +157,36 @@ def _on_w_axes(factor, layout: Layout, ndim: int):
     for axis in sorted(src):
         shape[axis] = factor.shape[src.index(axis)]
     return expanded.reshape(shape)
+
+
+def reshape_runs(old, new) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """What a reshape from shape ``old`` to ``new`` does to axes: runs of old axes paired with runs of new ones.
+
+    Each pair covers the same elements (merged, split, or kept); a size-1 axis that is only
+    dropped or only added pairs with an empty run.
+
+    >>> reshape_runs((4, 2, 3), (8, 3, 1))
+    [((0, 1), (0,)), ((2,), (1,)), ((), (2,))]
+    """
+    pairs, i, j = [], 0, 0
+    while i < len(old) or j < len(new):
+        if i < len(old) and old[i] == 1 and (j >= len(new) or new[j] != 1):
+            pairs.append(((i,), ()))
+            i += 1
+        elif j < len(new) and new[j] == 1 and (i >= len(old) or old[i] != 1):
+            pairs.append(((), (j,)))
+            j += 1
+        else:
+            run_old, run_new, n_old, n_new = [i], [j], old[i], new[j]
+            while n_old != n_new:
+                if n_old < n_new:
+                    i += 1
+                    n_old *= old[i]
+                    run_old.append(i)
+                else:
+                    j += 1
+                    n_new *= new[j]
+                    run_new.append(j)
+            pairs.append((tuple(run_old), tuple(run_new)))
+            i, j = i + 1, j + 1
+    return pairs

@@ -39,7 +39,7 @@ from jax.extend.core import Literal
 from jax.sharding import PartitionSpec
 
 from jlora._config import NONLINEARITIES
-from jlora._layout import Layout, LayoutError, column_norm, dora_merged, merged
+from jlora._layout import Layout, LayoutError, column_norm, dora_merged, merged, reshape_runs
 from jlora._primitives import UnsupportedJax as UnsupportedJax
 from jlora._primitives import param as _param
 from jlora._primitives import scan_counts as _scan_counts
@@ -501,35 +501,6 @@ def _same_axes(ctx: Context, eqn, invals):
     return [dataclasses.replace(lora, w=_bind(eqn, [lora.weight(), *rest])[0])]
 
 
-def _reshape_groups(old: Sequence[int], new: Sequence[int]):
-    """Pair runs of ``old`` axes with runs of ``new`` axes of equal size: ``[(old_run, new_run), ...]``.
-
-    Size-1 axes that are only dropped or only added pair with an empty run.
-    """
-    pairs, i, j = [], 0, 0
-    while i < len(old) or j < len(new):
-        if i < len(old) and old[i] == 1 and (j >= len(new) or new[j] != 1):
-            pairs.append(((i,), ()))
-            i += 1
-        elif j < len(new) and new[j] == 1 and (i >= len(old) or old[i] != 1):
-            pairs.append(((), (j,)))
-            j += 1
-        else:
-            run_old, run_new, n_old, n_new = [i], [j], old[i], new[j]
-            while n_old != n_new:
-                if n_old < n_new:
-                    i += 1
-                    n_old *= old[i]
-                    run_old.append(i)
-                else:
-                    j += 1
-                    n_new *= new[j]
-                    run_new.append(j)
-            pairs.append((tuple(run_old), tuple(run_new)))
-            i, j = i + 1, j + 1
-    return pairs
-
-
 def _reshape(ctx: Context, eqn, invals):
     """Merge or split axes within the input side or within the output side: the factors follow.
 
@@ -545,7 +516,7 @@ def _reshape(ctx: Context, eqn, invals):
     role = {**{w: "stack" for w in lay.stack_axes}, **{w: "in" for w in lay.in_axes},
             **{w: "out" for w in lay.out_axes}}
     new_role = {}
-    for run_old, run_new in _reshape_groups(old, new):
+    for run_old, run_new in reshape_runs(old, new):
         roles = {role[w] for w in run_old}
         if len(roles) != 1:
             return _fallback(ctx, eqn, invals)  # an added axis, or input mixed with output or stack axes
