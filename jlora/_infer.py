@@ -138,8 +138,8 @@ def _step(eqn, invals: list, uses) -> list:
     name = eqn.primitive.name
     p = eqn.params
     x = invals[0]
-    if name in _SAME_AXES:
-        return [v for v in invals[: len(eqn.outvars)]] if len(invals) >= len(eqn.outvars) else _other(eqn, invals, uses)
+    if name in _SAME_AXES and len(invals) == len(eqn.outvars):
+        return list(invals)
     if name == "transpose" and x is not None:
         return [dataclasses.replace(x, axes=tuple(x.axes[i] for i in param(eqn, "permutation")))]
     if name == "reshape" and x is not None and len(invals) == 1:
@@ -148,8 +148,6 @@ def _step(eqn, invals: list, uses) -> list:
         dims = {d % len(x.axes) for d in param(eqn, "dimensions")}
         kept = tuple(a for i, a in enumerate(x.axes) if i not in dims)
         return [View(x.path, kept, x.peeled | _union(x.axes[d] for d in dims))]
-    if name == "expand_dims" and x is not None:
-        return _other(eqn, invals, uses)
     if name == "broadcast_in_dim" and x is not None and len(invals) == 1:
         return [_broadcast(x, eqn, uses)]
     if name in ("slice", "dynamic_slice") and x is not None and not any(invals[1:]):
@@ -214,14 +212,6 @@ def _slice(x: View, eqn, uses) -> View | None:
     return View(x.path, tuple(axes), peeled)
 
 
-def _kernel_side(invals, lhs_dims, rhs_dims):
-    """``(view, its contracting/batch dims, is_rhs)`` for the one operand that is a kernel, else None."""
-    lhs, rhs = invals[0], invals[1]
-    if (lhs is None) == (rhs is None):
-        return None
-    return (rhs, rhs_dims, True) if rhs is not None else (lhs, lhs_dims, False)
-
-
 def _classify(kind: str, name: str, view: View, contracting, batch) -> KernelUse:
     rest = [i for i in range(len(view.axes)) if i not in contracting and i not in batch]
     return KernelUse(kind, name, _union(view.axes[i] for i in contracting), _union(view.axes[i] for i in batch),
@@ -230,11 +220,11 @@ def _classify(kind: str, name: str, view: View, contracting, batch) -> KernelUse
 
 def _dot(eqn, invals, uses) -> None:
     (lc, rc), (lb, rb) = param(eqn, "dimension_numbers")
-    side = _kernel_side(invals, (lc, lb), (rc, rb))
-    if side is None or any(invals[2:]):
+    lhs, rhs = invals[:2]
+    if (lhs is None) == (rhs is None) or any(invals[2:]):  # no kernel, or two: no factored rule
         _other(eqn, invals, uses)
         return None
-    view, (contracting, batch), _ = side
+    view, contracting, batch = (rhs, rc, rb) if rhs is not None else (lhs, lc, lb)
     _record(uses, view, _classify("dot", "dot_general", view, contracting, batch))
     return None
 

@@ -40,6 +40,17 @@ class Layout:
     def fan_in(self, w_shape) -> int:
         return math.prod(w_shape[i] for i in self.in_axes)
 
+    def factor_specs(self, spec, ndim: int) -> tuple[tuple, tuple, tuple]:
+        """PartitionSpec entries of ``a``, ``b`` and DoRA's ``m`` that follow W's ``spec`` (rank axis whole).
+
+        >>> Layout((0,), (1,)).factor_specs(("fsdp", "model"), 2)
+        (('fsdp', None), (None, 'model'), ('model',))
+        """
+        s = tuple(spec) + (None,) * (ndim - len(tuple(spec)))
+        stack = tuple(s[i] for i in self.stack_axes)
+        ins, outs = tuple(s[i] for i in self.in_axes), tuple(s[i] for i in self.out_axes)
+        return (*stack, *ins, None), (*stack, None, *outs), (*stack, *outs)
+
 
 def default_layout(path: str, ndim: int, in_axes=None, stack_axes=()) -> Layout:
     """The documented default split of a kernel's axes.

@@ -649,16 +649,6 @@ def _pjit(ctx: Context, eqn, invals):
     return eval_jaxpr(ctx, closed.jaxpr, closed.consts, invals)
 
 
-def _factor_specs(lora: Lora, spec):
-    """PartitionSpecs of a kernel's factors inside ``shard_map``, following W's ``spec`` (as `jlora.shardings`)."""
-    entries = tuple(spec) + (None,) * (lora.w.ndim - len(tuple(spec)))
-    lay = lora.layout
-    stack = tuple(entries[w] for w in lay.stack_axes)
-    a = PartitionSpec(*stack, *(entries[w] for w in lay.in_axes), None)
-    b = PartitionSpec(*stack, None, *(entries[w] for w in lay.out_axes))
-    return a, b
-
-
 def _shard_map(ctx: Context, eqn, invals):
     """``shard_map`` rebuilt around a rewritten body: each adapted kernel enters as its factors.
 
@@ -674,7 +664,7 @@ def _shard_map(ctx: Context, eqn, invals):
     arrays, specs, spec_of = [], [], []
     for x, spec in zip(invals, _param(eqn, "in_specs"), strict=True):
         if isinstance(x, Lora):
-            a_spec, b_spec = _factor_specs(x, spec)
+            a_spec, b_spec, _ = (PartitionSpec(*e) for e in x.layout.factor_specs(spec, x.w.ndim))
             replicated = PartitionSpec()
             spec_of.append(x)
             parts = [(x.w, spec), (x.a, a_spec), (x.b, b_spec), (jnp.asarray(x.scale), replicated)]

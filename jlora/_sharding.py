@@ -96,15 +96,10 @@ def follow(targets: dict[str, Target], sources: dict[str, Source]) -> dict[str, 
         if not t.is_lora:
             out[path] = src
             continue
-        spec = src.spec if isinstance(src, NamedSharding) else src
-        s = tuple(spec) + (None,) * (len(t.shape) - len(spec))
-        lay = t.layout
-        stack = tuple(s[i] for i in lay.stack_axes)
-        ins, outs = tuple(s[i] for i in lay.in_axes), tuple(s[i] for i in lay.out_axes)
-        out[f"{path}/a"] = _like(src, (*stack, *ins, None))
-        out[f"{path}/b"] = _like(src, (*stack, None, *outs))
+        a, b, m = t.layout.factor_specs(src.spec if isinstance(src, NamedSharding) else src, len(t.shape))
+        out[f"{path}/a"], out[f"{path}/b"] = _like(src, a), _like(src, b)
         if t.dora:
-            out[f"{path}/m"] = _like(src, (*stack, *outs))
+            out[f"{path}/m"] = _like(src, m)
     return out
 
 
