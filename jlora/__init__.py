@@ -27,15 +27,14 @@ from jlora._optimizer import optimizer as optimizer
 from jlora._peft import export_peft as export_peft
 from jlora._peft import import_peft as import_peft
 from jlora._quant import QArray as QArray
-from jlora._quant import dequantize as dequantize
-from jlora._quant import quantize as quantize
+from jlora._quantize import dequantize as dequantize
+from jlora._quantize import quantize as quantize
 from jlora._rewrite import Use as Use
 from jlora._sharding import shardings as shardings
 from jlora._summary import summary as summary
+from jlora._version import __version__ as __version__
 from jlora._wrap import LoraApply as LoraApply
 from jlora._wrap import wrap as wrap
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CombineReport",

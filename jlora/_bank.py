@@ -25,8 +25,8 @@ from collections.abc import Mapping, Sequence
 import jax.numpy as jnp
 
 from jlora._config import LoraConfig, Rule
-from jlora._paths import adapter_of, flatten, nest
-from jlora._targets import Target
+from jlora._paths import flatten, nest
+from jlora._plan import Plan, Target
 
 
 def _check_plain(config: LoraConfig, where: str) -> None:
@@ -40,25 +40,17 @@ def _check_plain(config: LoraConfig, where: str) -> None:
 
 
 def _entries(trainable, config: LoraConfig, where: str) -> dict[str, tuple]:
-    """``{kernel_path: (a, b, rule)}`` of one adapter, its scale folded into ``b``."""
-    flat = flatten(trainable)
+    """``{kernel_path: (a, b, layout)}`` of one adapter, its scale folded into ``b``."""
+    plan = Plan.of_trainable(config, trainable, where)
+    full = [p for p, t in plan.items() if t.trained_in_full]
+    if full:
+        raise ValueError(
+            f"{where}: {full[0]} is trained in full; a bank holds low-rank adapters only (serve leaves "
+            "trained in full by merging them into the frozen base)."
+        )
     out = {}
-    for path in flat:
-        adapter = adapter_of(path, flat)
-        if adapter is None:
-            raise ValueError(
-                f"{where}: {path} is trained in full; a bank holds low-rank adapters only (serve leaves "
-                "trained in full by merging them into the frozen base)."
-            )
-        kernel, factor = adapter
-        if factor != "a":
-            continue
-        rule = config.rule_for(kernel)
-        if rule is None:
-            raise ValueError(f"{where}: no target of its config matches the adapter at {kernel}.")
-        scale = config.scale_for(rule)
-        b = flat[f"{kernel}/b"]
-        out[kernel] = (flat[path], b * jnp.asarray(scale, b.dtype), rule)
+    for path, (a, b, _) in plan.read(trainable).items():
+        out[path] = (a, b * jnp.asarray(plan[path].scale, b.dtype), plan[path].layout)
     return out
 
 
@@ -117,7 +109,7 @@ def stack(adapters: Sequence[tuple] | Mapping[str, tuple], *, rank: int | None =
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < top):
         errors.append(f"rank={rank!r} is below the largest adapter rank {top}; use rank >= {top}.")
     for path in sorted(paths) if not errors else ():
-        splits = {(e[path][2].in_axes, e[path][2].stack_axes) for e in entries}
+        splits = {(e[path][2].in_axes, e[path][2].stack_axes) for e in entries}  # layouts
         if len(splits) > 1:
             errors.append(f"{path}: the adapters split this kernel differently (in_axes, stack_axes): "
                           f"{sorted(map(str, splits))}")
@@ -133,16 +125,16 @@ def stack(adapters: Sequence[tuple] | Mapping[str, tuple], *, rank: int | None =
         raise ValueError("stack: the adapters do not fit one bank:\n  " + "\n  ".join(errors))
     bank, rules = {}, []
     for path in sorted(paths):
-        rule = entries[0][path][2]
-        n_stack = len(rule.stack_axes)
+        layout = entries[0][path][2]
+        n_stack = len(layout.stack_axes)
         a0, b0 = entries[0][path][0], entries[0][path][1]
         most = min(math.prod(a0.shape[n_stack:-1]), math.prod(b0.shape[n_stack + 1:]))  # min(fan_in, fan_out)
         cap = min(max(e[path][0].shape[-1] for e in entries) if rank is None else rank, most)
         a = jnp.stack([_pad_rank(e[path][0], e[path][0].ndim - 1, cap) for e in entries])
         b = jnp.stack([_pad_rank(e[path][1], n_stack, cap) for e in entries])
         bank[f"{path}/a"], bank[f"{path}/b"] = a, b
-        rules.append(Rule(pattern=re.escape(path), rank=cap, alpha=float(cap), in_axes=rule.in_axes,
-                          stack_axes=rule.stack_axes))
+        rules.append(Rule(pattern=re.escape(path), rank=cap, alpha=float(cap), in_axes=layout.in_axes,
+                          stack_axes=layout.stack_axes))
     rank = max(r.rank for r in rules)
     config = LoraConfig(rank=rank, alpha=float(rank), targets=tuple(rules), nonlinearity=configs[0].nonlinearity,
                         dtype=configs[0].dtype)
@@ -165,7 +157,7 @@ def put(bank, config: LoraConfig, slot: int, trainable, adapter_config: LoraConf
     errors = [f"{p}: not in the bank" for p in sorted(set(new) - bank_paths)]
     errors += [f"{p}: missing from the new adapter" for p in sorted(bank_paths - set(new))]
     out = dict(flat)
-    for path, (a, b, rule) in sorted(new.items()):
+    for path, (a, b, layout) in sorted(new.items()):
         if path not in bank_paths:
             continue
         cap = flat[f"{path}/a"].shape[-1]
@@ -173,7 +165,7 @@ def put(bank, config: LoraConfig, slot: int, trainable, adapter_config: LoraConf
             errors.append(f"{path}: rank {a.shape[-1]} exceeds the bank's capacity {cap}; stack with rank >= it")
             continue
         a = _pad_rank(a, a.ndim - 1, cap)
-        b = _pad_rank(b, len(rule.stack_axes), cap)
+        b = _pad_rank(b, len(layout.stack_axes), cap)
         for name, x in (("a", a), ("b", b)):
             want = flat[f"{path}/{name}"]
             if x.shape != want.shape[1:]:

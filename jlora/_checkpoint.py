@@ -103,11 +103,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jlora._config import LoraConfig, Rule
+from jlora._config import LoraConfig
 from jlora._layout import m_shape, wider
 from jlora._paths import ADAPTER_KEYS, flatten, nest
+from jlora._plan import Plan, Target
 from jlora._sharding import restore_shardings
-from jlora._targets import Target, check_trainable, implied_base, resolve
+from jlora._version import __version__
 
 FORMAT = "jlora-adapters"
 FORMAT_VERSION = 1
@@ -136,29 +137,16 @@ def absolute_path(directory, who: str) -> epath.Path:
     return epath.Path(os.path.abspath(os.path.expanduser(text)))
 
 
-def _targets(trainable, config: LoraConfig, frozen) -> tuple[dict[str, Target], dict]:
+def _checked_plan(trainable, config: LoraConfig, frozen) -> tuple[Plan, dict]:
     """Check ``trainable`` against ``config`` (and ``frozen``); return the targets and its leaves."""
     if not isinstance(config, LoraConfig):
         raise TypeError(f"save: expected a jlora.LoraConfig, got {type(config).__name__}.")
     flat = flatten(trainable)
-    if frozen is None:
-        # Without frozen, the kernels the adapters imply stand in for it. An adapter no rule
-        # matches is left out here, so check_trainable reports it as unexpected.
-        base, misfits = implied_base(trainable, config, jnp.dtype(config.dtype))
-        errors = [
-            f"{m.kernel}: a {m.a_shape} and b {m.b_shape} do not form an adapter for rule {m.rule.pattern!r} "
-            f"(stack_axes={m.rule.stack_axes}, in_axes={m.rule.in_axes}); pass frozen= to check them against "
-            "the real kernels." for m in misfits if m.rule is not None
-        ]
-        if errors:
-            raise ValueError("save: trainable does not fit config:\n  " + "\n  ".join(errors))
-        try:
-            targets = resolve(config, nest(base))
-        except ValueError as e:
-            raise ValueError(f"save: trainable does not fit config:\n{e}") from None
+    if frozen is None:  # the kernels the adapters imply stand in for frozen
+        targets = Plan.of_trainable(config, trainable, "save")
     else:
-        targets = resolve(config, frozen)
-    check_trainable(targets, trainable)
+        targets = Plan.of_base(config, frozen)
+        targets.read(trainable)
     base = flatten(frozen) if frozen is not None else {}
     wanted = {}
     for path, t in targets.items():
@@ -182,8 +170,8 @@ def _unit_alpha(rank: int, rslora: bool) -> float:
     return math.sqrt(rank) if rslora else float(rank)
 
 
-def _fold(targets: dict[str, Target], flat: dict, config: LoraConfig) -> tuple[dict, LoraConfig]:
-    """``b ← scale·b`` in every adapter, and a config whose every rule has scale 1.
+def _fold(targets: Plan, flat: dict, config: LoraConfig) -> tuple[dict, LoraConfig, dict[str, Target]]:
+    """``b ← scale·b`` in every adapter, and a config (and targets) whose every rule has scale 1.
 
     Exact for any nonlinearity, since ``s·f(x·a)·b = f(x·a)·(s·b)``, and for DoRA,
     whose direction uses the same ``W + s·a@b``.
@@ -204,7 +192,9 @@ def _fold(targets: dict[str, Target], flat: dict, config: LoraConfig) -> tuple[d
         dataclasses.replace(r, rank=config.rank_for(r), alpha=_unit_alpha(config.rank_for(r), config.rslora))
         for r in config.rules
     )
-    return flat, dataclasses.replace(config, alpha=_unit_alpha(config.rank, config.rslora), targets=rules)
+    folded = {p: dataclasses.replace(t, scale=1.0, alpha=_unit_alpha(t.rank, config.rslora)) if t.is_lora else t
+              for p, t in targets.items()}
+    return flat, dataclasses.replace(config, alpha=_unit_alpha(config.rank, config.rslora), targets=rules), folded
 
 
 def _describe(targets: dict[str, Target], config: LoraConfig, frozen) -> dict:
@@ -213,12 +203,11 @@ def _describe(targets: dict[str, Target], config: LoraConfig, frozen) -> dict:
     for path, t in targets.items():
         entry = {"kind": "full"}
         if t.is_lora:
-            rule: Rule = config.rule_for(path)
             entry = {
                 "kind": "lora",
                 "rank": t.rank,
-                "alpha": config.alpha if rule.alpha is None else rule.alpha,
-                "scale": config.scale_for(rule),
+                "alpha": t.alpha,
+                "scale": t.scale,
                 "in_axes": list(t.layout.in_axes),
                 "out_axes": list(t.layout.out_axes),
                 "stack_axes": list(t.layout.stack_axes),
@@ -252,11 +241,9 @@ def save_args(trainable, config: LoraConfig, *, frozen=None, fold_scale: bool = 
     >>> sorted(items), type(items["adapters"]).__name__
     (['adapters', 'lora_metadata'], 'StandardSaveArgs')
     """
-    from jlora import __version__  # late: jlora/__init__ imports this module
-
-    targets, flat = _targets(trainable, config, frozen)
+    targets, flat = _checked_plan(trainable, config, frozen)
     if fold_scale:
-        flat, config = _fold(targets, flat, config)
+        flat, config, targets = _fold(targets, flat, config)
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -541,7 +528,7 @@ def restore(directory, frozen, *, shardings=None) -> tuple[dict, LoraConfig]:
             raise ValueError(f"restore: {path} has corrupt jlora metadata: its config is unreadable "
                              f"({_first_line(e)}) (in {METADATA}/metadata).") from None
         try:
-            targets = resolve(config, frozen)
+            targets = Plan.of_base(config, frozen)
         except ValueError as e:
             raise ValueError(f"restore: the config stored in {path} does not fit frozen:\n{e}") from None
         base = flatten(frozen)

@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora._config import LoraConfig, Rule
-from jlora._layout import Layout, default_layout, wider
-from jlora._paths import adapter_of, flatten, nest
-from jlora._targets import Target, check_trainable, resolve
+from jlora._layout import Layout, wider
+from jlora._paths import flatten, nest
+from jlora._plan import Plan, Target
 
 METHODS = ("cat", "linear", "svd", "average")
 
@@ -121,56 +121,16 @@ def _check_variants(configs, method):
         raise ValueError(f"combine(method={method!r}) cannot combine these adapters:\n  " + "\n  ".join(errors))
 
 
-def _derive(trainable, config: LoraConfig) -> dict[str, Target]:
-    """The targets of an adapter, read off ``trainable`` and ``config`` (no base needed)."""
-    flat = flatten(trainable)
-    targets, errors = {}, []
-    for path, leaf in flat.items():
-        owner = adapter_of(path, flat)
-        if owner is None:
-            if not any(re.fullmatch(p, path) for p in config.train_in_full):
-                errors.append(f"{path} is neither an adapter (a, b) nor matched by train_in_full")
-            targets[path] = Target(path, tuple(np.shape(leaf)))
-            continue
-        kernel, name = owner
-        if name != "a":
-            continue
-        rule = config.rule_for(kernel)
-        if rule is None:
-            errors.append(f"no rule of the config matches the adapter at {kernel}")
-            continue
-        a_shape, b_shape = np.shape(flat[f"{kernel}/a"]), np.shape(flat[f"{kernel}/b"])
-        n_stack = len(rule.stack_axes)
-        n_in, n_out = len(a_shape) - 1 - n_stack, len(b_shape) - 1 - n_stack
-        ndim = n_stack + n_in + n_out
-        if n_in < 1 or n_out < 1 or any(ax >= ndim for ax in rule.stack_axes + (rule.in_axes or ())):
-            errors.append(f"{kernel}: a {a_shape} and b {b_shape} do not fit rule {rule.pattern!r} "
-                          f"(stack_axes={rule.stack_axes}, in_axes={rule.in_axes})")
-            continue
-        layout = default_layout(kernel, ndim, rule.in_axes, rule.stack_axes)
-        if len(layout.in_axes) != n_in:
-            errors.append(f"{kernel}: a has {n_in} input axes but rule {rule.pattern!r} gives in_axes {layout.in_axes}")
-            continue
-        shape = [0] * ndim
-        for axes, dims in ((layout.stack_axes, a_shape[:n_stack]), (layout.in_axes, a_shape[n_stack:-1]),
-                           (layout.out_axes, b_shape[n_stack + 1:])):
-            for ax, d in zip(axes, dims, strict=True):
-                shape[ax] = d
-        targets[kernel] = Target(kernel, tuple(shape), config.rank_for(rule), config.scale_for(rule), layout,
-                                 kernel.rsplit("/", 1)[-1] == "embedding", config.dora)
-    if errors:
-        raise ValueError("\n  ".join(errors))
-    return targets
-
-
 def _read(i: int, trainable, config: LoraConfig, frozen):
     """``(targets, values)`` of adapter ``i``, checked against ``frozen`` when given."""
+    if frozen is None:
+        plan = Plan.of_trainable(config, trainable, f"combine: adapter {i}")
+        return plan, plan.read(trainable)
     try:
-        targets = resolve(config, frozen) if frozen is not None else _derive(trainable, config)
-        return targets, check_trainable(targets, trainable)
+        plan = Plan.of_base(config, frozen)
+        return plan, plan.read(trainable)
     except ValueError as e:
-        against = "frozen and its config" if frozen is not None else "its config"
-        raise ValueError(f"combine: adapter {i} does not fit {against}:\n  {e}") from None
+        raise ValueError(f"combine: adapter {i} does not fit frozen and its config:\n  {e}") from None
 
 
 def _host(x) -> np.ndarray:

@@ -104,6 +104,8 @@ class Rule:
         if self.alpha is not None:
             _check_alpha(self.alpha, owner)
         object.__setattr__(self, "in_axes", _check_axes("in_axes", self.in_axes, owner))
+        if self.stack_axes is None:
+            raise TypeError(f"{owner}: stack_axes must be a tuple of axis numbers (() for none), got None.")
         object.__setattr__(self, "stack_axes", _check_axes("stack_axes", self.stack_axes, owner))
         if self.in_axes is not None and set(self.in_axes) & set(self.stack_axes):
             raise ValueError(f"{owner}: an axis cannot be both in in_axes and stack_axes.")

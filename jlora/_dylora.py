@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from jlora._config import LoraConfig
-from jlora._paths import adapter_of, flatten, nest
+from jlora._paths import flatten, nest
+from jlora._plan import Plan
 
 
 def _check_rank(rank, config: LoraConfig) -> int:
@@ -48,20 +49,13 @@ def truncate(trainable, config: LoraConfig, rank: int):
         raise ValueError("truncate: the config is not a DyLoRA config (dylora=None); only DyLoRA adapters are "
                          "trained to work at every rank.")
     rank = _check_rank(rank, config)
-    flat = flatten(trainable)
+    plan = Plan.of_trainable(config, trainable, "truncate")
     out = {}
-    for path, leaf in flat.items():
-        adapter = adapter_of(path, flat)
-        if adapter is None or adapter[1] == "m":
-            out[path] = leaf
-            continue
-        rule = config.rule_for(adapter[0])
-        if rule is None:
-            raise ValueError(f"truncate: no target of the config matches the adapter at {adapter[0]}; "
-                             "pass the config given to jlora.init.")
-        k = min(rank, config.rank_for(rule))
-        axis = leaf.ndim - 1 if adapter[1] == "a" else len(rule.stack_axes)
-        out[path] = jax.lax.slice_in_dim(leaf, 0, k, axis=axis)
+    for (t, factor), (path, leaf) in zip(plan.roles(trainable), flatten(trainable).items(), strict=True):
+        if factor in ("a", "b"):
+            k = min(rank, t.rank)
+            leaf = jax.lax.slice_in_dim(leaf, 0, k, axis=leaf.ndim - 1 if factor == "a" else len(t.layout.stack_axes))
+        out[path] = leaf
     rules = tuple(dataclasses.replace(r, rank=min(rank, r.rank)) if r.rank is not None else r for r in config.rules)
     return nest(out), dataclasses.replace(config, rank=min(rank, config.rank), targets=rules, dylora=None)
 

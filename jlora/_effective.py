@@ -21,7 +21,7 @@ from jax import lax
 
 from jlora._config import LoraConfig
 from jlora._layout import weight_norm
-from jlora._targets import Target
+from jlora._plan import Target
 
 
 @dataclasses.dataclass(frozen=True)

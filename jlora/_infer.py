@@ -32,8 +32,8 @@ from jax.extend.core import Literal
 from jlora._config import LoraConfig, Rule
 from jlora._layout import Layout, LayoutError, reshape_runs
 from jlora._paths import leaf_paths
+from jlora._plan import Plan
 from jlora._primitives import param, scan_counts
-from jlora._targets import resolve
 from jlora._trace import split, trace
 
 Axes = frozenset  # of kernel axis numbers
@@ -439,7 +439,7 @@ def infer_layouts(config: LoraConfig, apply_fn, params, *args, **kwargs) -> Lora
 
     Raises:
       ValueError: one error listing every kernel whose uses disagree with each other
-        (or with an explicit rule), and `resolve`'s errors (a rule matching nothing).
+        (or with an explicit rule), and `Plan.of_base`'s errors (a rule matching nothing).
 
     >>> import jax, jax.numpy as jnp
     >>> from jlora import LoraConfig
@@ -452,7 +452,7 @@ def infer_layouts(config: LoraConfig, apply_fn, params, *args, **kwargs) -> Lora
         raise TypeError(f"infer_layouts: expected a jlora.LoraConfig, got {type(config).__name__}.")
     if not callable(apply_fn):
         raise TypeError(f"infer_layouts: apply_fn must be callable, got {type(apply_fn).__name__}.")
-    targets = resolve(config, params)
+    targets = Plan.of_base(config, params)
     dynamic, static = split(args, kwargs)
     closed, _ = trace(apply_fn, params, dynamic, static)
     _, views = kernel_views(params, targets)

@@ -12,9 +12,9 @@ from jax import lax
 from jlora._config import LoraConfig
 from jlora._layout import weight_norm
 from jlora._paths import flatten, leaf_paths, nest
+from jlora._plan import Plan, Target
 from jlora._quant import dense, is_qarray
 from jlora._sharding import on_mesh, placement, refuse_partitioned_svd
-from jlora._targets import Target, resolve
 
 
 def _adapter(key: jax.Array, t: Target, init: str, dtype) -> dict[str, jax.Array]:
@@ -109,7 +109,7 @@ def init(key: jax.Array, params, config: LoraConfig):
     """
     if not isinstance(key, jax.Array):
         raise TypeError(f"init: key must be a JAX PRNG key (jax.random.key(0)), got {type(key).__name__}.")
-    targets = resolve(config, params)
+    targets = Plan.of_base(config, params)
     leaves = flatten(params)
     placed = placement(targets, leaves)
     if config.init != "pissa":

@@ -9,8 +9,8 @@ from jlora._config import LoraConfig
 from jlora._effective import effective
 from jlora._layout import dora_merged, merged
 from jlora._paths import leaf_paths, leaves, structure
+from jlora._plan import Plan
 from jlora._quant import QArray, dense, requantize_warning
-from jlora._targets import check_trainable, resolve
 
 
 def interpolate(base, trained, scale):
@@ -43,8 +43,8 @@ def merged_leaves(frozen, trainable, config: LoraConfig, scale=None, sign: int =
             "weight that unmerge is asked to recover; keep the frozen base instead of unmerging."
         )
     scale = _as_runtime_scale(scale)
-    targets = resolve(config, frozen)
-    values = check_trainable(targets, trainable)
+    targets = Plan.of_base(config, frozen)
+    values = targets.read(trainable)
     out = []
     for path, leaf in zip(leaf_paths(frozen), leaves(frozen), strict=True):
         leaf = dense(leaf)
@@ -138,7 +138,7 @@ def merge(frozen, trainable, config: LoraConfig, *, scale=1.0, rank=None, safe: 
             "its full rank; drop rank=, or cut a plain adapter with jlora.truncate only after DyLoRA training."
         )
     new = merged_leaves(frozen, trainable, config, scale, rank=rank)
-    targets = resolve(config, frozen) if safe or requantize else {}
+    targets = Plan.of_base(config, frozen).targets if safe or requantize else {}
     if safe:
         _check_finite(jax.tree_util.tree_unflatten(structure(frozen), new), set(targets))
     if requantize:

@@ -43,6 +43,7 @@ off, or use another ``base``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -52,7 +53,7 @@ import jax.numpy as jnp
 import optax
 
 from jlora._config import LoraConfig
-from jlora._paths import adapter_of, flatten, leaf_paths
+from jlora._plan import Plan
 
 LABELS = ("a", "b", "embedding", "full")
 MAX_AUTO_RATIO = 64.0
@@ -69,46 +70,25 @@ def auto_ratio(fan_in: int, fan_out: int, rank: int) -> float:
     return float(min(max((fan_in / fan_out) * math.sqrt(fan_in / rank), 1.0), MAX_AUTO_RATIO))
 
 
-def _is_embedding(kernel_path: str) -> bool:
-    return kernel_path.rsplit("/", 1)[-1] == "embedding"
+def labels(trainable, config: LoraConfig) -> Any:
+    """The label of every leaf of ``trainable`` (a tree of strings, same structure): a, b, embedding or full.
 
-
-def labels(trainable) -> Any:
-    """The label of every leaf of ``trainable`` (a tree of strings, same structure)."""
-    flat = flatten(trainable)
+    DoRA's magnitude ``m`` moves with ``b`` (it is an output-side parameter).
+    """
     out = []
-    for path in leaf_paths(trainable):
-        adapter = adapter_of(path, flat)
-        if adapter is None:
-            out.append("full")
-        elif _is_embedding(adapter[0]):
-            out.append("embedding")
-        else:
-            out.append("a" if adapter[1] == "a" else "b")
+    for t, factor in Plan.of_trainable(config, trainable, "optimizer").roles(trainable):
+        out.append("full" if factor is None else "embedding" if t.embedding else "a" if factor == "a" else "b")
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(trainable), out)
-
-
-def _stack_count(config: LoraConfig, kernel_path: str) -> int:
-    rule = config.rule_for(kernel_path)
-    if rule is None:
-        raise ValueError(
-            f"optimizer: trainable holds an adapter at {kernel_path}, but no target of the config "
-            "matches that path; build the optimizer with the config given to jlora.init."
-        )
-    return len(rule.stack_axes)
 
 
 def _auto_ratios(config: LoraConfig, trainable) -> Any:
     """One float32 scalar per leaf: the auto ratio on ``b`` (and ``m``) leaves, 1 elsewhere."""
-    flat = flatten(trainable)
     out = []
-    for path in leaf_paths(trainable):
-        adapter = adapter_of(path, flat)
+    for t, factor in Plan.of_trainable(config, trainable, "optimizer").roles(trainable):
         ratio = 1.0
-        if adapter is not None and adapter[1] != "a" and not _is_embedding(adapter[0]):
-            s = _stack_count(config, adapter[0])
-            a_shape, b_shape = jnp.shape(flat[f"{adapter[0]}/a"]), jnp.shape(flat[f"{adapter[0]}/b"])
-            ratio = auto_ratio(math.prod(a_shape[s:-1]), math.prod(b_shape[s + 1:]), a_shape[-1])
+        if factor in ("b", "m") and not t.embedding:
+            fan_out = math.prod(t.shape[i] for i in t.layout.out_axes)
+            ratio = auto_ratio(t.layout.fan_in(t.shape), fan_out, t.rank)
         out.append(jnp.float32(ratio))
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(trainable), out)
 
@@ -221,7 +201,7 @@ def optimizer(
         "embedding": base(embedding_lr, **base_kwargs),
         "full": base(full_lr, **base_kwargs),
     }
-    tx = optax.partition(transforms, labels)
+    tx = optax.partition(transforms, functools.partial(labels, config=config))
     if auto:
         tx = optax.chain(tx, _scale_by_auto_ratio(config))
     return tx

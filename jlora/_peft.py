@@ -67,7 +67,7 @@ from jax.experimental import multihost_utils
 from jlora._config import LoraConfig, Rule
 from jlora._layout import default_layout
 from jlora._paths import flatten, nest
-from jlora._targets import check_trainable, implied_base, resolve
+from jlora._plan import Plan
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -259,18 +259,6 @@ def _refuse_unexportable(config: LoraConfig) -> None:
         )
 
 
-def _frozen_like(trainable, config: LoraConfig) -> dict:
-    """A stand-in for ``frozen`` with each adapted kernel's shape (zero-strided views, no memory)."""
-    base, misfits = implied_base(trainable, config, np.float32)
-    errors = [f"the adapter at {m.kernel} matches no rule of the config" if m.rule is None else
-              f"the adapter at {m.kernel} (a {m.a_shape}, b {m.b_shape}) does not fit rule {m.rule.pattern!r}'s axes"
-              for m in misfits]
-    if errors:
-        raise ValueError("export_peft: trainable does not fit config:\n  " + "\n  ".join(errors)
-                         + "\nPass the config given to jlora.init (and frozen=, to check against the base).")
-    return nest({path: np.asarray(leaf) for path, leaf in base.items()})
-
-
 def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module_name=None,
                 base_model_name_or_path: str | None = None, conv: str | Sequence[str] = (),
                 fan_in_fan_out: bool | None = None) -> None:
@@ -338,9 +326,8 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
     _refuse_unexportable(config)
     namer = _namer(module_name)
     conv_patterns = (conv,) if isinstance(conv, str) else tuple(conv)
-    base = _frozen_like(trainable, config) if frozen is None else frozen
-    targets = resolve(config, base)
-    values = check_trainable(targets, trainable)
+    targets = Plan.of_trainable(config, trainable, "export_peft") if frozen is None else Plan.of_base(config, frozen)
+    values = targets.read(trainable)
     # Arrays split across processes are gathered whole (a collective: every process calls export_peft).
     values = jax.tree.map(lambda x: x if getattr(x, "is_fully_addressable", True)
                           else multihost_utils.process_allgather(x, tiled=True), values)
@@ -404,9 +391,8 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
         put(f"{module}.{names[1]}", big_b, path)
         if big_m is not None:
             put(f"{module}.lora_magnitude_vector", big_m, path)
-        rule = config.rule_for(path)
         ranks[module] = r
-        alphas[module] = config.alpha if rule.alpha is None else rule.alpha
+        alphas[module] = t.alpha
     if not errors:
         shared = sorted(full_modules & set(ranks))
         if shared:
@@ -890,7 +876,7 @@ def import_peft(directory, params, *, module_name=None, layouts: LoraConfig | No
             trainable[f"{path}/{factor}"] = jnp.asarray(x, dtype=dtype)
     trainable = nest(trainable)
     try:  # what wrap will check: fail here, not there
-        check_trainable(resolve(config, params), trainable)
+        Plan.of_base(config, params).read(trainable)
     except ValueError as e:
         raise ValueError(f"import_peft: {directory} does not fit jlora's adapters on params:\n{e}") from None
     return params, trainable, config

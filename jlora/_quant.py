@@ -225,7 +225,7 @@ def _nf4_decode(q: QArray) -> jax.Array:
 # ------------------------------------------------------------------- API
 
 
-def _check_options(kind, block, double, dtype) -> None:
+def check_options(kind, block, double, dtype) -> None:
     if kind not in KINDS:
         raise ValueError(f"quantize: unknown kind {kind!r}; choose one of {KINDS}.")
     if isinstance(block, bool) or not isinstance(block, int | np.integer) or block <= 0 or block % 2:
@@ -246,7 +246,7 @@ def _suggest_block(n: int, block: int) -> str:
     return f"use block={even[-1]} (divides {n})"
 
 
-def _leaf_problem(path: str, leaf, layout: Layout, kind: str, block: int) -> str | None:
+def leaf_problem(path: str, leaf, layout: Layout, kind: str, block: int) -> str | None:
     if isinstance(leaf, QArray):
         return f"{path} is already quantized ({leaf!r}); quantize the full-precision params once."
     ns = len(layout.stack_axes)
@@ -278,11 +278,11 @@ def quantize_array(w, kind: str = "nf4", *, layout: Layout | None = None, block:
     >>> q, q.nbytes
     (QArray(int8, shape=(16, 8), dtype=float32), 160)
     """
-    _check_options(kind, block, double, dtype)
+    check_options(kind, block, double, dtype)
     if not jnp.issubdtype(w.dtype, jnp.floating):
         raise TypeError(f"quantize_array: w must be a float array, got {w.dtype}.")
     layout = layout or default_layout("", w.ndim)
-    problem = _leaf_problem("quantize_array", w, layout, kind, block)
+    problem = leaf_problem("quantize_array", w, layout, kind, block)
     if problem:
         raise ValueError(problem)
     dtype = jnp.dtype(w.dtype if dtype is None else dtype)
@@ -290,72 +290,6 @@ def quantize_array(w, kind: str = "nf4", *, layout: Layout | None = None, block:
     if kind == "int8":
         return _int8_encode(w, ns, tuple(sorted(i - ns for i in layout.in_axes)), dtype)
     return _nf4_encode(w, ns, int(block), bool(double), dtype)
-
-
-def quantize(params, config, kind: str = "nf4", *, block: int = 64, double: bool = False, dtype=None):
-    """Replace every kernel ``config`` adapts by a `QArray`; nothing else changes.
-
-    Args:
-      params: the parameter tree (Linen variables or NNX state).
-      config: the `LoraConfig` that `init` and `wrap` will be given; its LoRA
-        targets, with their `Layout`, are the kernels quantized.
-      kind: ``"int8"`` (per-output-unit absmax, error <= absmax/254 per element)
-        or ``"nf4"`` (blockwise absmax, error <= absmax_block · 0.1519).
-      block: NF4 values per block, a positive even int dividing each kernel's
-        per-layer size (a kernel that does not split is refused, with a block
-        that works; nothing is padded).
-      double: NF4 only: store the absmaxes in 8 bits too (about 0.127 bytes per
-        value instead of 0.188 at block 64).
-      dtype: what the kernels dequantize to (default: each kernel's own dtype).
-
-    Returns:
-      ``params`` with the adapted kernels replaced by `QArray`s.
-
-    Raises:
-      ValueError/TypeError: for a bad option, or naming every kernel that cannot be
-        quantized (already quantized, stack axes not leading, size not a multiple
-        of ``block``); resolve's own errors for targets that are not float kernels.
-
-    >>> import jax, jax.numpy as jnp
-    >>> from jlora import LoraConfig
-    >>> params = {"dense": {"kernel": jnp.ones((64, 32)), "bias": jnp.zeros(32)}}
-    >>> q = quantize(params, LoraConfig(rank=4, targets="dense/kernel"))
-    >>> q["dense"]["kernel"], q["dense"]["kernel"].nbytes, q["dense"]["bias"].shape
-    (QArray(nf4, shape=(64, 32), dtype=float32, block=64, double=False), 1152, (32,))
-    """
-    from jlora._paths import leaf_paths  # here: _paths and _targets read QArray leaves from this module
-    from jlora._targets import resolve
-
-    _check_options(kind, block, double, dtype)
-    targets = resolve(config, params)
-    leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=is_qarray)
-    out, errors = [], []
-    for path, leaf in zip(leaf_paths(params), leaves, strict=True):
-        t = targets.get(path)
-        if t is None or not t.is_lora:
-            out.append(leaf)
-            continue
-        problem = _leaf_problem(path, leaf, t.layout, kind, block)
-        if problem:
-            errors.append(problem)
-            continue
-        out.append(quantize_array(leaf, kind, layout=t.layout, block=block, double=double, dtype=dtype))
-    if errors:
-        raise ValueError("quantize: cannot quantize:\n  " + "\n  ".join(errors))
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def dequantize(params):
-    """``params`` with every `QArray` replaced by its dequantized array (a plain tree).
-
-    >>> import jax.numpy as jnp
-    >>> from jlora import LoraConfig
-    >>> params = {"dense": {"kernel": jnp.eye(64)}}
-    >>> w = dequantize(quantize(params, LoraConfig(rank=2, targets="dense/kernel"), "int8"))["dense"]["kernel"]
-    >>> bool((w == params["dense"]["kernel"]).all())
-    True
-    """
-    return jax.tree_util.tree_map(dense, params, is_leaf=is_qarray)
 
 
 def requantize_warning(kinds: set[str], err: float | None, delta: float | None) -> None:

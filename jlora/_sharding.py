@@ -33,7 +33,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from jlora._config import LoraConfig
 from jlora._paths import flatten, nest
-from jlora._targets import Target, resolve
+from jlora._plan import Plan, Target
 
 Source = NamedSharding | PartitionSpec
 
@@ -81,7 +81,7 @@ def shardings(params, config: LoraConfig, *, specs=None):
     >>> out["down"]["kernel"]
     {'a': P('model', None), 'b': P(None, None)}
     """
-    targets = resolve(config, params)
+    targets = Plan.of_base(config, params)
     leaves = flatten(params)
     if specs is None:
         return nest(follow(targets, _sources_of_leaves(leaves, targets)))

@@ -15,9 +15,9 @@ from jlora._infer import check, derive, kernel_views, mismatch_error, uses_in
 from jlora._layout import merged
 from jlora._merge import interpolate, merged_leaves
 from jlora._paths import adapter_of, flatten, leaf_paths, leaves, structure
+from jlora._plan import Plan
 from jlora._quant import dense
 from jlora._rewrite import Context, Lora, Use, eval_jaxpr
-from jlora._targets import check_trainable, resolve
 from jlora._trace import Static as _Static
 from jlora._trace import split as _split
 from jlora._trace import trace
@@ -120,7 +120,7 @@ def _check_knob_values(config: LoraConfig, trainable, lora_rank, lora_index) -> 
 
 
 def _check_bank(targets, trainable) -> dict:
-    """Like `check_trainable`, for a bank (`stack`): every leaf leads with the same K."""
+    """Like `Plan.read`, for a bank (`stack`): every leaf leads with the same K."""
     leaves = jax.tree_util.tree_leaves(trainable)
     sizes = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
     if len(sizes) != 1 or None in sizes:
@@ -130,7 +130,7 @@ def _check_bank(targets, trainable) -> dict:
         )
     if any(not t.is_lora for t in targets.values()):
         raise ValueError("a bank holds low-rank adapters only; its config trains nothing in full.")
-    check_trainable(targets, jax.tree.map(lambda x: x[0], trainable))
+    targets.read(jax.tree.map(lambda x: x[0], trainable))
     flat = flatten(trainable)
     return {path: (flat[f"{path}/a"], flat[f"{path}/b"]) for path in targets}
 
@@ -189,6 +189,15 @@ class LoraApply:
     def __init__(self, apply_fn, config: LoraConfig, strategy: str, fallback: str):
         self.apply_fn, self.config, self.strategy, self.fallback = apply_fn, config, strategy, fallback
         self._jitted = jax.jit(self._run, static_argnames=("static",))
+        self._plans: dict = {}  # one plan per structure, shapes and dtypes of frozen
+
+    def plan(self, frozen) -> Plan:
+        """The config resolved on ``frozen``: once per structure, shapes and dtypes of it."""
+        key = (structure(frozen), tuple((np.shape(x), getattr(x, "dtype", None)) for x in leaves(frozen)))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = Plan.of_base(self.config, frozen)
+        return plan
 
     def __call__(self, frozen, trainable, *args, lora_scale=None, lora_rank=None, lora_rng=None,
                  lora_weights=None, lora_index=None, **kwargs):
@@ -223,11 +232,11 @@ class LoraApply:
     def _run(self, frozen, trainable, dynamic, knobs, *, static: _Static, ctx: Context | None = None):
         config = self.config
         scale, rank, rng = knobs.get("scale"), knobs.get("rank"), knobs.get("rng")
-        targets = resolve(config, frozen)
+        targets = self.plan(frozen)
         weights, index = knobs.get("weights"), knobs.get("index")
         if weights is not None or index is not None:
             return self._run_bank(frozen, trainable, dynamic, knobs, targets, static, ctx)
-        values = check_trainable(targets, trainable)
+        values = targets.read(trainable)
         train = rng is not None
         if train and config.dylora is not None and rank is None:
             rank = sample_rank(rng, config, targets)

@@ -108,7 +108,7 @@ def compiled_during(fn):
 def smallest_split_kernel(sharded, config) -> int:
     """Elements of the smallest adapted kernel that is split across devices."""
     leaves = flatten(sharded)
-    targets = jlora._targets.resolve(config, sharded)
+    targets = jlora._plan.Plan.of_base(config, sharded)
     return min(int(np.prod(leaves[p].shape)) for p, t in targets.items()
                if t.is_lora and not leaves[p].sharding.is_fully_replicated)
 

@@ -414,10 +414,10 @@ def test_refuses_adapters_of_different_bases():
 
 def test_refuses_a_trainable_that_does_not_fit_its_config():
     tr, _ = _pair()
-    with pytest.raises(ValueError, match=r"(?s)adapter 0 does not fit its config:\n  .*w/a has shape \(8, 2\), "
+    with pytest.raises(ValueError, match=r"(?s)combine: adapter 0: trainable does not fit config:\n  .*w/a has shape \(8, 2\), "
                                          r"expected \(8, 3\)"):
         combine([(tr, jlora.LoraConfig(rank=3, targets=r"w|v"))], [1.0])
-    with pytest.raises(ValueError, match=r"adapter 0 does not fit its config:\n  no rule of the config matches .* v"):
+    with pytest.raises(ValueError, match=r"adapter 0: trainable does not fit config:\n  trainable holds an adapter at v, but no rule "):
         combine([(tr, jlora.LoraConfig(rank=2, targets=r"w"))], [1.0])
 
 

@@ -79,6 +79,7 @@ def test_config_errors(kwargs, error, message):
         ({"in_axes": (0, 0)}, ValueError, r"in_axes=\(0, 0\) repeats an axis"),
         ({"in_axes": (-1,)}, TypeError, r"in_axes must be a tuple of non-negative axis numbers"),
         ({"in_axes": (0,), "stack_axes": (0,)}, ValueError, r"both in in_axes and stack_axes"),
+        ({"stack_axes": None}, TypeError, r"stack_axes must be a tuple of axis numbers \(\(\) for none\), got None"),
     ],
 )
 def test_rule_errors(kwargs, error, message):

@@ -7,7 +7,7 @@ import pytest
 
 import jlora
 from jlora._effective import effective, sample_rank
-from jlora._targets import resolve
+from jlora._plan import Plan
 
 
 def _target(**cfg):
@@ -15,7 +15,7 @@ def _target(**cfg):
     params = {"w": jax.random.normal(jax.random.key(0), (6, 5))}
     frozen, tr = jlora.init(jax.random.key(1), params, cfg)
     tr = jax.tree.map(lambda v: v + 0.3, tr)
-    return cfg, resolve(cfg, params)["w"], params["w"], tr["w"]
+    return cfg, Plan.of_base(cfg, params)["w"], params["w"], tr["w"]
 
 
 @pytest.mark.parametrize(("rslora", "k"), [(False, 1), (False, 3), (True, 2), (False, 4)])

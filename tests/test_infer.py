@@ -23,7 +23,7 @@ from jax import lax
 
 import jlora
 from jlora._infer import kernel_uses
-from jlora._targets import resolve
+from jlora._plan import Plan
 
 D, N, H, F, E, T, B, L = 8, 2, 4, 16, 3, 5, 2, 3
 X = jax.random.normal(jax.random.key(5), (B, T, D))
@@ -222,7 +222,7 @@ def _config(targets):
 
 
 def _splits(cfg, params):
-    return {path: (t.layout.in_axes, t.layout.stack_axes) for path, t in resolve(cfg, params).items()}
+    return {path: (t.layout.in_axes, t.layout.stack_axes) for path, t in Plan.of_base(cfg, params).items()}
 
 
 @pytest.mark.parametrize("style", sorted(STYLES))
@@ -358,7 +358,7 @@ def test_infer_layouts_spends_no_flops_and_takes_shapes():
 
 def test_kernel_uses_follow_transposes_reshapes_and_scans():
     apply_fn, params, x, targets = _model("scan_axis_1")
-    uses = kernel_uses(apply_fn, params, resolve(_config(targets), params), (x,), {})
+    uses = kernel_uses(apply_fn, params, Plan.of_base(_config(targets), params), (x,), {})
     (q,) = [u for p, us in uses.items() if p.endswith("q_proj") for u in us]
     assert (q.kind, q.contracted, q.stacked, q.free) == ("dot", {0}, {1}, {2, 3})
 

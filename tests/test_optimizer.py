@@ -37,7 +37,7 @@ def _ones(tree):
 
 def test_labels_follow_the_tree():
     _, trainable = _setup()
-    lab = labels(trainable)["params"]
+    lab = labels(trainable, CFG)["params"]
     assert lab["up"]["kernel"] == {"a": "a", "b": "b"}
     assert lab["embed"]["embedding"] == {"a": "embedding", "b": "embedding"}
     assert lab["head"] == {"bias": "full", "kernel": "full"}
@@ -156,7 +156,7 @@ def test_errors(kwargs, error, message):
 def test_auto_needs_the_config_that_made_trainable():
     _, trainable = _setup()
     other = jlora.LoraConfig(rank=4, targets=r".*/up/kernel")
-    with pytest.raises(ValueError, match=r"adapter at params/down/kernel, but no target of the config matches"):
+    with pytest.raises(ValueError, match=r"optimizer: .*\n  trainable holds an adapter at params/down/kernel, but no rule of the config matches"):
         jlora.optimizer(other, 1e-3, lr_ratio="auto").init(trainable)
     with pytest.raises(TypeError, match=r"expected a jlora.LoraConfig"):
         jlora.optimizer({}, 1e-3)

@@ -17,7 +17,8 @@ from jax import ad_checkpoint
 from models import NNX_CFG, STACK_CFG, TOKENS, ZOO_CFG, LinenScan, LinenZoo, NnxModel, bump, nnx_apply
 
 import jlora
-from jlora._quant import DOUBLE_BLOCK, NF4, NF4_HALF_GAP, QArray, dequantize, quantize, quantize_array
+from jlora._quant import DOUBLE_BLOCK, NF4, NF4_HALF_GAP, QArray, quantize_array
+from jlora._quantize import dequantize, quantize
 
 # ------------------------------------------------------------------ error bounds
 
@@ -137,8 +138,8 @@ def test_quantize_replaces_only_adapted_kernels():
 def test_resolve_and_summary_read_the_logical_kernel():
     params = _params("zoo")[1]
     q = quantize(params, ZOO_CFG, "nf4")
-    targets = jlora._targets.resolve(ZOO_CFG, q)
-    assert targets == jlora._targets.resolve(ZOO_CFG, params)
+    targets = jlora._plan.Plan.of_base(ZOO_CFG, q)
+    assert targets == jlora._plan.Plan.of_base(ZOO_CFG, params)
     frozen, trainable = jlora.init(jax.random.key(1), q, ZOO_CFG)
     assert jlora.summary(frozen, trainable) == jlora.summary(params, trainable)
 

@@ -1,13 +1,14 @@
-"""resolve: which leaves are adapted, trained in full or frozen — and every error at once."""
+"""The plan: which leaves are adapted, trained in full or frozen — and every error at once."""
+
+import re
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import jlora
 from jlora._layout import Layout
-from jlora._targets import check_trainable, implied_base, resolve
+from jlora._plan import Plan
 
 PARAMS = {
     "params": {
@@ -27,7 +28,7 @@ def test_first_rule_wins_and_full_training():
         targets=(jlora.Rule(pattern=".*/query/kernel", rank=1), ".*/kernel"),
         train_in_full=r"params/head/bias",
     )
-    t = resolve(cfg, PARAMS)
+    t = Plan.of_base(cfg, PARAMS)
     assert set(t) == {"params/encoder/query/kernel", "params/encoder/out/kernel", "params/head/kernel",
                       "params/head/bias"}
     assert t["params/encoder/query/kernel"].rank == 1
@@ -39,13 +40,13 @@ def test_first_rule_wins_and_full_training():
 def test_fullmatch_not_search():
     cfg = jlora.LoraConfig(rank=2, targets="kernel")
     with pytest.raises(ValueError, match=r"'kernel' matched no parameter"):
-        resolve(cfg, PARAMS)
+        Plan.of_base(cfg, PARAMS)
 
 
 def test_unmatched_rule_shows_close_paths():
     cfg = jlora.LoraConfig(rank=2, targets=r"params/encoder/qurey/kernel")
     with pytest.raises(ValueError, match=r"matched no parameter\. Paths that look close: params/encoder/query/kernel"):
-        resolve(cfg, PARAMS)
+        Plan.of_base(cfg, PARAMS)
 
 
 @pytest.mark.parametrize(
@@ -63,24 +64,24 @@ def test_unmatched_rule_shows_close_paths():
 def test_resolve_errors(cfg, message):
     cfg = jlora.LoraConfig(**{"rank": 2, **cfg})
     with pytest.raises(ValueError, match=message):
-        resolve(cfg, PARAMS)
+        Plan.of_base(cfg, PARAMS)
 
 
 def test_every_error_is_reported_at_once():
     cfg = jlora.LoraConfig(rank=2, targets=(r".*/bias", r"nope"))
     with pytest.raises(ValueError) as info:
-        resolve(cfg, PARAMS)
+        Plan.of_base(cfg, PARAMS)
     msg = str(info.value)
     assert msg.count("fewer than 2 axes") == 2 and "nope" in msg  # two 1-D biases (query's is 2-D)
 
 
 def test_check_trainable_lists_every_bad_path():
     cfg = jlora.LoraConfig(rank=2, targets=r".*/out/kernel", train_in_full="params/head/bias")
-    targets = resolve(cfg, PARAMS)
+    targets = Plan.of_base(cfg, PARAMS)
     bad = {"params": {"encoder": {"out": {"kernel": {"a": jnp.ones((2, 4, 3))}}}, "extra": jnp.ones(2),
                       "head": {"bias": jnp.ones(4)}}}
     with pytest.raises(ValueError) as info:
-        check_trainable(targets, bad)
+        targets.read(bad)
     msg = str(info.value)
     assert "params/encoder/out/kernel/a has shape (2, 4, 3), expected (2, 4, 2)" in msg
     assert "missing params/encoder/out/kernel/b (expected shape (2, 8))" in msg
@@ -91,21 +92,39 @@ def test_check_trainable_lists_every_bad_path():
 
 def test_resolve_rejects_a_non_config():
     with pytest.raises(TypeError, match=r"expected a jlora.LoraConfig, got dict"):
-        resolve({"rank": 2}, PARAMS)
+        Plan.of_base({"rank": 2}, PARAMS)
 
 
-def test_implied_base_rebuilds_kernel_shapes_from_the_factors():
+def test_of_trainable_rebuilds_kernel_shapes_from_the_factors():
     params = {"layers": {"kernel": jnp.zeros((3, 8, 2, 4))}, "attn": {"query": {"kernel": jnp.zeros((8, 2, 4))}},
               "head": {"bias": jnp.zeros(5)}}
     cfg = jlora.LoraConfig(rank=2, targets=(jlora.Rule(pattern="layers/kernel", stack_axes=(0,)), "attn/query/kernel"),
                            train_in_full="head/bias")
     trainable = jlora.init(jax.random.key(0), params, cfg)[1]
-    base, misfits = implied_base(trainable, cfg, np.float32)
-    assert not misfits
-    assert {p: v.shape for p, v in base.items()} == {
+    plan = Plan.of_trainable(cfg, trainable, "test")
+    assert plan.targets == Plan.of_base(cfg, params).targets
+    assert {p: t.shape for p, t in plan.items()} == {
         "layers/kernel": (3, 8, 2, 4), "attn/query/kernel": (8, 2, 4), "head/bias": (5,)}
-    assert base["layers/kernel"].strides == (0, 0, 0, 0)  # a view of one zero: no memory
 
+
+def test_of_trainable_names_every_adapter_without_a_fitting_rule():
+    params = {"layers": {"kernel": jnp.zeros((3, 8, 2, 4))}, "attn": {"query": {"kernel": jnp.zeros((8, 2, 4))}}}
+    cfg = jlora.LoraConfig(rank=2, targets=(jlora.Rule(pattern="layers/kernel", stack_axes=(0,)), "attn/query/kernel"))
+    trainable = jlora.init(jax.random.key(0), params, cfg)[1]
     other = jlora.LoraConfig(rank=2, targets=(jlora.Rule(pattern="layers/kernel", stack_axes=(0, 1, 2)),))
-    _, misfits = implied_base(trainable, other, np.float32)
-    assert {(m.kernel, m.rule is None) for m in misfits} == {("layers/kernel", False), ("attn/query/kernel", True)}
+    with pytest.raises(ValueError) as info:
+        Plan.of_trainable(other, trainable, "who")
+    msg = str(info.value)
+    assert msg.startswith("who: trainable does not fit config:")
+    assert re.search(r"layers/kernel: a \(3, 8, 2, 2\) and b \(3, 2, 4\) do not form an adapter for rule "
+                     r"'layers/kernel' \(stack_axes=\(0, 1, 2\)", msg)
+    assert re.search(r"adapter at attn/query/kernel, but no rule of the config matches that path", msg)
+
+
+def test_roles_follow_the_trainable_leaf_order():
+    cfg = jlora.LoraConfig(rank=2, targets=r".*/out/kernel", train_in_full="params/head/bias", dora=True)
+    plan = Plan.of_base(cfg, PARAMS)
+    _, trainable = jlora.init(jax.random.key(0), PARAMS, cfg)
+    roles = [(t.path, f) for t, f in plan.roles(trainable)]
+    assert roles == [("params/encoder/out/kernel", "a"), ("params/encoder/out/kernel", "b"),
+                     ("params/encoder/out/kernel", "m"), ("params/head/bias", None)]
