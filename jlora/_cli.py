@@ -12,8 +12,18 @@ import json
 import pathlib
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging as absl_logging
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import load_file, save_file
+
+from jlora._checkpoint import read_metadata, restore, save
+from jlora._merge import merge
+from jlora._paths import flatten, nest
+from jlora._peft import export_peft, import_peft
 
 
 def _first_line(e: BaseException) -> str:
@@ -23,8 +33,6 @@ def _first_line(e: BaseException) -> str:
 
 def _nest_keys(flat: dict, path: str) -> dict:
     """``nest`` for keys read from a file: an empty part or a key that is also a prefix is an error."""
-    from jlora._paths import nest
-
     for key in sorted(flat):
         if not key or "" in key.split("/"):
             raise ValueError(f"{path}: key {key!r} has an empty part; keys are '/'-joined leaf paths such as "
@@ -40,18 +48,12 @@ def _load_params(path: str):
     if not p.exists():
         raise FileNotFoundError(f"base parameters {path}: no such file or directory.")
     if p.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
-
         try:
             tensors = load_file(str(p))
         except (SafetensorError, OSError, ValueError, TypeError) as e:  # truncated, garbled, a directory...
             raise ValueError(f"{path}: not a readable .safetensors file ({_first_line(e)}).") from None
         return _nest_keys({k: jnp.asarray(v) for k, v in tensors.items()}, path)
     if p.is_dir():
-        import jax
-        import orbax.checkpoint as ocp
-
         # Arrays go where the checkpoint says when this process has those devices, else onto
         # one local device: a base saved on a mesh of several processes reads here too.
         one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -68,14 +70,8 @@ def _save_params(params, path: str, like: str) -> None:
         raise FileNotFoundError(f"{path}: the directory {p.parent} does not exist; create it first "
                                 "(nothing was written).")
     if pathlib.Path(like).suffix == ".safetensors":
-        from safetensors.numpy import save_file
-
-        from jlora._paths import flatten
-
         save_file({k: np.asarray(v) for k, v in flatten(params).items()}, str(p))
     else:
-        import orbax.checkpoint as ocp
-
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(p.resolve(), params)
         ckptr.wait_until_finished()
@@ -84,8 +80,6 @@ def _save_params(params, path: str, like: str) -> None:
 def _inspect(args) -> None:
     d = pathlib.Path(args.directory).expanduser()
     if (d / "adapter_config.json").is_file():
-        from safetensors import SafetensorError, safe_open
-
         try:
             config = json.loads((d / "adapter_config.json").read_text())
         except (ValueError, OSError) as e:
@@ -103,15 +97,10 @@ def _inspect(args) -> None:
         print(f"target_modules: {config.get('target_modules')}")
         print("\n".join(tensors))
         return
-    from jlora._checkpoint import read_metadata
-
     print(json.dumps(read_metadata(d), indent=2, sort_keys=True))
 
 
 def _merge(args) -> None:
-    from jlora._checkpoint import restore
-    from jlora._merge import merge
-
     base = _load_params(args.base)
     trainable, config = restore(args.adapter, base)
     _save_params(merge(base, trainable, config, scale=args.scale, safe=True), args.out, args.base)
@@ -119,9 +108,6 @@ def _merge(args) -> None:
 
 
 def _export(args) -> None:
-    from jlora._checkpoint import restore
-    from jlora._peft import export_peft
-
     base = _load_params(args.base)
     trainable, config = restore(args.adapter, base)
     export_peft(args.out, trainable, config, frozen=base, conv=tuple(args.conv))
@@ -129,9 +115,6 @@ def _export(args) -> None:
 
 
 def _import(args) -> None:
-    from jlora._checkpoint import save
-    from jlora._peft import import_peft
-
     base = _load_params(args.base)
     frozen, trainable, config = import_peft(args.peft, base)
     save(args.out, trainable, config, frozen=frozen)
@@ -166,8 +149,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Run one command; every failure is a non-zero exit and one line on stderr, never a traceback."""
-    from absl import logging as absl_logging
-
     args = parser().parse_args(argv)
     verbosity = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.FATAL)  # Orbax logs its own failures with tracebacks

@@ -62,6 +62,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 from jax.experimental import multihost_utils
 
 from jlora._config import LoraConfig, Rule
@@ -108,16 +109,6 @@ _IGNORED = {"peft_version", "auto_mapping", "base_model_name_or_path", "revision
 # init_lora_weights that also change the base weights: the adapter is relative to weights jlora does not have.
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 _WEIGHT_LEAVES = ("kernel", "embedding", "scale")
-
-
-def _safetensors():
-    try:
-        import safetensors.numpy
-    except ModuleNotFoundError as e:
-        raise ModuleNotFoundError(
-            "The PEFT format is safetensors; install the package with `pip install safetensors`."
-        ) from e
-    return safetensors.numpy
 
 
 # --------------------------------------------------------------------------- names
@@ -429,7 +420,7 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
         fan_in_fan_out=fan_in_fan_out,
     )
     _write_pair(_user_path(directory), {
-        WEIGHTS_FILE: _safetensors().save(tensors, metadata={"format": "pt"}),
+        WEIGHTS_FILE: safetensors.numpy.save(tensors, metadata={"format": "pt"}),
         CONFIG_FILE: (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode(),
     })
 
@@ -627,7 +618,7 @@ def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
                 f"'{path}', metadata={{'format': 'pt'}})\""
             )
         raise FileNotFoundError(f"import_peft: {path} does not exist; PeftModel.save_pretrained writes it.")
-    loader = _safetensors()
+    loader = safetensors.numpy
     try:
         tensors = loader.load_file(str(path))
     except OSError as e:

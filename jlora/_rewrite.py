@@ -95,13 +95,6 @@ class Lora:
             return dora_merged(self.weight(), self.a, self.b, self.m, self.layout, self.scale)
         return merged(self.weight(), self.a, self.b, self.layout, self.scale)
 
-    def arrays(self):
-        return (self.w, self.a, self.b, self.scale, self.key, self.m, self.index)
-
-    def with_arrays(self, arrays):
-        w, a, b, scale, key, m, index = arrays
-        return dataclasses.replace(self, w=w, a=a, b=b, scale=scale, key=key, m=m, index=index)
-
     def drop(self, x):
         """Dropout on the branch input (identity without a key)."""
         if self.key is None or self.rate == 0:
@@ -117,6 +110,13 @@ class Lora:
         if self.m is None:
             return None
         return self.m.astype(jnp.float32) / column_norm(self.weight(), self.a, self.b, self.layout, self.scale)
+
+
+# A pytree: control flow (scan, cond, while, remat, shard_map) carries a Lora as its arrays,
+# whatever fields it has; path, layout, nonlinearity and dropout rate are static.
+jax.tree_util.register_dataclass(
+    Lora, data_fields=["w", "a", "b", "scale", "key", "m", "index"], meta_fields=["path", "layout", "f", "rate"]
+)
 
 
 class Use(NamedTuple):
@@ -154,7 +154,8 @@ def eval_jaxpr(ctx: Context, jaxpr, consts: Sequence, args: Sequence) -> list:
         invals = [read(v) for v in eqn.invars]
         with eqn.ctx.manager:
             if any(isinstance(x, Lora) for x in invals):
-                rule = _RULES.get(eqn.primitive.name, _fallback)
+                per_example = any(isinstance(x, Lora) and x.index is not None for x in invals)
+                rule = (_PER_EXAMPLE_RULES if per_example else _RULES).get(eqn.primitive.name, _fallback)
                 outs = rule(ctx, eqn, invals)
             else:
                 outs = _bind(eqn, invals)
@@ -247,14 +248,6 @@ def _dot_general(ctx: Context, eqn, invals):
         )
 
     base = _bind_base(eqn, [x, lora.w] if w_is_rhs else [lora.w, x])[0]
-    if lora.index is not None:
-        if not (forward and w_is_rhs and not xb and 0 not in xc and x.shape[0] == lora.index.shape[0]):
-            raise ValueError(
-                f"{lora.path}: per-example adapters need the batch as axis 0 of the input of x·W "
-                f"(got input shape {x.shape}, contracting {tuple(xc)}, {lora.index.shape[0]} adapter indices)."
-            )
-        ctx.record(lora, "dot_general", True)
-        return [_per_example_dot(lora, x, xc, wc, base, eqn.params)]
     dt = lora.w.dtype
     precision, pet = eqn.params.get("precision"), eqn.params.get("preferred_element_type")
     f_arr, f_map, f_r = first
@@ -383,10 +376,10 @@ def _ragged_dot(ctx: Context, eqn, invals):
     lay = lora.layout
     if xb or wb or len(groups) != 1 or set(groups) != set(lay.stack_axes) or set(wc) != set(lay.in_axes):
         return _fallback(ctx, eqn, invals)
-    if lora.index is not None or lora.m is not None:
+    if lora.m is not None:
         raise ValueError(
-            f"{lora.path}: experts consumed by ragged_dot take one adapter per expert; per-example adapters "
-            "(lora_index) and DoRA are not defined there. Serve them without lora_index, or set dora=False."
+            f"{lora.path}: experts consumed by ragged_dot take one adapter per expert; DoRA is not defined "
+            "there. Set dora=False."
         )
     base = _bind_base(eqn, [x, lora.w, *rest])[0]
     (a, a_map, _), (b, b_map, b_r) = _factor_maps(lora)
@@ -442,30 +435,26 @@ def _conv(ctx: Context, eqn, invals):
     return [out]
 
 
-def _gather(ctx: Context, eqn, invals):
+def _row_lookup(eqn, invals) -> bool:
+    """Whether this gather looks up whole rows of a 2-D table (an embedding lookup) we can factor."""
     lora, idx = invals
     dn = _param(eqn, "dimension_numbers")
     lay = lora.layout
-    if (
+    return not (
         isinstance(idx, Lora) or lora.w.ndim != 2 or lay.in_axes != (0,) or lay.stack_axes or lora.m is not None
         or tuple(dn.collapsed_slice_dims) != (0,) or tuple(dn.start_index_map) != (0,)
         or dn.operand_batching_dims or tuple(_param(eqn, "slice_sizes")) != (1, lora.w.shape[1])
-    ):
+    )
+
+
+def _gather(ctx: Context, eqn, invals):
+    if not _row_lookup(eqn, invals):
         return _fallback(ctx, eqn, invals)
+    lora, idx = invals
+    dn = _param(eqn, "dimension_numbers")
     base = _bind_base(eqn, [lora.w, idx])[0]
     dt = lora.w.dtype
     rank = lora.a.shape[-1]
-    if lora.index is not None:
-        if idx.shape[-1] != 1 or idx.shape[0] != lora.index.shape[0]:
-            raise ValueError(f"{lora.path}: per-example adapters need the batch as axis 0 of the token ids "
-                             f"(got ids of shape {idx.shape}, {lora.index.shape[0]} adapter indices).")
-        a_sel, b_sel, on = _per_example(lora)
-        tokens = idx[..., 0]
-        u = jax.vmap(lambda a, t: jnp.take(a, t, axis=0))(a_sel.astype(dt), tokens)  # (B, ..., r)
-        gate = (on.astype(u.dtype) * jnp.asarray(lora.scale).astype(u.dtype)).reshape((-1,) + (1,) * (u.ndim - 1))
-        v = jax.vmap(jnp.matmul)(lora.nonlinear(u) * gate, b_sel.astype(dt))
-        ctx.record(lora, "gather", True)
-        return [base + jnp.moveaxis(v, -1, dn.offset_dims[0]).astype(base.dtype)]
     u = _bind(eqn, [lora.a.astype(dt), idx], slice_sizes=(1, rank))[0]
     feat = dn.offset_dims[0]
     # No dropout on a lookup (as PEFT's embedding layer): x is one-hot.
@@ -509,7 +498,7 @@ def _reshape(ctx: Context, eqn, invals):
     axis, has no factored form and falls back.
     """
     lora = invals[0]
-    if len(invals) != 1 or isinstance(lora.w, QArray) or lora.index is not None:
+    if len(invals) != 1 or isinstance(lora.w, QArray):
         return _fallback(ctx, eqn, invals)
     lay = lora.layout
     old, new = lora.w.shape, eqn.outvars[0].aval.shape
@@ -619,31 +608,6 @@ def _squeeze(ctx: Context, eqn, invals):
 # ------------------------------------------------------------ control flow
 
 
-def _flat(vals):
-    """Split values into arrays and a function that rebuilds them (Lora included)."""
-    arrays, spec = [], []
-    for x in vals:
-        if isinstance(x, Lora):
-            spec.append(x)
-            arrays.extend(x.arrays())
-        else:
-            spec.append(None)
-            arrays.append(x)
-
-    def rebuild(flat):
-        out, i = [], 0
-        for s in spec:
-            if s is None:
-                out.append(flat[i])
-                i += 1
-            else:
-                out.append(s.with_arrays(flat[i:i + 7]))
-                i += 7
-        return out
-
-    return arrays, rebuild
-
-
 def _pjit(ctx: Context, eqn, invals):
     closed = _param(eqn, "jaxpr")
     return eval_jaxpr(ctx, closed.jaxpr, closed.consts, invals)
@@ -658,39 +622,25 @@ def _shard_map(ctx: Context, eqn, invals):
     columns, a quantized W and per-example adapters are not carried in: those kernels
     enter merged, as any op without a rule.
     """
-    if any(isinstance(x, Lora) and (x.m is not None or isinstance(x.w, QArray) or x.index is not None)
-           for x in invals):
+    if any(isinstance(x, Lora) and (x.m is not None or isinstance(x.w, QArray)) for x in invals):
         return _fallback(ctx, eqn, invals)
-    arrays, specs, spec_of = [], [], []
+    args, specs = [], []
     for x, spec in zip(invals, _param(eqn, "in_specs"), strict=True):
-        if isinstance(x, Lora):
+        if isinstance(x, Lora):  # a spec per field, in a Lora of the same structure
+            x = dataclasses.replace(x, scale=jnp.asarray(x.scale))
             a_spec, b_spec, _ = (PartitionSpec(*e) for e in x.layout.factor_specs(spec, x.w.ndim))
-            replicated = PartitionSpec()
-            spec_of.append(x)
-            parts = [(x.w, spec), (x.a, a_spec), (x.b, b_spec), (jnp.asarray(x.scale), replicated)]
-            if x.key is not None:
-                parts.append((x.key, replicated))
-            arrays.extend(p[0] for p in parts)
-            specs.extend(p[1] for p in parts)
-        else:
-            spec_of.append(None)
-            arrays.append(x)
-            specs.append(spec)
+            whole = PartitionSpec()
+            spec = dataclasses.replace(x, w=spec, a=a_spec, b=b_spec, scale=whole,
+                                       key=None if x.key is None else whole)
+        args.append(x)
+        specs.append(spec)
     jaxpr = _param(eqn, "jaxpr")
 
-    def body(*flat):
-        it, vals = iter(flat), []
-        for lora in spec_of:
-            if lora is None:
-                vals.append(next(it))
-                continue
-            w, a, b, scale = next(it), next(it), next(it), next(it)
-            key = next(it) if lora.key is not None else None
-            vals.append(dataclasses.replace(lora, w=w, a=a, b=b, scale=scale, key=key))
-        return tuple(_plain(o) for o in eval_jaxpr(ctx, jaxpr, getattr(jaxpr, "consts", ()), vals))
+    def body(*vals):
+        return tuple(_plain(o) for o in eval_jaxpr(ctx, jaxpr, getattr(jaxpr, "consts", ()), list(vals)))
 
     out = jax.shard_map(body, mesh=_param(eqn, "mesh"), in_specs=tuple(specs), out_specs=tuple(_param(eqn, "out_specs")),
-                        axis_names=_param(eqn, "newly_manual_axes"), check_vma=_param(eqn, "check_vma"))(*arrays)
+                        axis_names=_param(eqn, "newly_manual_axes"), check_vma=_param(eqn, "check_vma"))(*args)
     return list(out)
 
 
@@ -701,19 +651,13 @@ def _custom_jvp(ctx: Context, eqn, invals):
 
 
 def _checkpoint(ctx: Context, eqn, invals):
-    arrays, rebuild = _flat(invals)
     jaxpr = _param(eqn, "jaxpr")
-    out_spec = []
 
-    def body(*flat):
+    def body(*vals):
         # Flax's lifted remat hands the variables back out: kernels leave as factors too.
-        outs, rebuild_out = _flat(eval_jaxpr(ctx, jaxpr, (), rebuild(list(flat))))
-        out_spec.append(rebuild_out)
-        return outs
+        return eval_jaxpr(ctx, jaxpr, (), list(vals))
 
-    fn = jax.checkpoint(body, prevent_cse=_param(eqn, "prevent_cse"), policy=_param(eqn, "policy"))
-    flat_out = fn(*arrays)
-    return out_spec[-1](flat_out)
+    return jax.checkpoint(body, prevent_cse=_param(eqn, "prevent_cse"), policy=_param(eqn, "policy"))(*invals)
 
 
 def _scan(ctx: Context, eqn, invals):
@@ -730,44 +674,35 @@ def _scan(ctx: Context, eqn, invals):
                 raise _layout_error(x, "scan (slicing axis 0 per step)", x.layout.in_axes)
             j = _stack_index(x, 0)
             n = x.w.shape[0]
-            inner = dataclasses.replace(
+            # Every array leads with the layer axis, so scan slices one layer per step; the
+            # layout is already the step's: W without axis 0, a and b without their stack axis.
+            x = dataclasses.replace(
                 x, a=jnp.moveaxis(x.a, j, 0), b=jnp.moveaxis(x.b, j, 0),
                 scale=jnp.broadcast_to(jnp.asarray(x.scale), (n,)),
                 m=None if x.m is None else jnp.moveaxis(x.m, j, 0),
                 key=None if x.key is None else jax.random.split(x.key, n),
+                layout=_drop_axes(x.layout, (0,)),
             )
-            xs_in.append(inner)
-        else:
-            xs_in.append(x)
-    const_arrays, const_rebuild = _flat(consts)
-    xs_arrays, xs_rebuild = _flat(xs_in)
+        xs_in.append(x)
     closed = _param(eqn, "jaxpr")
 
-    # One step sees W without axis 0; a and b without their (front-moved) stack axis.
-    step_layouts = [_drop_axes(x.layout, (0,)) if isinstance(x, Lora) else None for x in xs_in]
-
-    def body(carry_vals, xs_flat):
-        c = const_rebuild(const_arrays)
-        x_vals = xs_rebuild(list(xs_flat))
-        x_vals = [v if lay is None else dataclasses.replace(v, layout=lay)
-                  for lay, v in zip(step_layouts, x_vals, strict=True)]
-        outs = eval_jaxpr(ctx, closed.jaxpr, closed.consts, [*c, *carry_vals, *x_vals])
+    def body(carry_vals, x_vals):
+        outs = eval_jaxpr(ctx, closed.jaxpr, closed.consts, [*consts, *carry_vals, *x_vals])
         outs = [_plain(o) for o in outs]
         return outs[:ncarry], outs[ncarry:]
 
-    carry_out, ys = lax.scan(body, list(carry), xs_arrays, length=_param(eqn, "length"),
+    carry_out, ys = lax.scan(body, list(carry), xs_in, length=_param(eqn, "length"),
                              reverse=_param(eqn, "reverse"), unroll=_param(eqn, "unroll"))
     return [*carry_out, *ys]
 
 
 def _cond(ctx: Context, eqn, invals):
     index, *ops = invals
-    arrays, rebuild = _flat(ops)
 
     def branch(closed):
-        return lambda *flat: [_plain(o) for o in eval_jaxpr(ctx, closed.jaxpr, closed.consts, rebuild(list(flat)))]
+        return lambda *vals: [_plain(o) for o in eval_jaxpr(ctx, closed.jaxpr, closed.consts, list(vals))]
 
-    return lax.switch(_plain(index), [branch(b) for b in _param(eqn, "branches")], *arrays)
+    return lax.switch(_plain(index), [branch(b) for b in _param(eqn, "branches")], *ops)
 
 
 def _while(ctx: Context, eqn, invals):
@@ -786,6 +721,46 @@ def _while(ctx: Context, eqn, invals):
         return [_plain(o) for o in eval_jaxpr(ctx, bj.jaxpr, bj.consts, [*bconsts, *carry])]
 
     return lax.while_loop(cond_fn, body_fn, init)
+
+
+# ------------------------------------------------- per-example adapters (a bank)
+
+
+def _per_example_dot_general(ctx: Context, eqn, invals):
+    """``x[n]·W + s·f(x[n]·a_i)·b_i`` with ``i = index[n]``, for ``x·W`` with the batch first."""
+    lhs, rhs = invals
+    (lc, rc), (lb, rb) = _param(eqn, "dimension_numbers")
+    lora = rhs if isinstance(rhs, Lora) else lhs
+    if not (isinstance(rhs, Lora) and not isinstance(lhs, Lora) and not lb and not rb and 0 not in lc
+            and set(rc) == set(lora.layout.in_axes) and lhs.shape[0] == lora.index.shape[0]):
+        x = rhs if lora is lhs else lhs
+        raise ValueError(
+            f"{lora.path}: per-example adapters need x·W with the batch as axis 0 of x and W's input axes "
+            f"contracted (got x of shape {getattr(x, 'shape', None)}, contracting kernel axes {tuple(rc)}, "
+            f"{lora.index.shape[0]} adapter indices); a transposed use such as a tied embedding head (x·Wᵀ) "
+            "has no per-example form."
+        )
+    base = _bind_base(eqn, [lhs, lora.w])[0]
+    ctx.record(lora, "dot_general", True)
+    return [_per_example_dot(lora, lhs, lc, rc, base, eqn.params)]
+
+
+def _per_example_gather(ctx: Context, eqn, invals):
+    """``W[t] + s·f(a_i[t])·b_i`` for the token ids ``t`` of example ``n``, ``i = index[n]``."""
+    if not _row_lookup(eqn, invals):
+        return _fallback(ctx, eqn, invals)
+    lora, idx = invals
+    if idx.shape[-1] != 1 or idx.shape[0] != lora.index.shape[0]:
+        raise ValueError(f"{lora.path}: per-example adapters need the batch as axis 0 of the token ids "
+                         f"(got ids of shape {idx.shape}, {lora.index.shape[0]} adapter indices).")
+    base = _bind_base(eqn, [lora.w, idx])[0]
+    dt = lora.w.dtype
+    a_sel, b_sel, on = _per_example(lora)
+    u = jax.vmap(lambda a, t: jnp.take(a, t, axis=0))(a_sel.astype(dt), idx[..., 0])  # (B, ..., r)
+    gate = (on.astype(u.dtype) * jnp.asarray(lora.scale).astype(u.dtype)).reshape((-1,) + (1,) * (u.ndim - 1))
+    v = jax.vmap(jnp.matmul)(lora.nonlinear(u) * gate, b_sel.astype(dt))
+    ctx.record(lora, "gather", True)
+    return [base + jnp.moveaxis(v, -1, _param(eqn, "dimension_numbers").offset_dims[0]).astype(base.dtype)]
 
 
 _RULES: dict[str, Callable] = {
@@ -813,4 +788,17 @@ _RULES: dict[str, Callable] = {
     "scan": _scan,
     "cond": _cond,
     "while": _while,
+}
+
+# A kernel carrying per-example adapters: the ops that move W move them too; the consuming ops
+# with a per-example form use it; every other op falls back, and the fallback refuses (a merged
+# weight is one adapter for the whole batch).
+_PER_EXAMPLE_RULES: dict[str, Callable] = {
+    **_RULES,
+    "dot_general": _per_example_dot_general,
+    "gather": _per_example_gather,
+    "ragged_dot_general": _fallback,
+    "conv_general_dilated": _fallback,
+    "reshape": _fallback,
+    "shard_map": _fallback,
 }

@@ -171,7 +171,7 @@ def test_per_example_refuses_a_tied_head():
     params = Tied().init(jax.random.key(0), TOKENS)
     cfg = jlora.LoraConfig(rank=2, targets=r".*embedding")
     bank, bank_cfg = jlora.stack([(jlora.init(jax.random.key(1), params, cfg)[1], cfg)])
-    with pytest.raises(ValueError, match=r"per-example adapters need the batch as axis 0 of the input of x·W"):
+    with pytest.raises(ValueError, match=r"per-example adapters need x·W with the batch as axis 0 of x .*tied embedding head"):
         jlora.wrap(Tied().apply, bank_cfg)(params, bank, TOKENS, lora_index=jnp.zeros(4, jnp.int32))
 
 
