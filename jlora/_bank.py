@@ -27,16 +27,13 @@ import jax.numpy as jnp
 from jlora._config import LoraConfig, Rule
 from jlora._paths import flatten, nest
 from jlora._plan import Plan, Target
+from jlora._variants import refuse
 
 
 def _check_plain(config: LoraConfig, where: str) -> None:
     if not isinstance(config, LoraConfig):
         raise TypeError(f"{where}: expected (trainable, jlora.LoraConfig) pairs, got {type(config).__name__}.")
-    if config.dora or config.dylora is not None:
-        raise ValueError(
-            f"{where}: DoRA and DyLoRA adapters cannot share a bank: DoRA's magnitude rescales the whole "
-            "output and DyLoRA's scale depends on a runtime rank; merge or truncate them first."
-        )
+    refuse(config, "bank", where)
 
 
 def _entries(trainable, config: LoraConfig, where: str) -> dict[str, tuple]:

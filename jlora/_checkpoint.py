@@ -108,6 +108,7 @@ from jlora._layout import m_shape, wider
 from jlora._paths import ADAPTER_KEYS, flatten, nest
 from jlora._plan import Plan, Target
 from jlora._sharding import restore_shardings
+from jlora._variants import refuse
 from jlora._version import __version__
 
 FORMAT = "jlora-adapters"
@@ -176,12 +177,7 @@ def _fold(targets: Plan, flat: dict, config: LoraConfig) -> tuple[dict, LoraConf
     Exact for any nonlinearity, since ``s·f(x·a)·b = f(x·a)·(s·b)``, and for DoRA,
     whose direction uses the same ``W + s·a@b``.
     """
-    if config.dylora is not None:
-        raise ValueError(
-            f"save: fold_scale=True cannot fold a DyLoRA adapter (dylora={config.dylora!r}): its scale "
-            "alpha/k depends on the rank k chosen at run time, so no single factor folds into b. Save "
-            "with fold_scale=False, or jlora.truncate it to a fixed rank first."
-        )
+    refuse(config, "fold_scale", "save(fold_scale=True)")
     flat = dict(flat)
     for path, t in targets.items():
         if t.is_lora:

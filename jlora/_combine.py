@@ -25,6 +25,7 @@ from jlora._config import LoraConfig, Rule
 from jlora._layout import Layout, wider
 from jlora._paths import flatten, nest
 from jlora._plan import Plan, Target
+from jlora._variants import refusals
 
 METHODS = ("cat", "linear", "svd", "average")
 
@@ -101,22 +102,7 @@ def _check_variants(configs, method):
                 + ", ".join(f"adapter {i}: {(c.nonlinearity, c.dora, c.dylora, c.init == 'pissa')}"
                             for i, c in enumerate(configs)) + ".")
         return
-    errors = []
-    for i, c in enumerate(configs):
-        if not c.linear:
-            errors.append(
-                f"adapter {i} has nonlinearity={c.nonlinearity!r}: its branch s·f(x·a)·b is not a matrix, so a sum "
-                "of such deltas is not an adapter (method='average' can average the factors of adapters of one kind)")
-        if c.dora:
-            errors.append(
-                f"adapter {i} is DoRA: its weight m·(W + s·a@b)/‖W + s·a@b‖ differs from W by a full-rank matrix, "
-                "not s·a@b, so no sum of low-rank deltas reproduces it (merge it with jlora.merge, or use "
-                "method='average' over DoRA adapters of one initialisation)")
-        if c.init == "pissa":
-            errors.append(
-                f"adapter {i} uses init='pissa': its a@b holds W's top singular part and its frozen base is the "
-                "residual W - s·a0@b0, so its delta is not relative to the shared base; merge it with jlora.merge "
-                "and use the difference to the original params instead")
+    errors = [f"adapter {i}, {why}" for i, c in enumerate(configs) for why in refusals(c, "combine")]
     if errors:
         raise ValueError(f"combine(method={method!r}) cannot combine these adapters:\n  " + "\n  ".join(errors))
 

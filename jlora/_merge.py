@@ -11,6 +11,7 @@ from jlora._layout import dora_merged, merged
 from jlora._paths import leaf_paths, leaves, structure
 from jlora._plan import Plan
 from jlora._quant import QArray, dense, requantize_warning
+from jlora._variants import refuse
 
 
 def interpolate(base, trained, scale):
@@ -31,17 +32,9 @@ def merged_leaves(frozen, trainable, config: LoraConfig, scale=None, sign: int =
 
     Quantized kernels are dequantized: every leaf returned is a plain array.
     """
-    if not config.linear:
-        raise ValueError(
-            f"merge: with nonlinearity={config.nonlinearity!r} the delta s·f(x·a)·b is no longer a linear "
-            "map of x, so no merged weight W' with x·W' = x·W + s·f(x·a)·b exists. Serve with "
-            "jlora.wrap(..., strategy='factored'), or train with nonlinearity='identity'."
-        )
-    if sign < 0 and config.dora:
-        raise ValueError(
-            "unmerge: a DoRA merge rescales every output unit by m/‖W + s·a@b‖, which depends on the base "
-            "weight that unmerge is asked to recover; keep the frozen base instead of unmerging."
-        )
+    refuse(config, "merge", "unmerge" if sign < 0 else "merge")
+    if sign < 0:
+        refuse(config, "unmerge", "unmerge")
     scale = _as_runtime_scale(scale)
     targets = Plan.of_base(config, frozen)
     values = targets.read(trainable)

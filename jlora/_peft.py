@@ -69,6 +69,7 @@ from jlora._config import LoraConfig, Rule
 from jlora._layout import default_layout
 from jlora._paths import flatten, nest
 from jlora._plan import Plan
+from jlora._variants import refuse
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -233,21 +234,7 @@ def _leaf_from_torch(path: str, shape: tuple[int, ...], value: np.ndarray) -> np
 
 
 def _refuse_unexportable(config: LoraConfig) -> None:
-    if not config.linear:
-        raise ValueError(
-            f"export_peft: nonlinearity={config.nonlinearity!r} makes the delta s·f(x·a)·b; PEFT's LoRA is linear "
-            "(s·x·a·b) and has no field for f. Only nonlinearity='identity' adapters can be exported."
-        )
-    if config.dylora is not None:
-        raise ValueError(
-            f"export_peft: dylora={config.dylora!r}: PEFT has no DyLoRA. Cut the adapter to one rank first with "
-            "trainable_k, config_k = jlora.truncate(trainable, config, rank=k) and export that."
-        )
-    if config.init == "pissa":
-        raise ValueError(
-            "export_peft: init='pissa' adapters act on the SVD residual stored in frozen, not on the pretrained "
-            "weights a PEFT user loads; export the merged model (jlora.merge) instead."
-        )
+    refuse(config, "export_peft", "export_peft")
 
 
 def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module_name=None,

@@ -25,6 +25,7 @@ import numpy as np
 from jlora._config import LoraConfig, Rule
 from jlora._layout import Layout, default_layout, m_shape
 from jlora._paths import ADAPTER_KEYS, adapter_of, flatten, leaf_paths, leaves, nest
+from jlora._variants import refusals
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,9 +107,8 @@ def _lora_target(path, leaf, rule, config) -> tuple[Target | None, str | None]:
         return None, (f"{where}): rank {rank} exceeds min(fan_in={fan_in}, fan_out={fan_out}); use rank <= "
                       f"{min(fan_in, fan_out)} via Rule({rule.pattern!r}, rank=...).")
     embedding = path.rsplit("/", 1)[-1] == "embedding"
-    if embedding and config.dora:
-        return None, (f"{where}): DoRA rescales a layer's output units and is not defined here for embedding "
-                      "tables; exclude them from targets or set dora=False.")
+    if embedding and refusals(config, "embedding"):
+        return None, f"{where}): " + "; ".join(refusals(config, "embedding"))
     alpha = config.alpha if rule.alpha is None else rule.alpha
     return Target(path, shape, rank, config.scale_for(rule), layout, embedding, config.dora, alpha), None
 

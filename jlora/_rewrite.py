@@ -44,6 +44,7 @@ from jlora._primitives import UnsupportedJax as UnsupportedJax
 from jlora._primitives import param as _param
 from jlora._primitives import scan_counts as _scan_counts
 from jlora._quant import QArray, dense
+from jlora._variants import reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,11 +87,8 @@ class Lora:
                 "or exclude the kernel from the bank's targets."
             )
         if self.f != "identity":
-            raise ValueError(
-                f"{self.path}: an op with no factored rule consumes this kernel, and with "
-                f"nonlinearity={self.f!r} no merged weight exists to give it; exclude the kernel from "
-                "targets or use nonlinearity='identity'."
-            )
+            raise ValueError(f"{self.path}: an op with no factored rule consumes this kernel; exclude it from "
+                             f"targets, or: {reason('nonlinearity', 'merge')}")
         if self.m is not None:
             return dora_merged(self.weight(), self.a, self.b, self.m, self.layout, self.scale)
         return merged(self.weight(), self.a, self.b, self.layout, self.scale)
@@ -241,11 +239,9 @@ def _dot_general(ctx: Context, eqn, invals):
     else:
         raise _layout_error(lora, "dot_general", wc)
     if not forward and (lora.f != "identity" or lora.m is not None):
-        raise ValueError(
-            f"{lora.path}: this dot_general uses the kernel transposed (contracting its output axes, as a "
-            "tied embedding head does); with a nonlinearity or DoRA the adapter defines no transposed map. "
-            "Adapt the kernel only where it is used forward, or drop the nonlinearity/DoRA."
-        )
+        variant = "DoRA" if lora.m is not None else "nonlinearity"
+        raise ValueError(f"{lora.path}: this dot_general uses the kernel transposed (contracting its output axes, "
+                         f"as a tied embedding head does); {reason(variant, 'transposed')}")
 
     base = _bind_base(eqn, [x, lora.w] if w_is_rhs else [lora.w, x])[0]
     dt = lora.w.dtype
@@ -377,10 +373,7 @@ def _ragged_dot(ctx: Context, eqn, invals):
     if xb or wb or len(groups) != 1 or set(groups) != set(lay.stack_axes) or set(wc) != set(lay.in_axes):
         return _fallback(ctx, eqn, invals)
     if lora.m is not None:
-        raise ValueError(
-            f"{lora.path}: experts consumed by ragged_dot take one adapter per expert; DoRA is not defined "
-            "there. Set dora=False."
-        )
+        raise ValueError(f"{lora.path}: {reason('DoRA', 'ragged_dot')}")
     base = _bind_base(eqn, [x, lora.w, *rest])[0]
     (a, a_map, _), (b, b_map, b_r) = _factor_maps(lora)
     dt = lora.w.dtype

@@ -21,6 +21,7 @@ from jlora._rewrite import Context, Lora, Use, eval_jaxpr
 from jlora._trace import Static as _Static
 from jlora._trace import split as _split
 from jlora._trace import trace
+from jlora._variants import refuse
 
 STRATEGIES = ("factored", "merge")
 FALLBACKS = ("merge", "error")
@@ -294,9 +295,7 @@ class LoraApply:
     def _run_bank(self, frozen, trainable, dynamic, knobs, targets, static, ctx):
         """A bank of K adapters (`jlora.stack`): weighted together, or one per example."""
         config = self.config
-        if config.dora or config.dylora is not None:
-            raise ValueError("lora_weights/lora_index serve banks made by jlora.stack, whose config has no "
-                             "DoRA or DyLoRA.")
+        refuse(config, "bank", "lora_weights/lora_index")
         values = _check_bank(targets, trainable)
         weights, index, rng = knobs.get("weights"), knobs.get("index"), knobs.get("rng")
         s = knobs.get("scale", 1.0)

@@ -241,7 +241,7 @@ def test_save_without_frozen_checks_stacked_adapter_axes(tmp_path):
 
 def test_fold_scale_refuses_dylora(tmp_path):
     _, _, cfg, frozen, trainable = _setup("dylora")
-    with pytest.raises(ValueError, match=r"fold_scale=True cannot fold a DyLoRA adapter.*alpha/k depends on the rank"):
+    with pytest.raises(ValueError, match=r"save\(fold_scale=True\): DyLoRA \(dylora='plain'\): its scale alpha/k depends on the rank"):
         save(tmp_path / "ckpt", trainable, cfg, frozen=frozen, fold_scale=True)
     assert not (tmp_path / "ckpt").exists()
     fixed, cfg_k = jlora.truncate(trainable, cfg, 2)  # the fix the message suggests

@@ -382,9 +382,9 @@ def test_refuses_bad_adapter_lists():
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"nonlinearity": "relu"}, r"adapter 1 has nonlinearity='relu': its branch s·f\(x·a\)·b is not a matrix"),
-    ({"dora": True}, r"adapter 1 is DoRA: .* full-rank matrix"),
-    ({"init": "pissa"}, r"adapter 1 uses init='pissa': .* residual"),
+    ({"nonlinearity": "relu"}, r"adapter 1, nonlinearity='relu': its branch s·f\(x·a\)·b is not a matrix"),
+    ({"dora": True}, r"adapter 1, DoRA: .* full-rank matrix"),
+    ({"init": "pissa"}, r"adapter 1, init='pissa': .* residual"),
 ])
 @pytest.mark.parametrize("method", ["cat", "linear", "svd"])
 def test_refuses_adapters_whose_delta_is_not_a_shared_low_rank_matrix(kw, match, method):

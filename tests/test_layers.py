@@ -14,7 +14,7 @@ PACKAGE = pathlib.Path(__file__).parent.parent / "jlora"
 # Bottom to top. A module may import any module of an earlier layer, and, inside its own
 # layer, a module listed before it (so no two modules of a layer import each other).
 LAYERS = {
-    "leaf types and config": ["_version", "_primitives", "_config", "_layout", "_quant"],
+    "leaf types and config": ["_version", "_primitives", "_config", "_variants", "_layout", "_quant"],
     "tree helpers": ["_paths", "_trace"],
     "the plan": ["_plan", "_infer"],
     "what the verbs are made of": ["_effective", "_rewrite", "_sharding"],

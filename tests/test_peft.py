@@ -528,7 +528,7 @@ def _dense():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(nonlinearity="relu"), r"nonlinearity='relu'.*PEFT's LoRA is linear"),
-    (dict(dylora="frozen"), r"dylora='frozen': PEFT has no DyLoRA.*jlora\.truncate"),
+    (dict(dylora="frozen"), r"export_peft: DyLoRA \(dylora='frozen'\): PEFT has no DyLoRA.*jlora\.truncate"),
     (dict(init="pissa"), r"init='pissa'.*SVD residual.*jlora\.merge"),
 ])
 def test_export_refuses_variants_peft_lacks(kwargs, match, tmp_path):
