@@ -57,7 +57,7 @@ VARIANTS = (
                    "method='average' to average the factors of adapters of one kind, or serve them side by side "
                    "as a bank (jlora.stack).",
         "export_peft": "it makes the delta s·f(x·a)·b; PEFT's LoRA is linear (s·x·a·b) and has no field for f. "
-                       "Only nonlinearity='identity' adapters can be exported.",
+                       "Train with nonlinearity='identity' to export, or save with jlora.save (which keeps f).",
         "transposed": "with a nonlinearity the adapter defines no transposed map. Adapt the kernel only where it "
                       "is used forward, or drop the nonlinearity.",
     }),
