@@ -56,7 +56,7 @@ class Setup:
 
     @property
     def scale(self) -> float:
-        return self.cfg.scale_for(self.cfg.rules[0])
+        return self.cfg.scale_for(self.cfg.targets[0])
 
     def hand_forward(self, frozen, trainable, tokens, flat_lora: bool = False):
         return gpt.hand_forward(self.shape, frozen, trainable, tokens, self.scale, flat_lora)

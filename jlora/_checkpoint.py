@@ -151,7 +151,7 @@ def _checked_plan(trainable, config: LoraConfig, frozen) -> tuple[Plan, dict]:
     base = flatten(frozen) if frozen is not None else {}
     wanted = {}
     for path, t in targets.items():
-        if t.is_lora:
+        if t.adapted:
             wanted.update({f"{path}/{k}": config.dtype for k in ADAPTER_KEYS})
         elif path in base:
             wanted[path] = _dtype_name(base[path])
@@ -180,15 +180,15 @@ def _fold(targets: Plan, flat: dict, config: LoraConfig) -> tuple[dict, LoraConf
     refuse(config, "fold_scale", "save(fold_scale=True)")
     flat = dict(flat)
     for path, t in targets.items():
-        if t.is_lora:
+        if t.adapted:
             b = flat[f"{path}/b"]
             acc = wider(b.dtype, jnp.float32)
             flat[f"{path}/b"] = (b.astype(acc) * jnp.asarray(t.scale, acc)).astype(b.dtype)
     rules = tuple(
         dataclasses.replace(r, rank=config.rank_for(r), alpha=_unit_alpha(config.rank_for(r), config.rslora))
-        for r in config.rules
+        for r in config.targets
     )
-    folded = {p: dataclasses.replace(t, scale=1.0, alpha=_unit_alpha(t.rank, config.rslora)) if t.is_lora else t
+    folded = {p: dataclasses.replace(t, scale=1.0, alpha=_unit_alpha(t.rank, config.rslora)) if t.adapted else t
               for p, t in targets.items()}
     return flat, dataclasses.replace(config, alpha=_unit_alpha(config.rank, config.rslora), targets=rules), folded
 
@@ -198,7 +198,7 @@ def _describe(targets: dict[str, Target], config: LoraConfig, frozen) -> dict:
     out = {}
     for path, t in targets.items():
         entry = {"kind": "full"}
-        if t.is_lora:
+        if t.adapted:
             entry = {
                 "kind": "lora",
                 "rank": t.rank,
@@ -464,7 +464,7 @@ def _expected(targets: dict[str, Target], config: LoraConfig, base: dict) -> dic
     """``{leaf path: (shape, dtype name)}`` that ``config`` on this base calls for."""
     out = {}
     for path, t in targets.items():
-        if t.is_lora:
+        if t.adapted:
             out[f"{path}/a"] = (t.layout.a_shape(t.shape, t.rank), config.dtype)
             out[f"{path}/b"] = (t.layout.b_shape(t.shape, t.rank), config.dtype)
             if t.dora:

@@ -195,9 +195,9 @@ def _collect(reads, method):
     for path in sorted(paths):
         owners = paths[path]
         ts = [reads[i][0][path] for i in owners]
-        if len({t.is_lora for t in ts}) > 1:
+        if len({t.adapted for t in ts}) > 1:
             errors.append(f"{path} is adapted by some adapters and trained in full by others: "
-                          + ", ".join(f"adapter {i}: {'LoRA' if t.is_lora else 'full'}" for i, t in zip(owners, ts, strict=True)))
+                          + ", ".join(f"adapter {i}: {'LoRA' if t.adapted else 'full'}" for i, t in zip(owners, ts, strict=True)))
         elif len({(t.shape, t.layout) for t in ts}) > 1:
             errors.append(f"{path} has different kernels or layouts: " + ", ".join(
                 f"adapter {i}: shape {t.shape}, {t.layout}" for i, t in zip(owners, ts, strict=True)))
@@ -283,7 +283,7 @@ def combine(adapters, weights, *, method: str = "cat", rank: int | None = None, 
     >>> cfg1, cfg2 = LoraConfig(rank=2, alpha=4.0, targets="w"), LoraConfig(rank=3, targets="w", rslora=True)
     >>> t1, t2 = trained(2), trained(3)
     >>> tr, cfg, report = combine([(t1, cfg1), (t2, cfg2)], [0.5, -1.0])
-    >>> tr["w"]["a"].shape, cfg.scale_for(cfg.rules[0]), report["w"].rank
+    >>> tr["w"]["a"].shape, cfg.scale_for(cfg.targets[0]), report["w"].rank
     ((6, 5), 1.0, 5)
     >>> def delta(t, s):
     ...     return s * np.asarray(t["w"]["a"]) @ np.asarray(t["w"]["b"])
@@ -305,7 +305,7 @@ def combine(adapters, weights, *, method: str = "cat", rank: int | None = None, 
     if method == "average":
         return _average(reads, owners, weights, configs[0])
 
-    full = [p for p in owners if not reads[owners[p][0]][0][p].is_lora]
+    full = [p for p in owners if not reads[owners[p][0]][0][p].adapted]
     base = flatten(frozen) if frozen is not None else {}
     if full and frozen is None:
         raise ValueError(
@@ -315,7 +315,7 @@ def combine(adapters, weights, *, method: str = "cat", rank: int | None = None, 
     out, chosen, report = {}, {}, {}
     for path, idx in owners.items():
         t = reads[idx[0]][0][path]
-        if not t.is_lora:
+        if not t.adapted:
             w0 = _host(base[path])
             out[path] = _device(w0 + sum(weights[i] * (_host(reads[i][1][path]) - w0) for i in idx), base[path].dtype)
             continue
@@ -352,7 +352,7 @@ def _average(reads, owners, weights, config: LoraConfig):
     for path, idx in owners.items():
         t = reads[0][0][path]
         values = [reads[i][1][path] for i in idx]
-        if not t.is_lora:
+        if not t.adapted:
             out[path] = _device(sum(w * _host(v) for w, v in zip(weights, values, strict=True)), values[0].dtype)
             continue
         mean = {}

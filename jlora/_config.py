@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from collections.abc import Sequence
 
 import jax
@@ -50,7 +51,7 @@ def _compile(pattern: str, owner: str) -> re.Pattern:
         raise ValueError(f"{owner}: pattern {pattern!r} is not a valid regex ({e}).") from None
 
 
-def _check_rank(rank, owner: str) -> None:
+def _check_config_rank(rank, owner: str) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int):
         raise TypeError(f"{owner}: rank must be an int, got {rank!r}.")
     if rank <= 0:
@@ -100,7 +101,7 @@ class Rule:
         owner = f"Rule({self.pattern!r})"
         _compile(self.pattern, owner)
         if self.rank is not None:
-            _check_rank(self.rank, owner)
+            _check_config_rank(self.rank, owner)
         if self.alpha is not None:
             _check_alpha(self.alpha, owner)
         object.__setattr__(self, "in_axes", _check_axes("in_axes", self.in_axes, owner))
@@ -144,7 +145,7 @@ class LoraConfig:
         components below ``k`` fixed that step, so only the ``k``-th one learns.
 
     >>> cfg = LoraConfig(rank=8, alpha=16.0, targets=r".*/(query|value)/kernel")
-    >>> cfg.scale_for(cfg.rules[0])
+    >>> cfg.scale_for(cfg.targets[0])
     2.0
     """
 
@@ -161,7 +162,7 @@ class LoraConfig:
     dylora: str | None = None
 
     def __post_init__(self):
-        _check_rank(self.rank, "LoraConfig")
+        _check_config_rank(self.rank, "LoraConfig")
         _check_alpha(self.alpha, "LoraConfig")
         targets = (self.targets,) if isinstance(self.targets, str | Rule) else tuple(self.targets)
         rules = []
@@ -226,8 +227,10 @@ class LoraConfig:
 
     @property
     def rules(self) -> tuple[Rule, ...]:
-        """The target rules in match order."""
-        return self.targets  # normalised to a tuple of Rule in __post_init__
+        """Deprecated: ``targets`` (already the tuple of `Rule`s in match order)."""
+        warnings.warn("LoraConfig.rules is deprecated; read LoraConfig.targets (the same tuple of Rules).",
+                      DeprecationWarning, stacklevel=2)
+        return self.targets
 
     def to_dict(self) -> dict:
         """Plain JSON-ready values (rules as dicts, tuples as lists); `from_dict` inverts it.
@@ -239,7 +242,7 @@ class LoraConfig:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["targets"] = [
             {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(r).items()}
-            for r in self.rules
+            for r in self.targets
         ]
         out["train_in_full"] = list(self.train_in_full)
         return out
@@ -274,7 +277,7 @@ class LoraConfig:
 
     def rule_for(self, path: str) -> Rule | None:
         """The first rule whose pattern fully matches ``path``, or None."""
-        return next((r for r in self.rules if re.fullmatch(r.pattern, path)), None)
+        return next((r for r in self.targets if re.fullmatch(r.pattern, path)), None)
 
     def rank_for(self, rule: Rule) -> int:
         return self.rank if rule.rank is None else rule.rank

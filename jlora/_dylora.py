@@ -19,8 +19,8 @@ from jlora._paths import flatten, nest
 from jlora._plan import Plan
 
 
-def _check_rank(rank, config: LoraConfig) -> int:
-    top = max([config.rank, *(r.rank for r in config.rules if r.rank is not None)])
+def _check_dylora_rank(rank, config: LoraConfig) -> int:
+    top = max([config.rank, *(r.rank for r in config.targets if r.rank is not None)])
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= top:
         raise ValueError(f"rank must be an int in 1..{top} (the config's largest rank), got {rank!r}.")
     return rank
@@ -48,7 +48,7 @@ def truncate(trainable, config: LoraConfig, rank: int):
     if config.dylora is None:
         raise ValueError("truncate: the config is not a DyLoRA config (dylora=None); only DyLoRA adapters are "
                          "trained to work at every rank.")
-    rank = _check_rank(rank, config)
+    rank = _check_dylora_rank(rank, config)
     plan = Plan.of_trainable(config, trainable, "truncate")
     out = {}
     for (t, factor), (path, leaf) in zip(plan.roles(trainable), flatten(trainable).items(), strict=True):
@@ -56,7 +56,7 @@ def truncate(trainable, config: LoraConfig, rank: int):
             k = min(rank, t.rank)
             leaf = jax.lax.slice_in_dim(leaf, 0, k, axis=leaf.ndim - 1 if factor == "a" else len(t.layout.stack_axes))
         out[path] = leaf
-    rules = tuple(dataclasses.replace(r, rank=min(rank, r.rank)) if r.rank is not None else r for r in config.rules)
+    rules = tuple(dataclasses.replace(r, rank=min(rank, r.rank)) if r.rank is not None else r for r in config.targets)
     return nest(out), dataclasses.replace(config, rank=min(rank, config.rank), targets=rules, dylora=None)
 
 
@@ -72,5 +72,5 @@ def rank_sweep(evaluate: Callable[[jax.Array], jax.Array], config: LoraConfig,
     >>> rank_sweep(lambda k: k * 10, cfg)
     {1: 10.0, 2: 20.0, 3: 30.0}
     """
-    ranks = range(1, config.rank + 1) if ranks is None else [_check_rank(k, config) for k in ranks]
+    ranks = range(1, config.rank + 1) if ranks is None else [_check_dylora_rank(k, config) for k in ranks]
     return {k: float(evaluate(jnp.int32(k))) for k in ranks}

@@ -399,7 +399,7 @@ def kernel_views(params, targets) -> tuple[list[str], dict]:
     views = {}
     for i, path in enumerate(paths):
         t = targets.get(path)
-        if t is not None and t.is_lora:
+        if t is not None and t.adapted:
             views[i] = View(path, tuple(Axes({k}) for k in range(len(t.shape))))
     return paths, views
 
@@ -445,7 +445,7 @@ def infer_layouts(config: LoraConfig, apply_fn, params, *args, **kwargs) -> Lora
     >>> from jlora import LoraConfig
     >>> params = {"wo": jnp.zeros((16, 4))}  # stored (out, in), used as x @ wo.T
     >>> cfg = infer_layouts(LoraConfig(rank=2, targets="wo"), lambda p, x: x @ p["wo"].T, params, jnp.ones((3, 4)))
-    >>> cfg.rules[0].in_axes, cfg.rules[0].stack_axes
+    >>> cfg.targets[0].in_axes, cfg.targets[0].stack_axes
     ((1,), ())
     """
     if not isinstance(config, LoraConfig):
@@ -459,7 +459,7 @@ def infer_layouts(config: LoraConfig, apply_fn, params, *args, **kwargs) -> Lora
     uses = uses_in(closed, views)
     layouts, problems = {}, {}
     for path, t in targets.items():
-        if not t.is_lora:
+        if not t.adapted:
             continue
         derived = derive(path, len(t.shape), uses[path])
         rule = config.rule_for(path)
@@ -478,10 +478,10 @@ def infer_layouts(config: LoraConfig, apply_fn, params, *args, **kwargs) -> Lora
 def _with_layouts(config: LoraConfig, layouts: dict[str, Layout]) -> LoraConfig:
     groups: dict[tuple[int, Layout], list[str]] = {}
     for path, layout in layouts.items():
-        index = next(i for i, r in enumerate(config.rules) if re.fullmatch(r.pattern, path))
+        index = next(i for i, r in enumerate(config.targets) if re.fullmatch(r.pattern, path))
         groups.setdefault((index, layout), []).append(path)
     rules = tuple(
-        Rule(pattern="|".join(re.escape(p) for p in paths), rank=config.rules[i].rank, alpha=config.rules[i].alpha,
+        Rule(pattern="|".join(re.escape(p) for p in paths), rank=config.targets[i].rank, alpha=config.targets[i].alpha,
              in_axes=layout.in_axes, stack_axes=layout.stack_axes)
         for (i, layout), paths in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[1][0]))
     )

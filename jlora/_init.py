@@ -13,7 +13,7 @@ from jlora._config import LoraConfig
 from jlora._layout import weight_norm
 from jlora._paths import flatten, leaf_paths, nest
 from jlora._plan import Plan, Target
-from jlora._quant import dense, is_qarray
+from jlora._quant import dequantized, is_qarray
 from jlora._sharding import on_mesh, placement, refuse_partitioned_svd
 
 
@@ -40,13 +40,13 @@ def _fresh(key: jax.Array, leaves, targets: dict[str, Target], config: LoraConfi
     dtype = jnp.dtype(config.dtype)
     trainable = {}
     for path, t in targets.items():
-        if not t.is_lora:
+        if not t.adapted:
             trainable[path] = jnp.array(leaves[path], copy=True)
             continue
         sub = jax.random.fold_in(key, zlib.crc32(path.encode()))
         trainable[path] = _adapter(sub, t, config.init, dtype)
         if t.dora:
-            trainable[path]["m"] = weight_norm(dense(leaves[path]), t.layout).astype(dtype)
+            trainable[path]["m"] = weight_norm(dequantized(leaves[path]), t.layout).astype(dtype)
     return nest(trainable)
 
 
@@ -117,7 +117,7 @@ def init(key: jax.Array, params, config: LoraConfig):
         return params, on_mesh(make, key, targets, leaves, placed) if placed else make(key, leaves)
     if placed:
         refuse_partitioned_svd(targets, placed)
-    quantized = [path for path, t in targets.items() if t.is_lora and is_qarray(leaves[path])]
+    quantized = [path for path, t in targets.items() if t.adapted and is_qarray(leaves[path])]
     if quantized:
         raise ValueError(
             f"init: init='pissa' takes the SVD of each full-precision kernel, but {quantized[0]} is quantized "
@@ -127,7 +127,7 @@ def init(key: jax.Array, params, config: LoraConfig):
     dtype = jnp.dtype(config.dtype)
     trainable, residuals = {}, {}
     for path, t in targets.items():
-        if not t.is_lora:
+        if not t.adapted:
             trainable[path] = jnp.array(leaves[path], copy=True)
             continue
         trainable[path], residuals[path] = _pissa(leaves[path], t, dtype)

@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 
 from jlora._config import LoraConfig
-from jlora._effective import effective
+from jlora._knobs import call_factors
 from jlora._layout import dora_merged, merged
 from jlora._paths import leaf_paths, leaves, structure
 from jlora._plan import Plan
-from jlora._quant import QArray, dense, requantize_warning
+from jlora._quant import QArray, dequantized, requantize_warning
 from jlora._variants import refuse
 
 
@@ -27,8 +27,18 @@ def _as_runtime_scale(scale):
     return None if isinstance(scale, int | float) and not isinstance(scale, bool) and scale == 1 else scale
 
 
-def merged_leaves(frozen, trainable, config: LoraConfig, scale=None, sign: int = 1, rank=None, train=False) -> list:
-    """Leaves of ``frozen`` with every adapter folded in (``sign=-1`` takes it out).
+def merged_leaves(frozen, trainable, config: LoraConfig, scale=None, rank=None, train=False) -> list:
+    """Leaves of ``frozen`` with every adapter folded in."""
+    return _folded_leaves(frozen, trainable, config, scale, 1, rank, train)
+
+
+def unmerged_leaves(merged_params, trainable, config: LoraConfig, scale=None) -> list:
+    """Leaves of ``merged_params`` with every adapter taken out again."""
+    return _folded_leaves(merged_params, trainable, config, scale, -1, None, False)
+
+
+def _folded_leaves(frozen, trainable, config: LoraConfig, scale, sign: int, rank, train) -> list:
+    """Leaves of ``frozen`` with every adapter added (``sign=1``) or subtracted (``sign=-1``).
 
     Quantized kernels are dequantized: every leaf returned is a plain array.
     """
@@ -40,12 +50,12 @@ def merged_leaves(frozen, trainable, config: LoraConfig, scale=None, sign: int =
     values = targets.read(trainable)
     out = []
     for path, leaf in zip(leaf_paths(frozen), leaves(frozen), strict=True):
-        leaf = dense(leaf)
+        leaf = dequantized(leaf)
         t = targets.get(path)
         if t is None:
             out.append(leaf)
-        elif t.is_lora:
-            e = effective(t, config, leaf, *values[path], scale=scale, rank=rank, train=train)
+        elif t.adapted:
+            e = call_factors(t, config, leaf, *values[path], scale=scale, rank=rank, train=train)
             if e.m is not None:
                 out.append(dora_merged(leaf, e.a, e.b, e.m, t.layout, e.scale))
             else:
@@ -162,5 +172,5 @@ def unmerge(merged_params, trainable, config: LoraConfig, *, scale=1.0):
             f"unmerge: {', '.join(quantized)} are quantized; subtracting the adapter from a re-quantized merge "
             "cannot recover the base (the rounding is not invertible). Keep the quantized frozen base instead."
         )
-    new = merged_leaves(merged_params, trainable, config, scale, sign=-1)
+    new = unmerged_leaves(merged_params, trainable, config, scale)
     return jax.tree_util.tree_unflatten(structure(merged_params), new)

@@ -329,7 +329,7 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
         except ValueError as e:
             errors.append(str(e))
             continue
-        if not t.is_lora:
+        if not t.adapted:
             full_modules.add(module)
             put(f"{module}.{_param_name(path)}", _leaf_to_torch(path, np.asarray(values[path]), is_conv), path)
             continue

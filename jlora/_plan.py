@@ -42,7 +42,7 @@ class Target:
     alpha: float = 0.0
 
     @property
-    def is_lora(self) -> bool:
+    def adapted(self) -> bool:
         return self.layout is not None
 
     @property
@@ -149,7 +149,7 @@ class Plan(Mapping[str, Target]):
     @property
     def adapters(self) -> dict[str, Target]:
         """The adapted targets only."""
-        return {p: t for p, t in self.targets.items() if t.is_lora}
+        return {p: t for p, t in self.targets.items() if t.adapted}
 
     @classmethod
     def of_base(cls, config: LoraConfig, tree) -> Plan:
@@ -165,11 +165,11 @@ class Plan(Mapping[str, Target]):
             raise TypeError(f"expected a jlora.LoraConfig, got {type(config).__name__}.")
         paths = leaf_paths(tree)
         errors: list[str] = []
-        rule_hits = [0] * len(config.rules)
+        rule_hits = [0] * len(config.targets)
         full_hits = [0] * len(config.train_in_full)
         targets: dict[str, Target] = {}
         for path, leaf in zip(paths, leaves(tree), strict=True):
-            rule_i = next((i for i, r in enumerate(config.rules) if re.fullmatch(r.pattern, path)), None)
+            rule_i = next((i for i, r in enumerate(config.targets) if re.fullmatch(r.pattern, path)), None)
             full_i = [i for i, p in enumerate(config.train_in_full) if re.fullmatch(p, path)]
             for i in full_i:
                 full_hits[i] += 1
@@ -177,11 +177,11 @@ class Plan(Mapping[str, Target]):
                 rule_hits[rule_i] += 1
                 if full_i:
                     errors.append(
-                        f"{path} is both adapted (rule {config.rules[rule_i].pattern!r}) and trained in full "
+                        f"{path} is both adapted (rule {config.targets[rule_i].pattern!r}) and trained in full "
                         f"(train_in_full {config.train_in_full[full_i[0]]!r}); drop it from one of them."
                     )
                     continue
-                target, error = _lora_target(path, leaf, config.rules[rule_i], config)
+                target, error = _lora_target(path, leaf, config.targets[rule_i], config)
                 if error:
                     errors.append(error)
                 else:
@@ -192,7 +192,7 @@ class Plan(Mapping[str, Target]):
                                   "floating-point leaves can be trained.")
                     continue
                 targets[path] = Target(path, tuple(np.shape(leaf)))
-        for rule, hits in zip(config.rules, rule_hits, strict=True):
+        for rule, hits in zip(config.targets, rule_hits, strict=True):
             if not hits:
                 errors.append(f"LoRA rule {rule.pattern!r} matched no parameter. Paths that look close: "
                               f"{_close(rule.pattern, paths)}")
@@ -266,7 +266,7 @@ class Plan(Mapping[str, Target]):
                 + "\nMake trainable with jlora.init(key, params, config) using the same config."
             )
         flat = flatten(trainable)
-        return {path: Factors(*(flat.get(f"{path}/{k}") for k in ADAPTER_KEYS)) if t.is_lora else flat[path]
+        return {path: Factors(*(flat.get(f"{path}/{k}") for k in ADAPTER_KEYS)) if t.adapted else flat[path]
                 for path, t in self.targets.items()}
 
     def problems(self, trainable) -> list[str]:

@@ -148,7 +148,7 @@ def is_qarray(x) -> bool:
     return isinstance(x, QArray)
 
 
-def dense(x):
+def dequantized(x):
     """``x.dequantize()`` for a `QArray`, ``x`` itself otherwise."""
     return x.dequantize() if isinstance(x, QArray) else x
 

@@ -6,7 +6,7 @@ import jax
 
 from jlora._paths import leaf_paths
 from jlora._plan import Plan
-from jlora._quant import check_options, dense, is_qarray, leaf_problem, quantize_array
+from jlora._quant import check_options, dequantized, is_qarray, leaf_problem, quantize_array
 
 
 def quantize(params, config, kind: str = "nf4", *, block: int = 64, double: bool = False, dtype=None):
@@ -46,7 +46,7 @@ def quantize(params, config, kind: str = "nf4", *, block: int = 64, double: bool
     out, errors = [], []
     for path, leaf in zip(leaf_paths(params), leaves, strict=True):
         t = targets.get(path)
-        if t is None or not t.is_lora:
+        if t is None or not t.adapted:
             out.append(leaf)
             continue
         problem = leaf_problem(path, leaf, t.layout, kind, block)
@@ -69,4 +69,4 @@ def dequantize(params):
     >>> bool((w == params["dense"]["kernel"]).all())
     True
     """
-    return jax.tree_util.tree_map(dense, params, is_leaf=is_qarray)
+    return jax.tree_util.tree_map(dequantized, params, is_leaf=is_qarray)

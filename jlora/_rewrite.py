@@ -43,7 +43,7 @@ from jlora._layout import Layout, LayoutError, column_norm, dora_merged, merged,
 from jlora._primitives import UnsupportedJax as UnsupportedJax
 from jlora._primitives import param as _param
 from jlora._primitives import scan_counts as _scan_counts
-from jlora._quant import QArray, dense
+from jlora._quant import QArray, dequantized
 from jlora._variants import reason
 
 
@@ -77,7 +77,7 @@ class Lora:
 
     def weight(self):
         """W as an array (a quantized W dequantized)."""
-        return dense(self.w)
+        return dequantized(self.w)
 
     def materialize(self):
         if self.index is not None:
@@ -176,7 +176,7 @@ def _bind_base(eqn, invals):
     """
     if not any(isinstance(x, QArray) for x in invals):
         return _bind(eqn, invals)
-    return jax.checkpoint(lambda *xs: _bind(eqn, [dense(x) for x in xs]))(*invals)
+    return jax.checkpoint(lambda *xs: _bind(eqn, [dequantized(x) for x in xs]))(*invals)
 
 
 def _plain(x):

@@ -93,7 +93,7 @@ def follow(targets: dict[str, Target], sources: dict[str, Source]) -> dict[str, 
     out = {}
     for path, t in targets.items():
         src = sources[path]
-        if not t.is_lora:
+        if not t.adapted:
             out[path] = src
             continue
         a, b, m = t.layout.factor_specs(src.spec if isinstance(src, NamedSharding) else src, len(t.shape))
@@ -115,7 +115,7 @@ def _raise(errors: list[str], fix: str) -> None:
         raise ValueError("jlora.shardings:\n  " + "\n  ".join(errors) + f"\n{fix}")
 
 
-def _check_rank(path: str, src: Source, shape: tuple[int, ...]) -> str | None:
+def _spec_length_problem(path: str, src: Source, shape: tuple[int, ...]) -> str | None:
     spec = src.spec if isinstance(src, NamedSharding) else src
     if len(spec) > len(shape):
         return (f"{path}: spec {spec} has {len(spec)} entries but the leaf has shape {shape} "
@@ -139,7 +139,7 @@ def _sources_of_specs(specs, leaves: dict[str, Any], targets: dict[str, Target])
             kind = type(src).__name__
             errors.append(f"{path}: spec {src!r} is a {kind}, not a NamedSharding or PartitionSpec")
         else:
-            errors.append(_check_rank(path, src, t.shape))
+            errors.append(_spec_length_problem(path, src, t.shape))
     _raise([e for e in errors if e], "Give one NamedSharding or PartitionSpec per leaf, e.g. "
                                      "nn.get_partition_spec(variables) or nnx.get_partition_spec(state).")
     return {path: flat[path] for path in targets}
@@ -196,7 +196,7 @@ def placement(targets: dict[str, Target], leaves: dict[str, Any], who: str = "jl
 def refuse_partitioned_svd(targets: dict[str, Target], placed: dict[str, NamedSharding]) -> None:
     """PiSSA's SVD needs each whole kernel: refuse kernels split across devices, naming them."""
     split = [f"{p} ({placed[p].spec})" for p, t in targets.items()
-             if t.is_lora and not placed[p].is_fully_replicated]
+             if t.adapted and not placed[p].is_fully_replicated]
     if split:
         raise ValueError(
             "jlora.init: init='pissa' takes an SVD of each whole kernel, and these are split across devices: "
@@ -254,7 +254,7 @@ def on_mesh(make: Callable, key: jax.Array, targets: dict[str, Target], leaves: 
     with the explicit shardings.
     """
     out_shardings = nest(follow(targets, placed))
-    needed = {p: leaves[p] for p, t in targets.items() if not t.is_lora or t.dora}
+    needed = {p: leaves[p] for p, t in targets.items() if not t.adapted or t.dora}
     explicit = any(not s.mesh.are_all_axes_auto for s in placed.values())
     if explicit:
         needed = {p: jax.device_put(x, _auto(x.sharding)) for p, x in needed.items()}

@@ -10,13 +10,13 @@ import numpy as np
 
 from jlora._bank import weighted
 from jlora._config import LoraConfig
-from jlora._effective import effective, sample_rank
 from jlora._infer import check, derive, kernel_views, mismatch_error, uses_in
+from jlora._knobs import call_factors, sample_rank
 from jlora._layout import merged
 from jlora._merge import interpolate, merged_leaves
 from jlora._paths import adapter_of, flatten, leaf_paths, leaves, structure
 from jlora._plan import Plan
-from jlora._quant import dense
+from jlora._quant import dequantized
 from jlora._rewrite import Context, Lora, Use, eval_jaxpr
 from jlora._trace import Static as _Static
 from jlora._trace import split as _split
@@ -103,7 +103,7 @@ def _check_knob_values(config: LoraConfig, trainable, lora_rank, lora_index) -> 
                 "rank is fixed. Drop lora_rank, export a lower rank with jlora.truncate, or train with "
                 "dylora='frozen' to choose the rank at run time."
             )
-        top = max(config.rank_for(r) for r in config.rules)
+        top = max(config.rank_for(r) for r in config.targets)
         if _concrete(lora_rank) and not 1 <= int(np.asarray(lora_rank)) <= top:
             raise ValueError(f"lora_rank={int(np.asarray(lora_rank))} is out of range for this DyLoRA adapter of "
                              f"rank {top}; choose 1 <= lora_rank <= {top}.")
@@ -129,7 +129,7 @@ def _check_bank(targets, trainable) -> dict:
             "lora_weights/lora_index need a bank of adapters made by jlora.stack (every leaf leading with "
             f"the same adapter axis K); got leading sizes {sorted(map(str, sizes))}."
         )
-    if any(not t.is_lora for t in targets.values()):
+    if any(not t.adapted for t in targets.values()):
         raise ValueError("a bank holds low-rank adapters only; its config trains nothing in full.")
     targets.read(jax.tree.map(lambda x: x[0], trainable))
     flat = flatten(trainable)
@@ -254,14 +254,14 @@ class LoraApply:
             args, kwargs = static.rebuild(dynamic)
             return self.apply_fn(params, *args, **kwargs)
 
-        def carrier(path, leaf, t):
+        def in_flight(path, leaf, t):
             # Only DoRA at a runtime scale reads W here (its norm); a quantized W stays quantized otherwise.
-            w = dense(leaf) if t.dora else leaf
-            e = effective(t, config, w, *values[path], scale=scale, rank=rank, train=train)
+            w = dequantized(leaf) if t.dora else leaf
+            e = call_factors(t, config, w, *values[path], scale=scale, rank=rank, train=train)
             return Lora(path, leaf, e.a, e.b, e.scale, t.layout, key=self._key(rng, path), m=e.m,
                         f=config.nonlinearity, rate=config.dropout)
 
-        return self._factored(frozen, dynamic, targets, static, ctx, carrier,
+        return self._factored(frozen, dynamic, targets, static, ctx, in_flight,
                               lambda path, leaf: interpolate(leaf, values[path], scale))
 
     def _key(self, rng, path):
@@ -269,11 +269,11 @@ class LoraApply:
             return None
         return jax.random.fold_in(rng, zlib.crc32(path.encode()))
 
-    def _factored(self, frozen, dynamic, targets, static, ctx, carrier, full):
-        """Trace ``apply_fn`` and evaluate it with ``carrier(...)`` for every adapted kernel.
+    def _factored(self, frozen, dynamic, targets, static, ctx, in_flight, full):
+        """Trace ``apply_fn`` and evaluate it with ``in_flight(...)`` for every adapted kernel.
 
         A quantized kernel is traced as a ``ShapeDtypeStruct`` of its logical weight and
-        handed to the rewrite quantized (the carrier's ``w``).
+        handed to the rewrite quantized (the in_flight's ``w``).
         """
         closed, out_shape = trace(self.apply_fn, frozen, dynamic, static)
         _verify(closed, frozen, targets)
@@ -282,11 +282,11 @@ class LoraApply:
         for path, leaf in zip(leaf_paths(frozen), flat, strict=True):
             t = targets.get(path)
             if t is None:
-                invals.append(dense(leaf))
-            elif t.is_lora:
-                invals.append(carrier(path, leaf, t))
+                invals.append(dequantized(leaf))
+            elif t.adapted:
+                invals.append(in_flight(path, leaf, t))
             else:
-                invals.append(full(path, dense(leaf)))
+                invals.append(full(path, dequantized(leaf)))
         invals.extend(jax.tree_util.tree_leaves(dynamic))
         outs = eval_jaxpr(ctx or Context(self.fallback), closed.jaxpr, closed.consts, invals)
         outs = [o.materialize() if isinstance(o, Lora) else o for o in outs]
@@ -307,24 +307,24 @@ class LoraApply:
             for path, leaf in zip(leaf_paths(frozen), leaves(frozen), strict=True):
                 t = targets.get(path)
                 if t is None:
-                    new.append(dense(leaf))
+                    new.append(dequantized(leaf))
                 else:
                     a_cat, b_cat = weighted(t, *values[path], weights)
-                    new.append(merged(dense(leaf), a_cat, b_cat, t.layout, t.scale * s))
+                    new.append(merged(dequantized(leaf), a_cat, b_cat, t.layout, t.scale * s))
             args, kwargs = static.rebuild(dynamic)
             return self.apply_fn(jax.tree_util.tree_unflatten(structure(frozen), new), *args, **kwargs)
         if index is not None and self.strategy == "merge":
             raise ValueError("per-example adapters (lora_index) need strategy='factored': a merged weight is "
                              "one adapter for the whole batch.")
 
-        def carrier(path, leaf, t):
+        def in_flight(path, leaf, t):
             a, b = values[path]
             if weights is not None:
                 a, b = weighted(t, a, b, weights)
             return Lora(path, leaf, a, b, t.scale * s, t.layout, key=self._key(rng, path), f=config.nonlinearity,
                         rate=config.dropout, index=index)
 
-        return self._factored(frozen, dynamic, targets, static, ctx, carrier, None)
+        return self._factored(frozen, dynamic, targets, static, ctx, in_flight, None)
 
 
 def wrap(apply_fn, config: LoraConfig, strategy: str = "factored", *, fallback: str = "merge") -> LoraApply:

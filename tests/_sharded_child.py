@@ -110,7 +110,7 @@ def smallest_split_kernel(sharded, config) -> int:
     leaves = flatten(sharded)
     targets = jlora._plan.Plan.of_base(config, sharded)
     return min(int(np.prod(leaves[p].shape)) for p, t in targets.items()
-               if t.is_lora and not leaves[p].sharding.is_fully_replicated)
+               if t.adapted and not leaves[p].sharding.is_fully_replicated)
 
 
 def check_init(layout, config, expected, sharded, single):

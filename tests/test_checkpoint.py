@@ -121,8 +121,8 @@ def test_round_trip_keeps_outputs(case, fold, tmp_path):
     if fold:
         # s·(h·b) and h·(s·b) round differently in float32: equal to rtol 1e-6 of the output's scale.
         np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6 * float(jnp.abs(before).max()))
-        assert all(cfg2.scale_for(r) == 1.0 for r in cfg2.rules)
-        assert [cfg2.rank_for(r) for r in cfg2.rules] == [cfg.rank_for(r) for r in cfg.rules]
+        assert all(cfg2.scale_for(r) == 1.0 for r in cfg2.targets)
+        assert [cfg2.rank_for(r) for r in cfg2.targets] == [cfg.rank_for(r) for r in cfg.targets]
         assert read_metadata(tmp_path / "ckpt")["fold_scale"] is True
     else:
         np.testing.assert_array_equal(after, before)

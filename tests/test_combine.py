@@ -246,7 +246,7 @@ def test_cat_property(fan_in, fan_out, seed, specs):
     else:
         tr, cfg, report = combine(adapters, weights)
         assert report["w"].rank == total
-    assert cfg.scale_for(cfg.rules[0]) == 1.0
+    assert cfg.scale_for(cfg.targets[0]) == 1.0
     np.testing.assert_allclose(hand_delta(tr["w"]["a"], tr["w"]["b"]), want, rtol=1e-5, atol=1e-5)
 
 

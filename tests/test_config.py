@@ -10,18 +10,18 @@ import jlora
 def test_defaults_and_scale():
     cfg = jlora.LoraConfig(targets=".*/kernel")
     assert (cfg.rank, cfg.alpha, cfg.init, cfg.dtype, cfg.rslora) == (8, 8.0, "kaiming_uniform", "float32", False)
-    assert cfg.rules == (jlora.Rule(pattern=".*/kernel"),)
-    assert cfg.scale_for(cfg.rules[0]) == 1.0
+    assert cfg.targets == (jlora.Rule(pattern=".*/kernel"),)
+    assert cfg.scale_for(cfg.targets[0]) == 1.0
 
 
 def test_rslora_scale_is_alpha_over_sqrt_rank():
     cfg = jlora.LoraConfig(rank=16, alpha=8.0, rslora=True, targets=".*")
-    assert cfg.scale_for(cfg.rules[0]) == pytest.approx(8.0 / math.sqrt(16))
+    assert cfg.scale_for(cfg.targets[0]) == pytest.approx(8.0 / math.sqrt(16))
 
 
 def test_rule_overrides_rank_and_alpha():
     cfg = jlora.LoraConfig(rank=8, alpha=16.0, targets=(jlora.Rule(pattern="a", rank=2, alpha=1.0), "b"))
-    a, b = cfg.rules
+    a, b = cfg.targets
     assert (cfg.rank_for(a), cfg.scale_for(a)) == (2, 0.5)
     assert (cfg.rank_for(b), cfg.scale_for(b)) == (8, 2.0)
 
@@ -89,3 +89,9 @@ def test_rule_errors(kwargs, error, message):
 
 def test_rule_accepts_a_single_axis():
     assert jlora.Rule(pattern="k", in_axes=1, stack_axes=0).in_axes == (1,)
+
+
+def test_rules_is_a_deprecated_alias_of_targets():
+    cfg = jlora.LoraConfig(rank=2, targets=(".*/a", jlora.Rule(pattern=".*/b", rank=1)))
+    with pytest.warns(DeprecationWarning, match=r"LoraConfig\.rules is deprecated; read LoraConfig\.targets"):
+        assert cfg.rules == cfg.targets == (jlora.Rule(pattern=".*/a"), jlora.Rule(pattern=".*/b", rank=1))

@@ -332,7 +332,7 @@ def test_an_expert_axis_sliced_one_at_a_time_needs_its_own_adapters():
                                                 r"time; the real split is in_axes=\(1,\), stack_axes=\(0,\)"):
         jlora.wrap(apply_fn, cfg)(frozen, trainable, X)
     fixed = jlora.infer_layouts(jlora.LoraConfig(rank=2, targets="experts"), apply_fn, params, X)
-    assert fixed.rules[0].stack_axes == (0,) and fixed.rules[0].in_axes == (1,)
+    assert fixed.targets[0].stack_axes == (0,) and fixed.targets[0].in_axes == (1,)
 
 
 def test_uses_that_disagree_are_listed_by_infer_layouts():

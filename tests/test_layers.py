@@ -17,7 +17,7 @@ LAYERS = {
     "leaf types and config": ["_version", "_primitives", "_config", "_variants", "_layout", "_quant"],
     "tree helpers": ["_paths", "_trace"],
     "the plan": ["_plan", "_infer"],
-    "what the verbs are made of": ["_effective", "_rewrite", "_sharding"],
+    "what the verbs are made of": ["_knobs", "_rewrite", "_sharding"],
     "verbs": ["_init", "_merge", "_quantize", "_optimizer", "_dylora", "_bank", "_combine", "_summary", "_wrap"],
     "I/O": ["_checkpoint", "_peft", "_cli"],
     "entry points": ["__init__", "__main__"],

@@ -220,10 +220,10 @@ def test_import_reads_ranks_alphas_dropout_and_modules_to_save():
         layer.format(0, "value"): (4, 3 / 4), layer.format(1, "value"): (4, 3 / 4),
         "params/bert/embeddings/word_embeddings/embedding": (3, 8 / 3),
     }
-    assert {p: t.rank for p, t in targets.items() if t.is_lora} == {p: r for p, (r, _) in want.items()}
-    assert {p: t.scale for p, t in targets.items() if t.is_lora} == pytest.approx({p: s for p, (_, s) in want.items()})
+    assert {p: t.rank for p, t in targets.items() if t.adapted} == {p: r for p, (r, _) in want.items()}
+    assert {p: t.scale for p, t in targets.items() if t.adapted} == pytest.approx({p: s for p, (_, s) in want.items()})
     assert targets["params/bert/embeddings/word_embeddings/embedding"].embedding
-    assert sorted(p for p, t in targets.items() if not t.is_lora) == ["params/classifier/bias", "params/classifier/kernel"]
+    assert sorted(p for p, t in targets.items() if not t.adapted) == ["params/classifier/bias", "params/classifier/kernel"]
     peft = load_file(folder / "adapter_model.safetensors")
     np.testing.assert_array_equal(trainable["params"]["classifier"]["kernel"], peft["base_model.model.classifier.weight"].T)
     a = trainable["params"]["bert"]["encoder"]["layer"]["1"]["attention"]["self"]["query"]["kernel"]["a"]
@@ -407,8 +407,8 @@ def test_gpt2_import_reads_fan_in_fan_out_as_in_axes_1():
     _, params, _, _, folder = _fixture("gpt2_lora")
     _, trainable, config = import_peft(folder, params)
     targets = Plan.of_base(config, params)
-    assert {t.layout.in_axes for t in targets.values() if t.is_lora} == {(1,)}
-    assert len([t for t in targets.values() if t.is_lora]) == 8
+    assert {t.layout.in_axes for t in targets.values() if t.adapted} == {(1,)}
+    assert len([t for t in targets.values() if t.adapted]) == 8
     # The square kernel, by hand: PEFT adds (B @ A)ᵀ·s to the torch (in, out) weight, i.e. s·B @ A to the (out, in) kernel.
     peft = load_file(folder / "adapter_model.safetensors")
     big_a, big_b = (peft[f"base_model.model.transformer.h.0.attn.c_proj.lora_{x}.weight"] for x in "AB")

@@ -34,7 +34,7 @@ def test_first_rule_wins_and_full_training():
     assert t["params/encoder/query/kernel"].rank == 1
     assert t["params/encoder/query/kernel"].layout == Layout((0,), (1, 2))
     assert t["params/encoder/out/kernel"].layout == Layout((0, 1), (2,))
-    assert not t["params/head/bias"].is_lora
+    assert not t["params/head/bias"].adapted
 
 
 def test_fullmatch_not_search():

@@ -179,7 +179,7 @@ def check_bank(ns: dict) -> None:
     got = ns["serve"](ns["frozen"], ns["bank"], ns["x"], lora_index=jnp.array([1, 1, -1, 0]))  # after put: c in 1
     alone = jlora.wrap(ns["model"].apply, ns["config_c"])(ns["frozen"], ns["trainable_c"], ns["x"])
     np.testing.assert_allclose(got[1], alone[1], rtol=1e-5, atol=1e-5)
-    assert ns["combined_config"].rank_for(ns["combined_config"].rules[0]) == 8
+    assert ns["combined_config"].rank_for(ns["combined_config"].targets[0]) == 8
 
 
 def check_qlora(ns: dict) -> None:

@@ -61,7 +61,7 @@ def test_no_fallback_and_equal_to_manual_maths(model):
     assert uses and all(u.factored for u in uses), [u for u in uses if not u.factored]
     adapted = {p for p in jlora._paths.flatten(trainable)}
     assert {f"{u.path}/a" for u in uses} == {p for p in adapted if p.endswith("/a")}
-    want = apply_fn(manual_merge(frozen, trainable, cfg.scale_for(cfg.rules[0])), x)
+    want = apply_fn(manual_merge(frozen, trainable, cfg.scale_for(cfg.targets[0])), x)
     np.testing.assert_allclose(lora_apply(frozen, trainable, x), want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(jlora.wrap(apply_fn, cfg, "merge")(frozen, trainable, x), want, rtol=1e-5, atol=1e-5)
 
@@ -109,7 +109,7 @@ def test_runtime_scale_interpolates_without_retracing():
     assert len(traces) == 1
     np.testing.assert_array_equal(outs[0.0], model.apply(params, x))
     for s in (0.25, 0.5, 0.75, 1.0):
-        want = model.apply(manual_merge(frozen, trainable, s * cfg.scale_for(cfg.rules[0])), x)
+        want = model.apply(manual_merge(frozen, trainable, s * cfg.scale_for(cfg.targets[0])), x)
         np.testing.assert_allclose(outs[s], want, rtol=1e-5, atol=1e-6)
 
     step_traces = []

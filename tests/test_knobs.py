@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora._effective import effective, sample_rank
+from jlora._knobs import call_factors, sample_rank
 from jlora._plan import Plan
 
 
@@ -21,7 +21,7 @@ def _target(**cfg):
 @pytest.mark.parametrize(("rslora", "k"), [(False, 1), (False, 3), (True, 2), (False, 4)])
 def test_dylora_rank_masks_components_and_rescales(rslora, k):
     cfg, t, w, tr = _target(dylora="plain", rslora=rslora)
-    e = effective(t, cfg, w, tr["a"], tr["b"], None, rank=k)
+    e = call_factors(t, cfg, w, tr["a"], tr["b"], None, rank=k)
     np.testing.assert_array_equal(e.a[:, k:], 0)
     np.testing.assert_array_equal(e.b[k:], 0)
     np.testing.assert_array_equal(e.a[:, :k], tr["a"][:, :k])
@@ -31,12 +31,12 @@ def test_dylora_rank_masks_components_and_rescales(rslora, k):
 
 def test_rank_out_of_range_is_refused_or_nan_never_clipped():
     cfg, t, w, tr = _target(dylora="plain")
-    e = effective(t, cfg, w, tr["a"], tr["b"], None, rank=4)
+    e = call_factors(t, cfg, w, tr["a"], tr["b"], None, rank=4)
     np.testing.assert_array_equal(e.a, tr["a"])
     np.testing.assert_allclose(e.scale, 2.0)
     with pytest.raises(ValueError, match=r"rank=99 is out of range for this DyLoRA adapter of rank 4"):
-        effective(t, cfg, w, tr["a"], tr["b"], None, rank=99)
-    scale = jax.jit(lambda k: effective(t, cfg, w, tr["a"], tr["b"], None, rank=k).scale)
+        call_factors(t, cfg, w, tr["a"], tr["b"], None, rank=99)
+    scale = jax.jit(lambda k: call_factors(t, cfg, w, tr["a"], tr["b"], None, rank=k).scale)
     assert np.isnan(scale(99)) and np.isnan(scale(0)) and float(scale(4)) == 2.0
 
 
@@ -45,7 +45,7 @@ def test_frozen_mode_trains_only_the_kth_component():
     x = jnp.ones((2, 6))
 
     def out(a, b, train):
-        e = effective(t, cfg, w, a, b, None, rank=3, train=train)
+        e = call_factors(t, cfg, w, a, b, None, rank=3, train=train)
         return jnp.sum(x @ (e.a @ e.b) * e.scale)
 
     ga, gb = jax.grad(out, argnums=(0, 1))(tr["a"], tr["b"], True)
@@ -59,11 +59,11 @@ def test_frozen_mode_trains_only_the_kth_component():
 def test_dora_magnitude_follows_the_runtime_scale():
     cfg, t, w, tr = _target(dora=True)
     norm = jnp.linalg.norm(w, axis=0)
-    np.testing.assert_allclose(effective(t, cfg, w, tr["a"], tr["b"], tr["m"], scale=0.0).m, norm, rtol=1e-6)
-    e = effective(t, cfg, w, tr["a"], tr["b"], tr["m"], scale=0.5)
+    np.testing.assert_allclose(call_factors(t, cfg, w, tr["a"], tr["b"], tr["m"], scale=0.0).m, norm, rtol=1e-6)
+    e = call_factors(t, cfg, w, tr["a"], tr["b"], tr["m"], scale=0.5)
     np.testing.assert_allclose(e.m, norm + 0.5 * (tr["m"] - norm), rtol=1e-6)
     np.testing.assert_allclose(e.scale, 0.5 * 2.0)
-    assert effective(t, cfg, w, tr["a"], tr["b"], tr["m"]).m is tr["m"]
+    assert call_factors(t, cfg, w, tr["a"], tr["b"], tr["m"]).m is tr["m"]
 
 
 def test_sampled_rank_covers_one_to_r():

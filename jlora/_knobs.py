@@ -25,7 +25,7 @@ from jlora._plan import Target
 
 
 @dataclasses.dataclass(frozen=True)
-class Effective:
+class CallFactors:
     a: Any
     b: Any
     scale: Any  # alpha/r (or alpha/k), times the runtime scale
@@ -41,7 +41,7 @@ def _rank_mask(t: Target, config: LoraConfig, a, b, rank, train: bool):
     rather than the adapter at some other rank.
     """
     n_stack = len(t.layout.stack_axes)
-    top = max(config.rank_for(r) for r in config.rules)
+    top = max(config.rank_for(r) for r in config.targets)
     if not isinstance(rank, jax.core.Tracer) and not 1 <= int(rank) <= top:
         raise ValueError(f"rank={int(rank)} is out of range for this DyLoRA adapter of rank {top}; "
                          f"choose 1 <= rank <= {top}.")
@@ -67,7 +67,7 @@ def _rank_mask(t: Target, config: LoraConfig, a, b, rank, train: bool):
     return a, b, jnp.where(in_range, t.scale * ratio, jnp.float32(jnp.nan))
 
 
-def effective(t: Target, config: LoraConfig, w, a, b, m, *, scale=None, rank=None, train=False) -> Effective:
+def call_factors(t: Target, config: LoraConfig, w, a, b, m, *, scale=None, rank=None, train=False) -> CallFactors:
     """The factors, scale and DoRA magnitude of target ``t`` for one call.
 
     Args:
@@ -84,10 +84,10 @@ def effective(t: Target, config: LoraConfig, w, a, b, m, *, scale=None, rank=Non
         if m is not None:
             base = weight_norm(lax.stop_gradient(w), t.layout)
             m = base + jnp.asarray(scale, jnp.float32) * (m.astype(jnp.float32) - base)
-    return Effective(a, b, s, m)
+    return CallFactors(a, b, s, m)
 
 
 def sample_rank(rng: jax.Array, config: LoraConfig, targets: dict[str, Target]) -> jax.Array:
     """DyLoRA's ``k ~ U{1..r}`` for one training step (``r``: the largest adapter rank)."""
-    top = max((t.rank for t in targets.values() if t.is_lora), default=1)
+    top = max((t.rank for t in targets.values() if t.adapted), default=1)
     return jax.random.randint(jax.random.fold_in(rng, 0x44594C52), (), 1, top + 1)  # "DYLR"
