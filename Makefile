@@ -39,9 +39,11 @@ $(NEWEST_STAMP): pyproject.toml Makefile .ci/stacks.py
 demo: install
 	$(BIN)/python examples/tweet_sentiment.py
 
-# Both stacks run even when the first fails; the target fails if either did.
+# ruff first (it takes a second); then both stacks run even when the first fails, and the
+# target fails if any of the three did.
 test: install install-newest
 	@status=0; \
+	$(BIN)/ruff check jlora tests benchmarks examples || status=1; \
 	for bin in $(BIN) $(NEWEST_BIN); do \
 	  echo "== $$($$bin/python -c 'import sys, jax, flax; print(f"Python {sys.version.split()[0]}, jax {jax.__version__}, flax {flax.__version__}")')"; \
 	  $$bin/python -m pytest || status=1; \

@@ -71,8 +71,8 @@ def main(argv=None) -> int:
     index = jnp.arange(K, dtype=jnp.int32)
 
     f_single, t_single, _ = timed(lambda t, x: single_apply(params, t, x), (one, tokens), args.repeats)
-    f_bank, t_bank, run_bank = timed(lambda b, x, i: bank_apply(params, b, x, lora_index=i), (bank, tokens, index),
-                                     args.repeats)
+    f_bank, t_bank, run_bank = timed(lambda b, x, i: bank_apply(params, b, x, lora_index=i),
+                                     (bank, tokens, index), args.repeats)
     f_one, t_one, run_one = timed(lambda t, x: single_apply(params, t, x), (one, tokens[:1]), args.repeats)
     # Check: the mixed batch equals separate calls.
     mixed = run_bank(bank, tokens, index)
@@ -84,7 +84,8 @@ def main(argv=None) -> int:
         "per_example": {"flops": f_bank, "median_ms": 1e3 * t_bank},
         "separate": {"flops": K * f_one, "median_ms": 1e3 * K * t_one},
     }
-    checks = {"per_example_vs_single_flops": f_bank / f_single, "per_example_vs_single_time": t_bank / t_single}
+    checks = {"per_example_vs_single_flops": f_bank / f_single,
+              "per_example_vs_single_time": t_bank / t_single}
     ok = all(v <= 1.2 for v in checks.values())
     device = jax.devices()[0]
     record = {
@@ -97,9 +98,10 @@ def main(argv=None) -> int:
     }
     lines = ["| serving | GFLOP | vs single | median ms | vs single |", "|---|---:|---:|---:|---:|"]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['flops'] / 1e9:.2f} | {r['flops'] / f_single:.3f} | {r['median_ms']:.1f} | "
-                     f"{r['median_ms'] / results['single']['median_ms']:.2f} |")
-    md = (f"{K} adapters, batch {K}x{shape.seq}, {record['date']}, {record['machine']}, jax {jax.__version__}\n\n"
+        lines.append(f"| {name} | {r['flops'] / 1e9:.2f} | {r['flops'] / f_single:.3f} | "
+                     f"{r['median_ms']:.1f} | {r['median_ms'] / results['single']['median_ms']:.2f} |")
+    md = (f"{K} adapters, batch {K}x{shape.seq}, {record['date']}, {record['machine']}, "
+          f"jax {jax.__version__}\n\n"
           + "\n".join(lines) + f"\n\n- targets (per-example <= 1.2x single) met: {ok}\n")
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"bank-{device.platform}"

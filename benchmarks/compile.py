@@ -33,7 +33,8 @@ def measure(layers: int, repeats: int) -> dict:
         "jlora": (step.lora_step(jlora.wrap(model.apply, cfg)), (trainable, frozen, tokens)),
     }
     seconds = harness.compile_seconds(steps, repeats)
-    return {"layers": layers, "adapted_kernels": 6 * layers, **seconds, "ratio": seconds["jlora"] / seconds["full_ft"]}
+    return {"layers": layers, "adapted_kernels": 6 * layers, **seconds,
+            "ratio": seconds["jlora"] / seconds["full_ft"]}
 
 
 def main(argv=None) -> dict:

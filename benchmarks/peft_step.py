@@ -44,7 +44,8 @@ class Attention(nn.Module):
 
     def forward(self, x):
         b, t, d = x.shape
-        q, k, v = (m(x).view(b, t, self.heads, -1).transpose(1, 2) for m in (self.query, self.key, self.value))
+        q, k, v = (m(x).view(b, t, self.heads, -1).transpose(1, 2)
+                   for m in (self.query, self.key, self.value))
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.out(o.transpose(1, 2).reshape(b, t, d))
 
@@ -102,7 +103,8 @@ def load_flax(model: nn.Module, flat: dict[str, np.ndarray]) -> None:
         else:
             name = ".".join(parts[1:-1] + [FLAX_TO_TORCH[parts[-1]]])
         target = state[name]
-        value = arr.reshape(target.shape[1], target.shape[0]).T if parts[-1] == "kernel" else arr.reshape(target.shape)
+        value = (arr.reshape(target.shape[1], target.shape[0]).T if parts[-1] == "kernel"
+                 else arr.reshape(target.shape))
         state[name] = torch.from_numpy(np.ascontiguousarray(value))
     model.load_state_dict(state)
 
@@ -163,7 +165,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--weights", type=pathlib.Path, help="npz of flax paths -> arrays (base and adapter)")
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results" / "peft-step-cpu.json")
+    parser.add_argument("--out", type=pathlib.Path,
+                        default=pathlib.Path(__file__).parent / "results" / "peft-step-cpu.json")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -183,8 +186,10 @@ def main(argv=None) -> int:
     steps = {"peft_lora": (*make_step(lora), lora), "torch_full_ft": (*make_step(full), full)}
     record = {
         "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()} cpu, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}",
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "peft": peft.__version__},
+        "machine": f"{platform.machine()} cpu, {os.cpu_count()} CPU cores, "
+                   f"torch threads {torch.get_num_threads()}",
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "peft": peft.__version__},
         "flops_counted_by": "torch.utils.flop_counter (matmuls + attention, forward + backward)",
         "loss_before_step": loss if flat else None,
         "results": measure(steps, tokens, args.repeats),

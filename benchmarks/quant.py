@@ -61,21 +61,23 @@ def measure(repeats: int) -> list[dict]:
     except ImportError:
         print("qwix not importable: its rows are skipped (pip install qwix).")
         return rows
-    rows.append(_row("qwix int8", qwix.quantize(w, jnp.int8, channelwise_axes=(1,)), qwix.dequantize, w, x, repeats))
+    rows.append(_row("qwix int8", qwix.quantize(w, jnp.int8, channelwise_axes=(1,)),
+                     qwix.dequantize, w, x, repeats))
     rows.append(_row("qwix nf4", qwix.quantize(w, "nf4", channelwise_axes=(1,), tiled_axes={0: 64}),
                      qwix.dequantize, w, x, repeats))
     return rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
     args = parser.parse_args()
     rows = measure(args.repeats)
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(), "devices": jax.device_count(), "cpus": os.cpu_count(),
-            "backend": jax.default_backend(), "jax": jax.__version__, "kernel": [N, N], "batch": BATCH,
-            "repeats": args.repeats}
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(), "devices": jax.device_count(),
+            "cpus": os.cpu_count(), "backend": jax.default_backend(), "jax": jax.__version__,
+            "kernel": [N, N], "batch": BATCH, "repeats": args.repeats}
     try:
         import qwix
         meta["qwix"] = qwix.__version__

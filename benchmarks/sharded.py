@@ -18,7 +18,8 @@ import os
 
 DEVICES = 8
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES}"
+    os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "
+                               f"--xla_force_host_platform_device_count={DEVICES}")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -68,7 +69,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=pathlib.Path)
     args = parser.parse_args(argv)
     if jax.device_count() != DEVICES:
-        raise SystemExit(f"need {DEVICES} devices, got {jax.device_count()}: set XLA_FLAGS before importing jax")
+        raise SystemExit(f"need {DEVICES} devices, got {jax.device_count()}: "
+                         "set XLA_FLAGS before importing jax")
 
     s = step.setup(gpt.Shape())
     steps = step.build(s)
@@ -78,7 +80,8 @@ def main(argv=None) -> int:
     if hasattr(jlora, "shardings"):
         how, specs = "jlora.shardings", jlora.shardings(params, s.cfg)
     else:
-        how, specs = "hand (a follows W's input axes, b its output axes)", adapter_specs_by_hand(params, s.trainable)
+        how, specs = ("hand (a follows W's input axes, b its output axes)",
+                      adapter_specs_by_hand(params, s.trainable))
     trainable = jax.device_put(s.trainable, specs)
     tokens = jax.device_put(s.tokens, NamedSharding(mesh, P()))
 

@@ -144,7 +144,8 @@ def profile_one(fn, args, repeats: int) -> dict:
                 per_op[name] += ev.duration_ns / 1e6 / repeats
     total = sum(ms.values())
     rows = {cat: {"ms": ms[cat], "share": ms[cat] / total, "gflop": gf[cat],
-                  "gflop_per_s": gf[cat] / ms[cat] * 1e3 if ms[cat] else 0.0} for cat in sorted(ms, key=ms.get)[::-1]}
+                  "gflop_per_s": gf[cat] / ms[cat] * 1e3 if ms[cat] else 0.0}
+            for cat in sorted(ms, key=ms.get)[::-1]}
     top = [{"op": n, "ms": t, "mflop": flops.get(n, 0.0) / 1e6} for n, t in per_op.most_common(15)]
     return {"step_flops": stats["flops"], "op_ms_total": total, "categories": rows, "top_ops": top}
 
@@ -213,7 +214,8 @@ def layouts(repeats: int) -> dict:
     hand = step.lora_step(s.hand_forward)
     runs = {
         "einsum_3d (baseline)": (hand, args),
-        "einsum_3d, LoRA branch 2-D": (step.lora_step(lambda f, t, x: s.hand_forward(f, t, x, flat_lora=True)), args),
+        "einsum_3d, LoRA branch 2-D": (
+            step.lora_step(lambda f, t, x: s.hand_forward(f, t, x, flat_lora=True)), args),
         "flat_2d": (variant(), args),
         "flat_2d_fused_wa": (variant(fused=True), args),
         "flat_2d_bf16": (variant(dtype=jnp.bfloat16), args),
@@ -241,7 +243,8 @@ def flag_worker(repeats: int) -> dict:
     s = step.setup(gpt.Shape())
     runs = {"hand_factored": step.build(s)["hand_factored"], f"matmul_{MATMUL_N}": matmul_reference()}
     out = harness.measure_all(runs, repeats)
-    return {k: {"median_ms": v["median_ms"], "gflop_per_s": v["flops"] / v["median_ms"] / 1e6} for k, v in out.items()}
+    return {k: {"median_ms": v["median_ms"], "gflop_per_s": v["flops"] / v["median_ms"] / 1e6}
+            for k, v in out.items()}
 
 
 def flags(repeats: int, names: list[str]) -> dict:

@@ -67,7 +67,8 @@ def setup(shape: gpt.Shape) -> Setup:
     cfg = jlora.LoraConfig(rank=8, alpha=16.0, targets=TARGETS)
     frozen, trainable = jlora.init(jax.random.key(1), params, cfg)
     # Non-zero b, so every variant computes a real delta (and the checks mean something).
-    trainable = jax.tree.map(lambda v: v + 0.01 * jax.random.normal(jax.random.key(2), v.shape, v.dtype), trainable)
+    trainable = jax.tree.map(lambda v: v + 0.01 * jax.random.normal(jax.random.key(2), v.shape, v.dtype),
+                             trainable)
     return Setup(shape, model, params, tokens, cfg, frozen, trainable)
 
 
@@ -85,7 +86,8 @@ def lora_step(forward):
     """A training step of ``trainable`` only, for ``forward(frozen, trainable, tokens)``."""
 
     def step(trainable, frozen, tokens):
-        loss, g = jax.value_and_grad(lambda t: gpt.next_token_loss(forward(frozen, t, tokens), tokens))(trainable)
+        loss, g = jax.value_and_grad(
+            lambda t: gpt.next_token_loss(forward(frozen, t, tokens), tokens))(trainable)
         return loss, sgd(trainable, g)
 
     return step
@@ -105,7 +107,8 @@ def build(s: Setup) -> dict:
     }
     # The hand-written model is the same maths: check before timing anything.
     forward_args = (s.frozen, s.trainable, s.tokens)
-    np.testing.assert_allclose(jax.jit(s.hand_forward)(*forward_args), factored(*forward_args), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(jax.jit(s.hand_forward)(*forward_args), factored(*forward_args),
+                               rtol=2e-3, atol=2e-3)
     uses = factored.uses(s.frozen, s.trainable, s.tokens)
     assert uses and all(u.factored for u in uses), "a kernel fell back to the merged weight"
     return steps
@@ -134,7 +137,8 @@ def main(argv=None) -> int:
 
     results = harness.measure_all(build(setup(gpt.Shape())), args.repeats)
     f = results["jlora_factored"]["flops"]
-    hand = min(results[k]["flops"] for k in ("hand_factored", "hand_factored_2d"))  # the cheaper hand-written form
+    # the cheaper hand-written form
+    hand = min(results[k]["flops"] for k in ("hand_factored", "hand_factored_2d"))
     checks = {
         "factored_vs_hand <= 1.01": f / hand,
         "factored_vs_full_ft <= 0.69": f / results["full_ft"]["flops"],

@@ -77,7 +77,8 @@ def qwix_step(s: step.Setup):
     lora = {p: adapters[p.replace("_lora_", "/")].reshape(shapes[p].shape)
             for p in shapes if p.endswith(("_lora_a", "_lora_b"))}
     if set(base) | set(lora) != set(shapes):
-        raise RuntimeError(f"qwix's parameters differ from the base model's plus jlora's adapters: {sorted(shapes)}")
+        raise RuntimeError("qwix's parameters differ from the base model's plus jlora's adapters: "
+                           f"{sorted(shapes)}")
 
     def forward(frozen, trainable, tokens):
         return model.apply(traverse_util.unflatten_dict(frozen | trainable, sep="/"), tokens)
@@ -96,17 +97,20 @@ def peft_results(s: step.Setup, torch_python: str | None, repeats: int, out: pat
     if torch_python:
         with tempfile.TemporaryDirectory() as tmp:
             weights = pathlib.Path(tmp) / "weights.npz"
-            flat = traverse_util.flatten_dict(s.params, sep="/") | traverse_util.flatten_dict(s.trainable, sep="/")
+            flat = (traverse_util.flatten_dict(s.params, sep="/")
+                    | traverse_util.flatten_dict(s.trainable, sep="/"))
             np.savez(weights, tokens=np.asarray(s.tokens), **{k: np.asarray(v) for k, v in flat.items()})
             subprocess.run([torch_python, str(HERE / "peft_step.py"), "--repeats", str(repeats),
-                            "--weights", str(weights), "--out", str(path)], check=True, stdout=subprocess.DEVNULL)
+                            "--weights", str(weights), "--out", str(path)],
+                           check=True, stdout=subprocess.DEVNULL)
     if not path.exists():
         return skipped("PEFT: no --torch-python given and no earlier peft-step-cpu.json")
     record = json.loads(path.read_text())
     record["fresh"] = bool(torch_python)
     loss = record.get("loss_before_step")
     if loss is not None:
-        want = float(gpt.next_token_loss(jlora.wrap(s.model.apply, s.cfg)(s.frozen, s.trainable, s.tokens), s.tokens))
+        want = float(gpt.next_token_loss(jlora.wrap(s.model.apply, s.cfg)(s.frozen, s.trainable, s.tokens),
+                                         s.tokens))
         record["loss_matches_jlora"] = abs(loss - want) <= 1e-3 * abs(want)
         record["jlora_loss"] = want
     return record
@@ -147,8 +151,8 @@ def quantized(s: step.Setup, repeats: int) -> dict:
         return skipped("quantized base: jlora.quantize does not exist yet")
     adapted = set(traverse_util.flatten_dict(s.trainable, sep="/"))
     kernels = {p.rsplit("/", 1)[0] for p in adapted}
-    f32_bytes = sum(int(np.prod(v.shape)) * 4 for p, v in traverse_util.flatten_dict(s.params, sep="/").items()
-                    if p in kernels)
+    f32_bytes = sum(int(np.prod(v.shape)) * 4
+                    for p, v in traverse_util.flatten_dict(s.params, sep="/").items() if p in kernels)
     out = {"f32_bytes": f32_bytes}
     for kind in ("int8", "nf4"):
         qparams = jlora.quantize(s.params, s.cfg, kind=kind)
@@ -166,10 +170,12 @@ def quantized(s: step.Setup, repeats: int) -> dict:
 
 def sharded(repeats: int) -> dict:
     """``sharded.py`` in a subprocess: XLA_FLAGS must be set before jax is imported."""
-    env = os.environ | {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")}
+    env = os.environ | {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "")
+                                      + " --xla_force_host_platform_device_count=8")}
     with tempfile.TemporaryDirectory() as tmp:
         path = pathlib.Path(tmp) / "sharded.json"
-        proc = subprocess.run([sys.executable, str(HERE / "sharded.py"), "--repeats", str(repeats), "--json", str(path)],
+        proc = subprocess.run([sys.executable, str(HERE / "sharded.py"), "--repeats", str(repeats),
+                               "--json", str(path)],
                               env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             errors = [line for line in proc.stderr.splitlines() if "Error" in line]
@@ -182,8 +188,9 @@ def sharded(repeats: int) -> dict:
 
 def train_rows(results: dict, peft: dict) -> list[list]:
     hand, full = results["hand_factored"], results["full_ft"]
-    rows = [[name, f"{r['flops'] / 1e9:.2f}", f"{r['flops'] / hand['flops']:.3f}", f"{r['flops'] / full['flops']:.3f}",
-             f"{r['bytes_accessed'] / 1e9:.2f}", f"{r['argument_bytes'] / 2**20:.1f}", f"{r['temp_bytes'] / 2**20:.1f}",
+    rows = [[name, f"{r['flops'] / 1e9:.2f}", f"{r['flops'] / hand['flops']:.3f}",
+             f"{r['flops'] / full['flops']:.3f}", f"{r['bytes_accessed'] / 1e9:.2f}",
+             f"{r['argument_bytes'] / 2**20:.1f}", f"{r['temp_bytes'] / 2**20:.1f}",
              f"{r['median_ms']:.1f}", f"{r['flops'] / r['median_ms'] / 1e6:.1f}"]
             for name, r in results.items()]
     for name, r in peft.get("results", {}).items():
@@ -200,22 +207,27 @@ def report(record: dict) -> str:
              + f" · `{record['command']}`\n\nWall times are medians of {record['repeats']} round-robin runs; "
              "compare ratios within one run, not across runs. FLOPs and bytes are XLA's own figures.\n"]
     parts.append("## Training step\n\n" + harness.md_table(
-        ["step", "GFLOP", "vs hand", "vs full FT", "GB accessed", "arg MiB", "temp MiB", "median ms", "GFLOP/s"],
+        ["step", "GFLOP", "vs hand", "vs full FT", "GB accessed", "arg MiB", "temp MiB", "median ms",
+         "GFLOP/s"],
         train_rows(r["train"], r["peft"])))
     if "results" in r["peft"]:
         p = r["peft"]
-        parts.append(f"\\* PyTorch FLOPs as `torch.utils.flop_counter` counts them (matmuls and attention only); "
+        parts.append(f"\\* PyTorch FLOPs as `torch.utils.flop_counter` counts them "
+                     f"(matmuls and attention only); "
                      f"PEFT run {'now' if p['fresh'] else 'earlier, on ' + p['date']}"
-                     + (f"; its loss matches jlora's: {p['loss_matches_jlora']}" if "loss_matches_jlora" in p else "")
+                     + (f"; its loss matches jlora's: {p['loss_matches_jlora']}"
+                        if "loss_matches_jlora" in p else "")
                      + ".")
     base = r["inference"]["base"]
     parts.append("## Inference forward\n\n" + harness.md_table(
         ["forward", "GFLOP", "vs base", "temp MiB", "median ms", "vs base"],
         [[n, f"{v['flops'] / 1e9:.2f}", f"{v['flops'] / base['flops']:.3f}", f"{v['temp_bytes'] / 2**20:.1f}",
-          f"{v['median_ms']:.1f}", f"{v['median_ms'] / base['median_ms']:.3f}"] for n, v in r["inference"].items()]))
+          f"{v['median_ms']:.1f}", f"{v['median_ms'] / base['median_ms']:.3f}"]
+         for n, v in r["inference"].items()]))
     c = r["compile"]
     parts.append("## Compile time (trace + lower + compile, cold caches)\n\n" + harness.md_table(
-        ["step", "median s", "vs full FT"], [[n, f"{t:.2f}", f"{t / c['full_ft']:.2f}"] for n, t in c.items()]))
+        ["step", "median s", "vs full FT"],
+        [[n, f"{t:.2f}", f"{t / c['full_ft']:.2f}"] for n, t in c.items()]))
     q = r["quantized"]
     if "skipped" in q:
         parts.append(f"## Quantized base\n\nSkipped: {q['skipped']}.")
@@ -223,17 +235,21 @@ def report(record: dict) -> str:
         parts.append("## Quantized base\n\n" + harness.md_table(
             ["kind", "adapted kernels MiB", "vs f32", "step GFLOP", "temp MiB", "median ms"],
             [["f32", f"{q['f32_bytes'] / 2**20:.2f}", "1.000", "", "", ""]]
-            + [[k, f"{q[k]['stored_bytes'] / 2**20:.2f}", f"{q[k]['vs_f32']:.3f}", f"{q[k]['step']['flops'] / 1e9:.2f}",
-                f"{q[k]['step']['temp_bytes'] / 2**20:.1f}", f"{q[k]['step']['median_ms']:.1f}"] for k in ("int8", "nf4")]))
+            + [[k, f"{q[k]['stored_bytes'] / 2**20:.2f}", f"{q[k]['vs_f32']:.3f}",
+                f"{q[k]['step']['flops'] / 1e9:.2f}", f"{q[k]['step']['temp_bytes'] / 2**20:.1f}",
+                f"{q[k]['step']['median_ms']:.1f}"] for k in ("int8", "nf4")]))
     sh = r["sharded"]
     if "skipped" in sh:
         parts.append(f"## Sharded step\n\nSkipped: {sh['skipped']}.")
     else:
-        parts.append(f"## Sharded step ({sh['devices']} host devices, FSDP; adapters placed by {sh['adapter_shardings']})"
+        parts.append(f"## Sharded step ({sh['devices']} host devices, FSDP; "
+                     f"adapters placed by {sh['adapter_shardings']})"
                      "\n\n" + harness.md_table(
-                         ["step", "GFLOP/device", "arg MiB/device", "temp MiB/device", "median ms", "loss = 1 device"],
+                         ["step", "GFLOP/device", "arg MiB/device", "temp MiB/device", "median ms",
+                          "loss = 1 device"],
                          [[n, f"{v['flops'] / 1e9:.2f}", f"{v['argument_bytes'] / 2**20:.1f}",
-                           f"{v['temp_bytes'] / 2**20:.1f}", f"{v['median_ms']:.1f}", v["matches_single_device"]]
+                           f"{v['temp_bytes'] / 2**20:.1f}", f"{v['median_ms']:.1f}",
+                           v["matches_single_device"]]
                           for n, v in sh["results"].items()]))
     parts.append("## Targets\n\n" + "\n".join(
         f"- {k} <= {TARGET_LIMITS.get(k, '')}: {v:.3f} ({'met' if v <= TARGET_LIMITS[k] else 'MISSED'})"
@@ -244,7 +260,8 @@ def report(record: dict) -> str:
 def checks(r: dict) -> dict[str, float]:
     train = r["train"]
     out = {
-        "train: jlora factored / hand FLOPs": train["jlora_factored"]["flops"] / train["hand_factored"]["flops"],
+        "train: jlora factored / hand FLOPs": train["jlora_factored"]["flops"]
+                                              / train["hand_factored"]["flops"],
         "train: jlora factored / full FT FLOPs": train["jlora_factored"]["flops"] / train["full_ft"]["flops"],
         "inference: unmerged / base wall": r["inference"]["jlora_unmerged"]["median_ms"]
                                             / r["inference"]["base"]["median_ms"],
@@ -263,7 +280,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--compile-repeats", type=int, default=3)
     parser.add_argument("--torch-python", default=os.environ.get("JLORA_TORCH_PYTHON"),
-                        help="a Python with torch and peft to run peft_step.py (default: $JLORA_TORCH_PYTHON)")
+                        help="a Python with torch and peft to run peft_step.py "
+                             "(default: $JLORA_TORCH_PYTHON)")
     parser.add_argument("--no-sharded", action="store_true")
     parser.add_argument("--out", type=pathlib.Path, default=harness.RESULTS)
     args = parser.parse_args(argv)

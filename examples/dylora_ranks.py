@@ -12,7 +12,8 @@ low ranks diverge (see BUILD_NOTES.md). ``--seeds N`` repeats everything with N 
 seeds (initialisation, batch order, dropout; the data split is fixed) and reports mean ± sd.
 Prints the table and saves accuracy against rank (first seed) as a PNG.
 
-    python examples/dylora_ranks.py [--mode plain|frozen] [--steps 120] [--dylora-steps 240] [--lr-ratio 1] [--seeds 1]
+    python examples/dylora_ranks.py [--mode plain|frozen] [--steps 120] [--dylora-steps 240]
+                                    [--lr-ratio 1] [--seeds 1]
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=120, help="training steps of each LoRA run")
     parser.add_argument("--dylora-steps", type=int, default=None, help="training steps of the DyLoRA run "
                         "(default: twice --steps); one DyLoRA run stands in for one LoRA run per rank")
-    parser.add_argument("--lr-ratio", type=float, default=1.0, help="ratio of b's learning rate to a's (LoRA+)")
+    parser.add_argument("--lr-ratio", type=float, default=1.0,
+                        help="ratio of b's learning rate to a's (LoRA+)")
     parser.add_argument("--lora-ranks", default="1,2,4,8", help="ranks of the LoRA runs to compare with "
                         "('' for none)")
     parser.add_argument("--seeds", type=int, default=1, help="training seeds (mean ± sd over them)")
@@ -97,8 +99,9 @@ def main(argv=None) -> dict:
 
     dylora = {k: float(np.mean([d[k] for d in dylora_seeds])) for k in dylora_seeds[0]}
     lora = {k: float(np.mean([d[k] for d in lora_seeds])) for k in lora_ranks}
-    print(f"\nDyLoRA ({args.mode} mode), one run of {dylora_steps} steps ({secs:.0f} s), vs LoRA trained at each rank "
-          f"for {steps} steps; lr_ratio {args.lr_ratio:g}; mean ± sd over {args.seeds} seed(s)")
+    print(f"\nDyLoRA ({args.mode} mode), one run of {dylora_steps} steps ({secs:.0f} s), "
+          f"vs LoRA trained at each rank for {steps} steps; lr_ratio {args.lr_ratio:g}; "
+          f"mean ± sd over {args.seeds} seed(s)")
     print("| rank | DyLoRA accuracy (%) | LoRA accuracy (%) | difference (points) |")
     print("|---:|---:|---:|---:|")
     for k in dylora:

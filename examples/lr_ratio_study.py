@@ -82,19 +82,19 @@ def main(argv=None) -> dict:
     config, pretrained = minilm.load_pretrained()
     model = minilm.MiniLMClassifier(3, config=config)
     n_test = len(test_split.labels)
-    print(f"{args.task}: {len(train_split.labels)} training, {n_test} test examples; {steps} steps of {batch}; "
-          f"a's lr {args.lr:g}; ratios {args.ratios}; seeds {seeds}", flush=True)
+    print(f"{args.task}: {len(train_split.labels)} training, {n_test} test examples; "
+          f"{steps} steps of {batch}; a's lr {args.lr:g}; ratios {args.ratios}; seeds {seeds}", flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"lr_ratio_{args.task}.json"
     results = {str(r): {"accuracy": [], "mean_loss": [], "final_loss": [], "seeds": []} for r in ratios}
-    record = {"task": args.task, "steps": steps, "batch": batch, "lr": args.lr, "train": int(len(train_split.labels)),
-              "test": int(n_test), "results": results}
+    record = {"task": args.task, "steps": steps, "batch": batch, "lr": args.lr,
+              "train": int(len(train_split.labels)), "test": int(n_test), "results": results}
     for seed in seeds:
         params = minilm.init_classifier_params(seed_keys(seed)["head"], model, pretrained)
         for ratio in ratios:
-            run = train_lora(model, params, arrays, ratio=ratio, lr=args.lr, steps=steps, batch=batch, seed=seed,
-                             name=f"ratio {ratio} seed {seed}")
+            run = train_lora(model, params, arrays, ratio=ratio, lr=args.lr, steps=steps, batch=batch,
+                             seed=seed, name=f"ratio {ratio} seed {seed}")
             acc = accuracy(lambda i, m, r=run: r["apply"](r["frozen"], r["trainable"], i, m),
                            test_ids, test_mask, test_split.labels, eval_batch)
             row = results[str(ratio)]
@@ -103,12 +103,14 @@ def main(argv=None) -> dict:
             row["final_loss"].append(float(np.mean(run["losses"][-max(steps // 10, 1):])))
             row["seeds"].append(seed)
             print(f"seed {seed} ratio {ratio}: test accuracy {100 * acc:.1f}%, mean training loss "
-                  f"{row['mean_loss'][-1]:.3f}, final {row['final_loss'][-1]:.3f} ({run['seconds']:.0f} s)", flush=True)
+                  f"{row['mean_loss'][-1]:.3f}, final {row['final_loss'][-1]:.3f} ({run['seconds']:.0f} s)",
+                  flush=True)
             del run
             path.write_text(json.dumps(record, indent=2) + "\n")
         jax.clear_caches()
 
-    print(f"\n{args.task}: test accuracy against lr_ratio, mean ± sd over seeds {seeds}, {n_test} test examples")
+    print(f"\n{args.task}: test accuracy against lr_ratio, mean ± sd over seeds {seeds}, "
+          f"{n_test} test examples")
     print("| lr_ratio | test accuracy (%) | per seed (%) | mean training loss | final training loss |")
     print("|---|---:|---|---:|---:|")
     for r, row in results.items():

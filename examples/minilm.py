@@ -10,9 +10,12 @@ The module tree mirrors Hugging Face's ``FlaxBertModel`` name for name, so a tor
 state-dict key maps to a Linen path by ``.`` -> ``/`` with ``weight`` -> ``kernel``
 (transposed to ``(in, out)``), ``scale`` (LayerNorm) or ``embedding`` (Embed)::
 
-    encoder.layer.0.attention.self.query.weight  ->  params/encoder/layer/0/attention/self/query/kernel
-    encoder.layer.0.attention.output.LayerNorm.weight  ->  params/encoder/layer/0/attention/output/LayerNorm/scale
-    embeddings.word_embeddings.weight  ->  params/embeddings/word_embeddings/embedding
+    encoder.layer.0.attention.self.query.weight
+        ->  params/encoder/layer/0/attention/self/query/kernel
+    encoder.layer.0.attention.output.LayerNorm.weight
+        ->  params/encoder/layer/0/attention/output/LayerNorm/scale
+    embeddings.word_embeddings.weight
+        ->  params/embeddings/word_embeddings/embedding
 
 Every projection is a plain 2-D ``nn.Dense``, so LoRA targets such as
 ``r".*/attention/self/(query|value)/kernel"`` or ``r".*/(intermediate|output)/dense/kernel"``
@@ -287,7 +290,8 @@ class MiniLMClassifier(nn.Module):
 
     def sentence_embedding(self, input_ids, attention_mask, *, deterministic: bool = True, normalize=True):
         """all-MiniLM-L6-v2's sentence embedding: the masked mean of the last hidden states,
-        L2-normalised unless ``normalize=False``. Call with ``model.apply(..., method="sentence_embedding")``."""
+        L2-normalised unless ``normalize=False``. Call with
+        ``model.apply(..., method="sentence_embedding")``."""
         hidden, _ = self.bert(input_ids, attention_mask, deterministic=deterministic)
         pooled = mean_pool(hidden, attention_mask)
         return l2_normalize(pooled) if normalize else pooled

@@ -149,7 +149,8 @@ def train(name: str, forward: Callable, trainable, tx, data: Batches, steps: int
 def accuracy(predict: Callable, ids, mask, labels, batch: int) -> float:
     """``predict(ids, mask) -> logits``, over the test set in fixed-size batches."""
     predict = jax.jit(predict)
-    preds = [np.asarray(predict(ids[i:i + batch], mask[i:i + batch]).argmax(-1)) for i in range(0, len(ids), batch)]
+    preds = [np.asarray(predict(ids[i:i + batch], mask[i:i + batch]).argmax(-1))
+             for i in range(0, len(ids), batch)]
     return float(np.mean(np.concatenate(preds) == labels))
 
 
@@ -179,7 +180,8 @@ def train_full(model, params, arrays: tuple, *, lr: float, steps: int, batch: in
     def forward(p, ids, mask, k):
         return model.apply(p, ids, mask, deterministic=False, rngs={"dropout": k})
 
-    trained, losses, secs = train("full fine-tune", forward, params, optax.adamw(lr, weight_decay=WEIGHT_DECAY),
+    trained, losses, secs = train("full fine-tune", forward, params,
+                                  optax.adamw(lr, weight_decay=WEIGHT_DECAY),
                                   Batches(arrays, batch, keys["batches"]), steps, keys["dropout"])
     return {"params": trained, "losses": losses, "seconds": secs}
 
@@ -264,8 +266,8 @@ def sweep(model, pretrained, splits: dict, *, steps: int, batch: int, eval_batch
     params = minilm.init_classifier_params(seed_keys(0)["head"], model, pretrained)
     result = {"LoRA": {}, "full fine-tune": {}}
     for lr in LORA_LRS:
-        run = train_lora(model, params, (ids, mask, labels), ratio=1.0, lr=lr, steps=steps, batch=batch, seed=0,
-                         name=f"LoRA lr {lr:g}")
+        run = train_lora(model, params, (ids, mask, labels), ratio=1.0, lr=lr, steps=steps, batch=batch,
+                         seed=0, name=f"LoRA lr {lr:g}")
         result["LoRA"][lr] = accuracy(lambda i, m, r=run: r["apply"](r["frozen"], r["trainable"], i, m),
                                       v_ids, v_mask, v_labels, eval_batch)
         print(f"sweep: LoRA lr {lr:g}: validation accuracy {100 * result['LoRA'][lr]:.1f}%", flush=True)
@@ -325,13 +327,15 @@ def main(argv=None) -> dict:
     n_params = sum(x.size for x in jax.tree.leaves(params))
     n_test = len(test_split.labels)
     print(f"{len(train_split.labels)} training tweets, {n_test} test tweets (balanced), "
-          f"{steps} steps of {batch}; MiniLM-L6 classifier with {n_params:,} parameters; {args.seeds} seed(s)")
+          f"{steps} steps of {batch}; MiniLM-L6 classifier with {n_params:,} parameters; "
+          f"{args.seeds} seed(s)")
     train_arrays = (train_ids, train_mask, train_split.labels)
 
     def test_accuracy(predict):
         return accuracy(predict, test_ids, test_mask, test_split.labels, eval_batch)
 
-    record = {"first_seed": args.first_seed, "steps": steps, "batch": batch, "train_tweets": int(len(train_split.labels)),
+    record = {"first_seed": args.first_seed, "steps": steps, "batch": batch,
+              "train_tweets": int(len(train_split.labels)),
               "test_tweets": int(n_test), "parameters": int(n_params), "seeds": args.seeds,
               "ratios": [str(r) for r in ratios]}
 
@@ -339,7 +343,8 @@ def main(argv=None) -> dict:
         rest, val = carve(train_split, val_per_class)
         print(f"learning-rate sweep: {len(rest.labels)} training tweets, {len(val.labels)} validation tweets "
               "(from the training tweets), seed 0")
-        tok = {k: (*minilm.tokenize(tokenizer, s.texts), s.labels) for k, s in (("train", rest), ("val", val))}
+        tok = {k: (*minilm.tokenize(tokenizer, s.texts), s.labels)
+               for k, s in (("train", rest), ("val", val))}
         swept = sweep(model, pretrained, tok, steps=steps, batch=batch, eval_batch=eval_batch,
                       full="full" in methods)
         args.lr = max(swept["LoRA"], key=swept["LoRA"].get)
@@ -359,7 +364,8 @@ def main(argv=None) -> dict:
     print(f"learning rates: LoRA a {args.lr:g} (b at lr_ratio times that), head {HEAD_LR:g}; "
           f"full fine-tune {args.full_lr:g}", flush=True)
 
-    order = [name for key, name in (("zero-shot", "zero-shot"), ("probe", "linear probe"), ("full", "full fine-tune"))
+    order = [name for key, name in (("zero-shot", "zero-shot"), ("probe", "linear probe"),
+                                    ("full", "full fine-tune"))
              if key in methods] + names
     accs = {name: [] for name in order}
     trained = {name: 0 for name in order}
@@ -387,8 +393,10 @@ def main(argv=None) -> dict:
     for seed in seeds:
         params = minilm.init_classifier_params(seed_keys(seed)["head"], model, pretrained)
         if "full" in methods:
-            run = train_full(model, params, train_arrays, lr=args.full_lr, steps=steps, batch=batch, seed=seed)
-            accs["full fine-tune"].append(test_accuracy(lambda ids, mask, p=run["params"]: model.apply(p, ids, mask)))
+            run = train_full(model, params, train_arrays, lr=args.full_lr, steps=steps, batch=batch,
+                             seed=seed)
+            accs["full fine-tune"].append(
+                test_accuracy(lambda ids, mask, p=run["params"]: model.apply(p, ids, mask)))
             trained["full fine-tune"] = n_params
             secs["full fine-tune"].append(run["seconds"])
             curves["full fine-tune"].append(run["losses"])
@@ -415,7 +423,8 @@ def main(argv=None) -> dict:
                 kept = run
             if seed == seeds[0] and name == "LoRA":
                 print(jlora.summary(run["frozen"], run["trainable"]).splitlines()[-1])
-        print(f"seed {seed}: " + ", ".join(f"{n} {100 * a[-1]:.1f}%" for n, a in accs.items() if a), flush=True)
+        print(f"seed {seed}: " + ", ".join(f"{n} {100 * a[-1]:.1f}%" for n, a in accs.items() if a),
+              flush=True)
         record.update(partial_record(accs, trained, secs, curves, probe_epochs, n_params))
         (args.out / "tweet_sentiment.json").write_text(json.dumps(record, indent=2) + "\n")
 
@@ -478,7 +487,8 @@ def main(argv=None) -> dict:
     print(f"saved with jlora.save and restored: identical logits: {same_restored} ({adapter_dir})")
 
     plot({name: c[0] for name, c in curves.items() if c}, window, args.out / "tweet_sentiment_loss.png")
-    record.update({"merged_same_predictions": same, "merged_max_abs_diff": gap, "restored_identical": same_restored})
+    record.update({"merged_same_predictions": same, "merged_max_abs_diff": gap,
+                   "restored_identical": same_restored})
     (args.out / "tweet_sentiment.json").write_text(json.dumps(record, indent=2) + "\n")
     if not (same and same_restored):
         raise SystemExit("the merged or restored model predicts differently from the adapted one")

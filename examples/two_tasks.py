@@ -41,14 +41,16 @@ from tweet_sentiment import LORA_TARGETS, Batches, accuracy, train  # noqa: E402
 import jlora  # noqa: E402
 
 CONFIG = jlora.LoraConfig(rank=8, alpha=16.0, dropout=0.1,
-                          targets=(LORA_TARGETS, jlora.Rule(pattern=r"params/classifier/kernel", rank=3, alpha=3.0)))
+                          targets=(LORA_TARGETS,
+                                   jlora.Rule(pattern=r"params/classifier/kernel", rank=3, alpha=3.0)))
 
 
 def load_words(n_per_class: int, n_test_per_class: int, seed: int = 0):
     """VADER lexicon entries as ``(train, test)`` `tweets.Split`s, balanced, labels 0/1/2."""
     spec = importlib.util.find_spec("vaderSentiment")
     if spec is None:
-        raise ModuleNotFoundError("the VADER lexicon ships in vaderSentiment: pip install --no-deps vaderSentiment==3.3.2")
+        raise ModuleNotFoundError("the VADER lexicon ships in vaderSentiment: "
+                                  "pip install --no-deps vaderSentiment==3.3.2")
     path = pathlib.Path(spec.submodule_search_locations[0]) / "vader_lexicon.txt"
     texts, labels = [], []
     for line in path.read_text(encoding="utf-8").splitlines():
@@ -63,8 +65,10 @@ def load_words(n_per_class: int, n_test_per_class: int, seed: int = 0):
         idx = rng.permutation(np.flatnonzero(labels == c))
         test_idx.append(idx[:n_test_per_class])
         train_idx.append(idx[n_test_per_class:n_test_per_class + n_per_class])
-    train_idx, test_idx = rng.permutation(np.concatenate(train_idx)), rng.permutation(np.concatenate(test_idx))
-    return (tweets.Split(texts[train_idx], labels[train_idx]), tweets.Split(texts[test_idx], labels[test_idx]))
+    train_idx, test_idx = (rng.permutation(np.concatenate(train_idx)),
+                           rng.permutation(np.concatenate(test_idx)))
+    return (tweets.Split(texts[train_idx], labels[train_idx]),
+            tweets.Split(texts[test_idx], labels[test_idx]))
 
 
 def main(argv=None) -> dict:

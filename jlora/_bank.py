@@ -32,7 +32,8 @@ from jlora._variants import refuse
 
 def _check_plain(config: LoraConfig, where: str) -> None:
     if not isinstance(config, LoraConfig):
-        raise TypeError(f"{where}: expected (trainable, jlora.LoraConfig) pairs, got {type(config).__name__}.")
+        raise TypeError(f"{where}: expected (trainable, jlora.LoraConfig) pairs, got "
+                        f"{type(config).__name__}.")
     refuse(config, "bank", where)
 
 
@@ -63,8 +64,9 @@ def stack(adapters: Sequence[tuple] | Mapping[str, tuple], *, rank: int | None =
     Args:
       adapters: ``(trainable, config)`` pairs from `init` (or `restore`) on the same
         frozen base, or a dict of them by name (slot ``k`` holds the ``k``-th name,
-        so ``lora_weights=jnp.array([n in active for n in names])`` activates by name), all adapting the same kernels with the same axis split and the
-        same nonlinearity; ranks and alphas may differ.
+        so ``lora_weights=jnp.array([n in active for n in names])`` activates by name), all
+        adapting the same kernels with the same axis split and the same nonlinearity; ranks
+        and alphas may differ.
       rank: the rank capacity (default: the largest rank at each kernel), capped
         per kernel at ``min(fan_in, fan_out)``; a bank compiled at capacity ``R``
         takes any adapter of rank ``<= R`` through `put`.
@@ -90,7 +92,8 @@ def stack(adapters: Sequence[tuple] | Mapping[str, tuple], *, rank: int | None =
     entries = []
     for i, pair in enumerate(adapters):
         if not (isinstance(pair, tuple | list) and len(pair) == 2):
-            raise TypeError(f"stack: adapter {i} must be a (trainable, config) pair, got {type(pair).__name__}.")
+            raise TypeError(f"stack: adapter {i} must be a (trainable, config) pair, got "
+                            f"{type(pair).__name__}.")
         _check_plain(pair[1], f"stack: adapter {i}")
         entries.append(_entries(pair[0], pair[1], f"stack: adapter {i}"))
     configs = [c for _, c in adapters]
@@ -116,8 +119,8 @@ def stack(adapters: Sequence[tuple] | Mapping[str, tuple], *, rank: int | None =
                   for e in entries]
         if len(set(widths)) > 1:
             each = ", ".join(f"adapter {i}: {ins} -> {outs}" for i, (ins, outs) in enumerate(widths))
-            errors.append(f"{path}: the kernels differ in width (input -> output shape, without the rank): {each}; "
-                          "a bank stacks adapters trained on one base")
+            errors.append(f"{path}: the kernels differ in width (input -> output shape, without the rank): "
+                          f"{each}; a bank stacks adapters trained on one base")
     if errors:
         raise ValueError("stack: the adapters do not fit one bank:\n  " + "\n  ".join(errors))
     bank, rules = {}, []
@@ -133,7 +136,8 @@ def stack(adapters: Sequence[tuple] | Mapping[str, tuple], *, rank: int | None =
         rules.append(Rule(pattern=re.escape(path), rank=cap, alpha=float(cap), in_axes=layout.in_axes,
                           stack_axes=layout.stack_axes))
     rank = max(r.rank for r in rules)
-    config = LoraConfig(rank=rank, alpha=float(rank), targets=tuple(rules), nonlinearity=configs[0].nonlinearity,
+    config = LoraConfig(rank=rank, alpha=float(rank), targets=tuple(rules),
+                        nonlinearity=configs[0].nonlinearity,
                         dtype=configs[0].dtype)
     return nest(bank), config
 
@@ -159,7 +163,8 @@ def put(bank, config: LoraConfig, slot: int, trainable, adapter_config: LoraConf
             continue
         cap = flat[f"{path}/a"].shape[-1]
         if a.shape[-1] > cap:
-            errors.append(f"{path}: rank {a.shape[-1]} exceeds the bank's capacity {cap}; stack with rank >= it")
+            errors.append(f"{path}: rank {a.shape[-1]} exceeds the bank's capacity {cap}; stack with rank >= "
+                          "it")
             continue
         a = _pad_rank(a, a.ndim - 1, cap)
         b = _pad_rank(b, len(layout.stack_axes), cap)

@@ -188,9 +188,11 @@ def _fold(targets: Plan, flat: dict, config: LoraConfig) -> tuple[dict, LoraConf
         dataclasses.replace(r, rank=config.rank_for(r), alpha=_unit_alpha(config.rank_for(r), config.rslora))
         for r in config.targets
     )
-    folded = {p: dataclasses.replace(t, scale=1.0, alpha=_unit_alpha(t.rank, config.rslora)) if t.adapted else t
+    folded = {p: dataclasses.replace(t, scale=1.0, alpha=_unit_alpha(t.rank, config.rslora)) if t.adapted
+              else t
               for p, t in targets.items()}
-    return flat, dataclasses.replace(config, alpha=_unit_alpha(config.rank, config.rslora), targets=rules), folded
+    return flat, dataclasses.replace(config, alpha=_unit_alpha(config.rank, config.rslora),
+                                     targets=rules), folded
 
 
 def _describe(targets: dict[str, Target], config: LoraConfig, frozen) -> dict:
@@ -440,8 +442,8 @@ def _metadata(path: epath.Path, ckptr, who: str) -> dict:
         meta = ckptr.restore(path, ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()}))[METADATA]
     except (KeyError, OSError, ValueError, TypeError) as e:  # missing item or file; bad JSON or bytes
         raise ValueError(
-            f"{who}: {path} has no readable jlora metadata ({type(e).__name__}: {_first_line(e)}); it is not a "
-            "checkpoint written by jlora.save / jlora.save_args, or it was damaged."
+            f"{who}: {path} has no readable jlora metadata ({type(e).__name__}: {_first_line(e)}); it is not "
+            "a checkpoint written by jlora.save / jlora.save_args, or it was damaged."
         ) from None
     problem = _metadata_problem(meta)
     if problem is not None:
@@ -549,7 +551,8 @@ def restore(directory, frozen, *, shardings=None) -> tuple[dict, LoraConfig]:
                 + "\nRestore with the base parameters the adapters were trained on."
             )
         where = restore_shardings(targets, base, list(stored), shardings)
-        abstract = nest({p: jax.ShapeDtypeStruct(s, jnp.dtype(d), sharding=where[p]) for p, (s, d) in stored.items()})
+        abstract = nest({p: jax.ShapeDtypeStruct(s, jnp.dtype(d), sharding=where[p])
+                         for p, (s, d) in stored.items()})
         restored = ckptr.restore(path, ocp.args.Composite(**{ADAPTERS: ocp.args.StandardRestore(abstract)}))
     return restored[ADAPTERS], config
 

@@ -67,8 +67,8 @@ def _save_params(params, path: str, like: str) -> None:
     if p.exists():
         raise FileExistsError(f"{path} exists; choose a new output path (nothing was written).")
     if not p.parent.is_dir():
-        raise FileNotFoundError(f"{path}: the directory {p.parent} does not exist; create it first "
-                                "(nothing was written).")
+        raise FileNotFoundError(f"{path}: the directory {p.parent} does not exist; create it first (nothing "
+                                "was written).")
     if pathlib.Path(like).suffix == ".safetensors":
         save_file({k: np.asarray(v) for k, v in flatten(params).items()}, str(p))
     else:
@@ -85,7 +85,8 @@ def _inspect(args) -> None:
         except (ValueError, OSError) as e:
             raise ValueError(f"{d / 'adapter_config.json'}: not readable JSON ({_first_line(e)}).") from None
         if not isinstance(config, dict):
-            raise ValueError(f"{d / 'adapter_config.json'}: expected a JSON object, got {type(config).__name__}.")
+            raise ValueError(f"{d / 'adapter_config.json'}: expected a JSON object, got "
+                             f"{type(config).__name__}.")
         weights = d / "adapter_model.safetensors"
         try:  # everything is read before anything is printed: a failure prints its one line alone
             with safe_open(str(weights), "np") as f:
@@ -122,7 +123,8 @@ def _import(args) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jlora", description="Inspect, merge and convert LoRA adapters.")
+    p = argparse.ArgumentParser(prog="python -m jlora", description="Inspect, merge and convert LoRA "
+                                                                    "adapters.")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("inspect", help="print an adapter's metadata (jlora) or its tensors (PEFT)")
     s.add_argument("directory")

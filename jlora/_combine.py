@@ -71,9 +71,11 @@ def _check_args(adapters, weights, method, rank):
                          "e.g. [(trainable_1, config_1), (trainable_2, config_2)].")
     for i, pair in enumerate(adapters):
         if not (isinstance(pair, tuple | list) and len(pair) == 2):
-            raise ValueError(f"combine: adapters[{i}] must be a (trainable, config) pair, got {type(pair).__name__}.")
+            raise ValueError(f"combine: adapters[{i}] must be a (trainable, config) pair, got "
+                             f"{type(pair).__name__}.")
         if not isinstance(pair[1], LoraConfig):
-            raise TypeError(f"combine: adapters[{i}][1] must be a jlora.LoraConfig, got {type(pair[1]).__name__}.")
+            raise TypeError(f"combine: adapters[{i}][1] must be a jlora.LoraConfig, got "
+                            f"{type(pair[1]).__name__}.")
     if isinstance(weights, str) or not hasattr(weights, "__len__") or len(weights) != len(adapters):
         raise ValueError(f"combine: give one weight per adapter ({len(adapters)}), got {weights!r}.")
     weights = list(weights)
@@ -83,12 +85,14 @@ def _check_args(adapters, weights, method, rank):
     weights = [float(w) for w in weights]
     if method == "svd":
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"combine: method='svd' needs rank=k, an int >= 1 (the rank to compress to), got {rank!r}.")
+            raise ValueError("combine: method='svd' needs rank=k, an int >= 1 (the rank to compress to), "
+                             f"got {rank!r}.")
     elif rank is not None:
-        raise ValueError(f"combine: rank= only applies to method='svd'; method={method!r} decides the rank itself.")
+        raise ValueError(f"combine: rank= only applies to method='svd'; method={method!r} decides the rank "
+                         "itself.")
     if method == "average" and abs(sum(weights) - 1.0) > 1e-6:
-        raise ValueError(f"combine: method='average' is a weighted mean, so the weights must sum to 1; they sum to "
-                         f"{sum(weights)!r}. Divide them by their sum, e.g. [1/n] * n.")
+        raise ValueError("combine: method='average' is a weighted mean, so the weights must sum to 1; they "
+                         f"sum to {sum(weights)!r}. Divide them by their sum, e.g. [1/n] * n.")
     return weights
 
 
@@ -104,7 +108,8 @@ def _check_variants(configs, method):
         return
     errors = [f"adapter {i}, {why}" for i, c in enumerate(configs) for why in refusals(c, "combine")]
     if errors:
-        raise ValueError(f"combine(method={method!r}) cannot combine these adapters:\n  " + "\n  ".join(errors))
+        raise ValueError(f"combine(method={method!r}) cannot combine these adapters:\n  "
+                         + "\n  ".join(errors))
 
 
 def _read(i: int, trainable, config: LoraConfig, frozen):
@@ -197,18 +202,21 @@ def _collect(reads, method):
         ts = [reads[i][0][path] for i in owners]
         if len({t.adapted for t in ts}) > 1:
             errors.append(f"{path} is adapted by some adapters and trained in full by others: "
-                          + ", ".join(f"adapter {i}: {'LoRA' if t.adapted else 'full'}" for i, t in zip(owners, ts, strict=True)))
+                          + ", ".join(f"adapter {i}: {'LoRA' if t.adapted else 'full'}" for i,
+                                      t in zip(owners, ts, strict=True)))
         elif len({(t.shape, t.layout) for t in ts}) > 1:
             errors.append(f"{path} has different kernels or layouts: " + ", ".join(
                 f"adapter {i}: shape {t.shape}, {t.layout}" for i, t in zip(owners, ts, strict=True)))
         elif method == "average" and len(owners) != len(reads):
-            errors.append(f"{path} is held by adapters {owners} only; averaging needs every adapter to hold it")
+            errors.append(f"{path} is held by adapters {owners} only; averaging needs every adapter to hold "
+                          "it")
         elif method == "average" and len({(t.rank, t.scale) for t in ts}) > 1:
             errors.append(f"{path} has different ranks or scales: " + ", ".join(
                 f"adapter {i}: rank {t.rank}, scale {t.scale}" for i, t in zip(owners, ts, strict=True)))
     if errors:
         fix = ("averaging factors needs adapters from one config and one initialisation"
-               if method == "average" else "combine adapters made by jlora.init on one base with matching rules")
+               if method == "average" else "combine adapters made by jlora.init on one base with matching "
+                                           "rules")
         raise ValueError("combine: the adapters do not agree:\n  " + "\n  ".join(errors) + f"\n{fix}.")
     return {p: paths[p] for p in sorted(paths)}
 
@@ -317,9 +325,11 @@ def combine(adapters, weights, *, method: str = "cat", rank: int | None = None, 
         t = reads[idx[0]][0][path]
         if not t.adapted:
             w0 = _host(base[path])
-            out[path] = _device(w0 + sum(weights[i] * (_host(reads[i][1][path]) - w0) for i in idx), base[path].dtype)
+            out[path] = _device(w0 + sum(weights[i] * (_host(reads[i][1][path]) - w0) for i in idx),
+                                base[path].dtype)
             continue
-        parts = [(reads[i][1][path][0], reads[i][1][path][1], weights[i] * reads[i][0][path].scale) for i in idx]
+        parts = [(reads[i][1][path][0], reads[i][1][path][1], weights[i] * reads[i][0][path].scale)
+                 for i in idx]
         fan_in = t.layout.fan_in(t.shape)
         fan_out = math.prod(t.shape[ax] for ax in t.layout.out_axes)
         if method == "cat":
@@ -353,7 +363,8 @@ def _average(reads, owners, weights, config: LoraConfig):
         t = reads[0][0][path]
         values = [reads[i][1][path] for i in idx]
         if not t.adapted:
-            out[path] = _device(sum(w * _host(v) for w, v in zip(weights, values, strict=True)), values[0].dtype)
+            out[path] = _device(sum(w * _host(v) for w, v in zip(weights, values, strict=True)),
+                                values[0].dtype)
             continue
         mean = {}
         for k, name in enumerate(("a", "b", "m")):

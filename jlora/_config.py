@@ -199,11 +199,13 @@ class LoraConfig:
             raise TypeError(f"LoraConfig: rslora must be a bool, got {self.rslora!r}.")
         if not isinstance(self.dora, bool):
             raise TypeError(f"LoraConfig: dora must be a bool, got {self.dora!r}.")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float) or not 0 <= self.dropout < 1:
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout,
+                                                            int | float) or not 0 <= self.dropout < 1:
             raise ValueError(f"LoraConfig: dropout must be a rate in [0, 1), got {self.dropout!r}.")
         if self.nonlinearity not in NONLINEARITIES:
             raise ValueError(
-                f"LoraConfig: unknown nonlinearity {self.nonlinearity!r}; choose one of {tuple(NONLINEARITIES)}."
+                f"LoraConfig: unknown nonlinearity {self.nonlinearity!r}; choose one of "
+                f"{tuple(NONLINEARITIES)}."
             )
         if self.dylora is not None and self.dylora not in DYLORA_MODES:
             raise ValueError(
@@ -267,7 +269,8 @@ class LoraConfig:
                 rules.append(r)
                 continue
             if not isinstance(r, dict) or set(r) - rule_fields:
-                raise ValueError(f"LoraConfig.from_dict: a target must be a regex or a Rule's fields, got {r!r}.")
+                raise ValueError("LoraConfig.from_dict: a target must be a regex or a Rule's fields, got "
+                                 f"{r!r}.")
             r = {k: tuple(v) if isinstance(v, list) else v for k, v in r.items()}
             rules.append(Rule(**r))
         data["targets"] = tuple(rules)

@@ -46,17 +46,19 @@ def truncate(trainable, config: LoraConfig, rank: int):
     if not isinstance(config, LoraConfig):
         raise TypeError(f"truncate: expected a jlora.LoraConfig, got {type(config).__name__}.")
     if config.dylora is None:
-        raise ValueError("truncate: the config is not a DyLoRA config (dylora=None); only DyLoRA adapters are "
-                         "trained to work at every rank.")
+        raise ValueError("truncate: the config is not a DyLoRA config (dylora=None); only DyLoRA adapters "
+                         "are trained to work at every rank.")
     rank = _check_dylora_rank(rank, config)
     plan = Plan.of_trainable(config, trainable, "truncate")
     out = {}
     for (t, factor), (path, leaf) in zip(plan.roles(trainable), flatten(trainable).items(), strict=True):
         if factor in ("a", "b"):
             k = min(rank, t.rank)
-            leaf = jax.lax.slice_in_dim(leaf, 0, k, axis=leaf.ndim - 1 if factor == "a" else len(t.layout.stack_axes))
+            leaf = jax.lax.slice_in_dim(leaf, 0, k, axis=leaf.ndim - 1 if factor == "a"
+                                        else len(t.layout.stack_axes))
         out[path] = leaf
-    rules = tuple(dataclasses.replace(r, rank=min(rank, r.rank)) if r.rank is not None else r for r in config.targets)
+    rules = tuple(dataclasses.replace(r, rank=min(rank, r.rank)) if r.rank is not None else r
+                  for r in config.targets)
     return nest(out), dataclasses.replace(config, rank=min(rank, config.rank), targets=rules, dylora=None)
 
 

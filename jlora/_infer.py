@@ -96,9 +96,10 @@ _SAME_AXES = {
     "convert_element_type", "copy", "copy_p", "sharding_constraint", "reduce_precision", "pvary", "reshard",
     "mesh_cast", "device_put", "optimization_barrier", "stop_gradient",
 }
-_CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "jaxpr", "core_call": "jaxpr", "checkpoint": "jaxpr",
-          "remat": "jaxpr", "remat2": "jaxpr", "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
-          "custom_vjp_call_jaxpr": "fun_jaxpr", "shard_map": "jaxpr"}
+_CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "jaxpr", "core_call": "jaxpr",
+          "checkpoint": "jaxpr", "remat": "jaxpr", "remat2": "jaxpr", "shard_map": "jaxpr",
+          "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
+          "custom_vjp_call_jaxpr": "fun_jaxpr"}
 
 
 def analyse(jaxpr, views: dict) -> dict[str, list[KernelUse]]:
@@ -214,7 +215,8 @@ def _slice(x: View, eqn, uses) -> View | None:
 
 def _classify(kind: str, name: str, view: View, contracting, batch) -> KernelUse:
     rest = [i for i in range(len(view.axes)) if i not in contracting and i not in batch]
-    return KernelUse(kind, name, _union(view.axes[i] for i in contracting), _union(view.axes[i] for i in batch),
+    return KernelUse(kind, name, _union(view.axes[i] for i in contracting), _union(view.axes[i]
+                                                                                   for i in batch),
                      _union(view.axes[i] for i in rest), view.peeled)
 
 
@@ -311,8 +313,8 @@ def derive(path: str, ndim: int, uses: Sequence[KernelUse]) -> Derived:
         return Derived(None)
     mixed = [u for u in consuming if u.contracted & (u.free | u.stacked) or u.free & u.stacked]
     if mixed:
-        return Derived(None, f"{mixed[0].describe()}, splitting a kernel axis between input and output; "
-                             "no low-rank layout holds that")
+        return Derived(None, f"{mixed[0].describe()}, splitting a kernel axis between input and output; no "
+                             "low-rank layout holds that")
     stacks = {u.stacked for u in consuming}
     if len(stacks) > 1:
         return Derived(None, "its uses take slices of different axes: "
@@ -444,7 +446,8 @@ def infer_layouts(config: LoraConfig, apply_fn, params, *args, **kwargs) -> Lora
     >>> import jax, jax.numpy as jnp
     >>> from jlora import LoraConfig
     >>> params = {"wo": jnp.zeros((16, 4))}  # stored (out, in), used as x @ wo.T
-    >>> cfg = infer_layouts(LoraConfig(rank=2, targets="wo"), lambda p, x: x @ p["wo"].T, params, jnp.ones((3, 4)))
+    >>> apply_fn = lambda p, x: x @ p["wo"].T
+    >>> cfg = infer_layouts(LoraConfig(rank=2, targets="wo"), apply_fn, params, jnp.ones((3, 4)))
     >>> cfg.targets[0].in_axes, cfg.targets[0].stack_axes
     ((1,), ())
     """
@@ -481,7 +484,8 @@ def _with_layouts(config: LoraConfig, layouts: dict[str, Layout]) -> LoraConfig:
         index = next(i for i, r in enumerate(config.targets) if re.fullmatch(r.pattern, path))
         groups.setdefault((index, layout), []).append(path)
     rules = tuple(
-        Rule(pattern="|".join(re.escape(p) for p in paths), rank=config.targets[i].rank, alpha=config.targets[i].alpha,
+        Rule(pattern="|".join(re.escape(p) for p in paths), rank=config.targets[i].rank,
+             alpha=config.targets[i].alpha,
              in_axes=layout.in_axes, stack_axes=layout.stack_axes)
         for (i, layout), paths in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[1][0]))
     )

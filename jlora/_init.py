@@ -120,9 +120,10 @@ def init(key: jax.Array, params, config: LoraConfig):
     quantized = [path for path, t in targets.items() if t.adapted and is_qarray(leaves[path])]
     if quantized:
         raise ValueError(
-            f"init: init='pissa' takes the SVD of each full-precision kernel, but {quantized[0]} is quantized "
-            "(a jlora.QArray). Initialise on the full-precision params, then quantize the residual: "
-            "frozen, trainable = jlora.init(key, params, config); frozen = jlora.quantize(frozen, config)."
+            f"init: init='pissa' takes the SVD of each full-precision kernel, but {quantized[0]} is "
+            "quantized (a jlora.QArray). Initialise on the full-precision params, then quantize the "
+            "residual: frozen, trainable = jlora.init(key, params, config); frozen = jlora.quantize(frozen, "
+            "config)."
         )
     dtype = jnp.dtype(config.dtype)
     trainable, residuals = {}, {}
@@ -135,6 +136,7 @@ def init(key: jax.Array, params, config: LoraConfig):
             trainable[path]["m"] = weight_norm(leaves[path], t.layout).astype(dtype)
     frozen = params
     if residuals:
-        new = [residuals.get(p, x) for p, x in zip(leaf_paths(params), jax.tree_util.tree_leaves(params), strict=True)]
+        new = [residuals.get(p, x) for p, x in zip(leaf_paths(params), jax.tree_util.tree_leaves(params),
+                                                   strict=True)]
         frozen = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), new)
     return frozen, nest(trainable)

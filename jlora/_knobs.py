@@ -43,8 +43,8 @@ def _rank_mask(t: Target, config: LoraConfig, a, b, rank, train: bool):
     n_stack = len(t.layout.stack_axes)
     top = max(config.rank_for(r) for r in config.targets)
     if not isinstance(rank, jax.core.Tracer) and not 1 <= int(rank) <= top:
-        raise ValueError(f"rank={int(rank)} is out of range for this DyLoRA adapter of rank {top}; "
-                         f"choose 1 <= rank <= {top}.")
+        raise ValueError(f"rank={int(rank)} is out of range for this DyLoRA adapter of rank {top}; choose 1 "
+                         f"<= rank <= {top}.")
     in_range = (jnp.asarray(rank) >= 1) & (jnp.asarray(rank) <= top)
     k = jnp.clip(jnp.asarray(rank, jnp.int32), 1, t.rank)
     idx = jnp.arange(t.rank)
@@ -67,7 +67,8 @@ def _rank_mask(t: Target, config: LoraConfig, a, b, rank, train: bool):
     return a, b, jnp.where(in_range, t.scale * ratio, jnp.float32(jnp.nan))
 
 
-def call_factors(t: Target, config: LoraConfig, w, a, b, m, *, scale=None, rank=None, train=False) -> CallFactors:
+def call_factors(t: Target, config: LoraConfig, w, a, b, m, *, scale=None, rank=None,
+                 train=False) -> CallFactors:
     """The factors, scale and DoRA magnitude of target ``t`` for one call.
 
     Args:

@@ -171,7 +171,7 @@ def _on_w_axes(factor, layout: Layout, ndim: int):
 
 
 def reshape_runs(old, new) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-    """What a reshape from shape ``old`` to ``new`` does to axes: runs of old axes paired with runs of new ones.
+    """What a reshape from ``old`` to ``new`` does to axes: runs of old axes paired with runs of new ones.
 
     Each pair covers the same elements (merged, split, or kept); a size-1 axis that is only
     dropped or only added pairs with an empty run.

@@ -61,7 +61,8 @@ def _folded_leaves(frozen, trainable, config: LoraConfig, scale, sign: int, rank
             else:
                 out.append(merged(leaf, e.a, e.b, t.layout, sign * e.scale))
         else:
-            out.append(interpolate(leaf, values[path], scale) if sign > 0 else values[path].astype(leaf.dtype))
+            out.append(interpolate(leaf, values[path], scale) if sign > 0
+                       else values[path].astype(leaf.dtype))
     return out
 
 
@@ -137,8 +138,9 @@ def merge(frozen, trainable, config: LoraConfig, *, scale=1.0, rank=None, safe: 
     """
     if rank is not None and config.dylora is None:
         raise ValueError(
-            f"merge: rank={rank!r} picks a DyLoRA rank, but this config has dylora=None, so every adapter acts at "
-            "its full rank; drop rank=, or cut a plain adapter with jlora.truncate only after DyLoRA training."
+            f"merge: rank={rank!r} picks a DyLoRA rank, but this config has dylora=None, so every adapter "
+            "acts at its full rank; drop rank=, or cut a plain adapter with jlora.truncate only after DyLoRA "
+            "training."
         )
     new = merged_leaves(frozen, trainable, config, scale, rank=rank)
     targets = Plan.of_base(config, frozen).targets if safe or requantize else {}
@@ -169,8 +171,9 @@ def unmerge(merged_params, trainable, config: LoraConfig, *, scale=1.0):
                  if isinstance(x, QArray)]
     if quantized:
         raise ValueError(
-            f"unmerge: {', '.join(quantized)} are quantized; subtracting the adapter from a re-quantized merge "
-            "cannot recover the base (the rounding is not invertible). Keep the quantized frozen base instead."
+            f"unmerge: {', '.join(quantized)} are quantized; subtracting the adapter from a re-quantized "
+            "merge cannot recover the base (the rounding is not invertible). Keep the quantized frozen base "
+            "instead."
         )
     new = unmerged_leaves(merged_params, trainable, config, scale)
     return jax.tree_util.tree_unflatten(structure(merged_params), new)

@@ -77,7 +77,8 @@ def labels(trainable, config: LoraConfig) -> Any:
     """
     out = []
     for t, factor in Plan.of_trainable(config, trainable, "optimizer").roles(trainable):
-        out.append("full" if factor is None else "embedding" if t.embedding else "a" if factor == "a" else "b")
+        out.append("full" if factor is None else "embedding" if t.embedding else "a" if factor == "a"
+                   else "b")
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(trainable), out)
 
 
@@ -121,8 +122,10 @@ def _times(learning_rate, factor: float):
 def _check_rate(name: str, value) -> None:
     if callable(value):
         return
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (value >= 0 and math.isfinite(value)):
-        raise ValueError(f"optimizer: {name} must be a finite number >= 0 or an optax schedule, got {value!r}.")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (value >= 0
+                                                                             and math.isfinite(value)):
+        raise ValueError(f"optimizer: {name} must be a finite number >= 0 or an optax schedule, got "
+                         f"{value!r}.")
 
 
 def optimizer(
@@ -181,7 +184,8 @@ def optimizer(
     if not isinstance(config, LoraConfig):
         raise TypeError(f"optimizer: expected a jlora.LoraConfig, got {type(config).__name__}.")
     if not callable(base):
-        raise TypeError(f"optimizer: base must be an optax optimizer factory such as optax.adamw, got {base!r}.")
+        raise TypeError("optimizer: base must be an optax optimizer factory such as optax.adamw, got "
+                        f"{base!r}.")
     _check_rate("learning_rate", learning_rate)
     auto = lr_ratio == "auto"
     if not auto:

@@ -33,9 +33,9 @@ derives). PEFT's factors are ``(r, in)`` and ``(out, r)`` for either module, so 
 tensors cross unchanged; the flag only says which axis of a 2-D kernel is its input.
 `import_peft` gives every 2-D Linear adapter of a ``fan_in_fan_out: true`` file
 ``in_axes=(1,)`` unless its ``layouts=`` say otherwise; `export_peft` writes ``true``
-when its 2-D Linear adapters all have ``in_axes=(1,)``. A 2-D kernel saved whole (``modules_to_save``) crosses as its
-transpose either way: torch Linear ``(out, in)`` of a Flax ``(in, out)`` kernel, torch
-Conv1D ``(in, out)`` of the Flax port's ``(out, in)``.
+when its 2-D Linear adapters all have ``in_axes=(1,)``. A 2-D kernel saved whole
+(``modules_to_save``) crosses as its transpose either way: torch Linear ``(out, in)`` of a
+Flax ``(in, out)`` kernel, torch Conv1D ``(in, out)`` of the Flax port's ``(out, in)``.
 
 Module names: by default a leaf path drops a leading ``params/`` collection and its
 own last component, and joins the rest with ``.``, which is Hugging Face's naming for
@@ -103,7 +103,8 @@ _READ = {"peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_r
 # Fields that do not change what the saved tensors mean: bookkeeping, which modules PEFT
 # adapts or saves whole (the file's keys say that), initialisation, and trained biases
 # (`bias`: they are saved as plain tensors and read like modules_to_save).
-_IGNORED = {"peft_version", "auto_mapping", "base_model_name_or_path", "revision", "task_type", "inference_mode",
+_IGNORED = {"peft_version", "auto_mapping", "base_model_name_or_path", "revision", "task_type",
+            "inference_mode",
             "target_modules", "exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern",
             "loftq_config", "eva_config", "corda_config", "lora_ga_config", "bias",
             "megatron_config", "megatron_core", "runtime_config", "ensure_weight_tying", "qalora_group_size"}
@@ -219,7 +220,8 @@ def _leaf_from_torch(path: str, shape: tuple[int, ...], value: np.ndarray) -> np
     leaf = path.rsplit("/", 1)[-1]
     if leaf == "kernel" and value.ndim >= 3:  # a torch conv weight (out, in, *k)
         value = np.transpose(value, (*range(2, value.ndim), 1, 0))
-        return value if value.shape == shape else f"conv weight {value.shape} does not fit the kernel's {shape}"
+        fits = value.shape == shape
+        return value if fits else f"conv weight {value.shape} does not fit the kernel's {shape}"
     if leaf == "kernel" and value.ndim == 2 and len(shape) >= 2:
         in_dims, out_dims = _linear_dims(path, shape)
         if value.shape != (math.prod(out_dims), math.prod(in_dims)):
@@ -304,7 +306,8 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
     _refuse_unexportable(config)
     namer = _namer(module_name)
     conv_patterns = (conv,) if isinstance(conv, str) else tuple(conv)
-    targets = Plan.of_trainable(config, trainable, "export_peft") if frozen is None else Plan.of_base(config, frozen)
+    targets = Plan.of_trainable(config, trainable, "export_peft") if frozen is None else Plan.of_base(config,
+                                                                                                      frozen)
     values = targets.read(trainable)
     # Arrays split across processes are gathered whole (a collective: every process calls export_peft).
     values = jax.tree.map(lambda x: x if getattr(x, "is_fully_addressable", True)
@@ -318,7 +321,8 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
     def put(key: str, value, path: str) -> None:
         key = PREFIX + key
         if key in owner:
-            errors.append(f"{owner[key]} and {path} both map to the PEFT key {key!r}; tell them apart with module_name")
+            errors.append(f"{owner[key]} and {path} both map to the PEFT key {key!r}; tell them apart with "
+                          "module_name")
         owner[key] = path
         tensors[key] = np.ascontiguousarray(value)
 
@@ -331,13 +335,14 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
             continue
         if not t.adapted:
             full_modules.add(module)
-            put(f"{module}.{_param_name(path)}", _leaf_to_torch(path, np.asarray(values[path]), is_conv), path)
+            put(f"{module}.{_param_name(path)}", _leaf_to_torch(path, np.asarray(values[path]), is_conv),
+                path)
             continue
         lay = t.layout
         if lay.stack_axes:
             errors.append(
-                f"{path} is a stack of layers (stack_axes={lay.stack_axes}); PEFT has one module per layer and "
-                "cannot hold a scanned kernel. Export an unrolled (unscanned) model's adapters instead."
+                f"{path} is a stack of layers (stack_axes={lay.stack_axes}); PEFT has one module per layer "
+                "and cannot hold a scanned kernel. Export an unrolled (unscanned) model's adapters instead."
             )
             continue
         transposed = len(t.shape) == 2 and lay.in_axes == (1,)
@@ -364,7 +369,8 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
         else:
             big_a, big_b = a.reshape(-1, r).T, b.reshape(r, -1).T
             big_m = None if m is None else m.reshape(-1)
-        names = ("lora_embedding_A", "lora_embedding_B") if t.embedding else ("lora_A.weight", "lora_B.weight")
+        names = ("lora_embedding_A", "lora_embedding_B") if t.embedding else ("lora_A.weight",
+                                                                              "lora_B.weight")
         put(f"{module}.{names[0]}", big_a, path)
         put(f"{module}.{names[1]}", big_b, path)
         if big_m is not None:
@@ -374,15 +380,17 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
     if not errors:
         shared = sorted(full_modules & set(ranks))
         if shared:
-            errors.append(f"modules {shared} are both adapted and (partly) trained in full; PEFT adapts a module "
-                          "or saves it whole, not both. Drop their leaves from train_in_full or from targets.")
+            errors.append(f"modules {shared} are both adapted and (partly) trained in full; PEFT adapts a "
+                          "module or saves it whole, not both. Drop their leaves from train_in_full or from "
+                          "targets.")
     if fan_in_fan_out is None and len(set(linear_2d.values())) > 1:
         flipped = sorted(p for p, tr in linear_2d.items() if tr)
         plain = sorted(p for p, tr in linear_2d.items() if not tr)
         errors.append(
             f"2-D kernels used transposed (in_axes=(1,)): {flipped}, beside kernels that are not: {plain}. "
             "PEFT's adapter_config.json has one fan_in_fan_out flag; pass fan_in_fan_out=True if the torch "
-            "modules are Conv1D (weights (in, out)), False if they are Linear. The tensors are the same either way."
+            "modules are Conv1D (weights (in, out)), False if they are Linear. The tensors are the same "
+            "either way."
         )
     elif fan_in_fan_out is None:
         fan_in_fan_out = any(linear_2d.values())
@@ -465,7 +473,8 @@ def _write_pair(directory: Path, files: dict[str, bytes]) -> None:
     are replaced one by one, in the order given.
     """
     if directory.exists() and not directory.is_dir():
-        raise FileExistsError(f"export_peft: {directory} is a file; give a folder path (it is created if missing).")
+        raise FileExistsError(f"export_peft: {directory} is a file; give a folder path (it is created if "
+                              "missing).")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:
@@ -499,7 +508,8 @@ def _write_pair(directory: Path, files: dict[str, bytes]) -> None:
                     os.rename(tmp / name, directory / name)
                 except OSError as e:
                     kept, tmp = tmp, None  # never delete what could not be moved back
-                    raise OSError(f"export_peft: wrote the new adapter to {directory}, but could not move {name} "
+                    raise OSError(f"export_peft: wrote the new adapter to {directory}, but could not move "
+                                  f"{name} "
                                   f"back into it ({e}); it is in {kept}: move it by hand.") from e
         else:
             for name in files:
@@ -516,8 +526,8 @@ def _write_pair(directory: Path, files: dict[str, bytes]) -> None:
 def _read_config(directory: Path) -> dict:
     path = directory / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"import_peft: {path} does not exist; a PEFT adapter folder holds {CONFIG_FILE} "
-                                f"and {WEIGHTS_FILE} (PeftModel.save_pretrained writes both).")
+        raise FileNotFoundError(f"import_peft: {path} does not exist; a PEFT adapter folder holds "
+                                f"{CONFIG_FILE} and {WEIGHTS_FILE} (PeftModel.save_pretrained writes both).")
     try:
         cfg = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -528,15 +538,15 @@ def _read_config(directory: Path) -> dict:
                          "LoraConfig fields ({\"peft_type\": \"LORA\", \"r\": 8, ...}).")
     _check_fields(path, cfg)
     if cfg.get("peft_type") != "LORA":
-        raise ValueError(f"import_peft: {path} has peft_type={cfg.get('peft_type')!r}; jlora reads LoRA adapters "
-                         "(peft_type 'LORA') only.")
+        raise ValueError(f"import_peft: {path} has peft_type={cfg.get('peft_type')!r}; jlora reads LoRA "
+                         "adapters (peft_type 'LORA') only.")
     unsupported = [f"{k}={v!r}" for k, v in sorted(cfg.items())
                    if k not in _READ | _IGNORED and v not in (None, False, "", [], {})]
     init = cfg.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
         unsupported.append(
-            f"init_lora_weights={init!r} (it changed the base weights too; convert it to plain LoRA with PEFT's "
-            "save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+            f"init_lora_weights={init!r} (it changed the base weights too; convert it to plain LoRA with "
+            "PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...))"
         )
     if unsupported:
         raise ValueError(
@@ -599,10 +609,10 @@ def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
         if (directory / PICKLE_FILE).is_file():
             raise ValueError(
                 f"import_peft: {directory} holds {PICKLE_FILE}, a pickled torch file, and no {WEIGHTS_FILE}. "
-                "Unpickling can run arbitrary code, so jlora does not open it. Convert it once, where you trust "
-                "the file, with torch and safetensors:\n    python -c \"import torch; from safetensors.torch "
-                f"import save_file; save_file(torch.load('{directory / PICKLE_FILE}', weights_only=True), "
-                f"'{path}', metadata={{'format': 'pt'}})\""
+                "Unpickling can run arbitrary code, so jlora does not open it. Convert it once, where you "
+                "trust the file, with torch and safetensors:\n    python -c \"import torch; from "
+                f"safetensors.torch import save_file; save_file(torch.load('{directory / PICKLE_FILE}', "
+                f"weights_only=True), '{path}', metadata={{'format': 'pt'}})\""
             )
         raise FileNotFoundError(f"import_peft: {path} does not exist; PeftModel.save_pretrained writes it.")
     loader = safetensors.numpy
@@ -624,7 +634,7 @@ def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
 
 
 def _split_key(key: str) -> tuple[str, str | None, str]:
-    """``(module, factor, rest)``: the factor is 'a', 'b', 'm' or None for a plain tensor (then rest is 'mod.param')."""
+    """``(module, factor, rest)``: factor 'a', 'b', 'm', or None for a plain tensor (rest: 'mod.param')."""
     rest = key[len(PREFIX):]
     for suffix, factor in _SUFFIXES.items():
         if rest.endswith(suffix):
@@ -643,7 +653,8 @@ def _adapter_from_torch(path: str, shape, f: dict, rank: int, in_axes) -> tuple[
     if big_a.ndim >= 3:  # Conv: A (r, in, *k), B (out, r, 1, ..)
         n = big_a.ndim
         a = np.transpose(big_a, (*range(2, n), 1, 0))
-        if len(shape) != n or a.shape != (*shape[:-1], rank) or big_b.shape != (shape[-1], rank, *(1,) * (n - 2)):
+        if len(shape) != n or a.shape != (*shape[:-1], rank) or big_b.shape != (shape[-1], rank,
+                                                                                *(1,) * (n - 2)):
             return {}, f"conv lora_A {big_a.shape} / lora_B {big_b.shape} do not fit the kernel's {shape}"
         b = big_b.reshape(shape[-1], rank).T
         out_dims = (shape[-1],)
@@ -655,21 +666,22 @@ def _adapter_from_torch(path: str, shape, f: dict, rank: int, in_axes) -> tuple[
         if big_a.shape != (rank, math.prod(in_dims)) or big_b.shape != (math.prod(out_dims), rank):
             hint = ""
             if len(shape) == 2 and (big_a.shape[1], big_b.shape[0]) == shape[::-1] and in_axes != (1,):
-                hint = (". They fit the kernel used transposed, (out, in) with in_axes=(1,): the torch module is "
-                        "a Conv1D (fan_in_fan_out) or the port keeps (out, in) kernels; pass "
+                hint = (". They fit the kernel used transposed, (out, in) with in_axes=(1,): the torch "
+                        "module is a Conv1D (fan_in_fan_out) or the port keeps (out, in) kernels; pass "
                         "layouts=jlora.infer_layouts(...) (or a config with Rule(pattern=..., in_axes=(1,)))")
             elif len(shape) == 2 and (big_a.shape[1], big_b.shape[0]) == shape and in_axes == (1,):
-                hint = (". They fit the kernel as (in, out), in_axes=(0,): fan_in_fan_out: true makes 2-D kernels "
-                        "(out, in) unless layouts say otherwise (PEFT sets the flag per module, so a torch Linear "
-                        "may sit beside Conv1Ds); pass layouts=jlora.infer_layouts(...) or a config with "
-                        "Rule(pattern=..., in_axes=(0,)) for it")
+                hint = (". They fit the kernel as (in, out), in_axes=(0,): fan_in_fan_out: true makes 2-D "
+                        "kernels (out, in) unless layouts say otherwise (PEFT sets the flag per module, so a "
+                        "torch Linear may sit beside Conv1Ds); pass layouts=jlora.infer_layouts(...) or a "
+                        "config with Rule(pattern=..., in_axes=(0,)) for it")
             return {}, (f"lora_A {big_a.shape} / lora_B {big_b.shape} do not fit the kernel's {shape} "
                         f"(expected ({rank}, {math.prod(in_dims)}) / ({math.prod(out_dims)}, {rank})){hint}")
         a, b = big_a.T.reshape(*in_dims, rank), big_b.T.reshape(rank, *out_dims)
     out = {"a": a, "b": b}
     if m is not None:
         if m.size != math.prod(out_dims):
-            return {}, f"lora_magnitude_vector {m.shape} does not fit the kernel's {math.prod(out_dims)} output units"
+            return {}, (f"lora_magnitude_vector {m.shape} does not fit the kernel's {math.prod(out_dims)} "
+                        "output units")
         out["m"] = m.reshape(out_dims)
     return out, None
 
@@ -731,7 +743,7 @@ def import_peft(directory, params, *, module_name=None, layouts: LoraConfig | No
     """
     directory = _user_path(directory)
     if layouts is not None and not isinstance(layouts, LoraConfig):
-        raise TypeError(f"import_peft: layouts must be a jlora.LoraConfig (e.g. from jlora.infer_layouts), "
+        raise TypeError("import_peft: layouts must be a jlora.LoraConfig (e.g. from jlora.infer_layouts), "
                         f"got {type(layouts).__name__}.")
     namer = _namer(module_name)
     peft = _read_config(directory)
@@ -760,15 +772,16 @@ def import_peft(directory, params, *, module_name=None, layouts: LoraConfig | No
             factors.setdefault(module, {})[factor] = tensors[key]
             module_keys.setdefault(module, []).append(key)
         elif ".lora_" in rest or rest.startswith("lora_"):
-            errors.append(f"{key}: a tensor of a LoRA variant jlora does not implement (it reads lora_A, lora_B, "
-                          "lora_embedding_A/B and lora_magnitude_vector)")
+            errors.append(f"{key}: a tensor of a LoRA variant jlora does not implement (it reads lora_A, "
+                          "lora_B, lora_embedding_A/B and lora_magnitude_vector)")
         else:
             full[rest] = tensors[key]
 
     def leaf_for(name: str, keys: list[str]) -> str | None:
         paths = by_name.get(name, [])
         if len(paths) > 1:
-            errors.append(f"{PREFIX}{name}: the leaves {paths} all map to {name!r}; tell them apart with module_name")
+            errors.append(f"{PREFIX}{name}: the leaves {paths} all map to {name!r}; tell them apart with "
+                          "module_name")
         elif not paths:
             unmapped.extend(keys)
         return paths[0] if len(paths) == 1 else None
@@ -780,16 +793,19 @@ def import_peft(directory, params, *, module_name=None, layouts: LoraConfig | No
             errors.append(f"{key}: has {sorted(f)} of PEFT's factors, needs both lora_A and lora_B")
             continue
         if ("m" in f) != use_dora:
-            errors.append(f"{key}: {'a' if 'm' in f else 'no'} lora_magnitude_vector, but use_dora={use_dora}")
+            has = "a" if "m" in f else "no"
+            errors.append(f"{key}: {has} lora_magnitude_vector, but use_dora={use_dora}")
             continue
         if use_dora and any(k.endswith("lora_embedding_A") for k in module_keys[module]):
-            errors.append(f"{key}: DoRA on an embedding; jlora implements DoRA for Linear and Conv kernels only")
+            errors.append(f"{key}: DoRA on an embedding; jlora implements DoRA for Linear and Conv kernels "
+                          "only")
             continue
         path = leaf_for(f"{module}.weight", module_keys[module])
         if path is None:
             continue
         if f["a"].ndim < 2:
-            errors.append(f"{key}: lora_A has shape {f['a'].shape}; PEFT's factors have a rank axis and an input axis")
+            errors.append(f"{key}: lora_A has shape {f['a'].shape}; PEFT's factors have a rank axis and an "
+                          "input axis")
             continue
         rank = int(f["a"].shape[0])
         want = _pattern_value(rank_pattern, module, r)
@@ -801,8 +817,8 @@ def import_peft(directory, params, *, module_name=None, layouts: LoraConfig | No
         rule = None if layouts is None else layouts.rule_for(path)
         in_axes = None if rule is None else rule.in_axes
         if rule is not None and rule.stack_axes:
-            errors.append(f"{key} -> {path}: layouts give stack_axes={rule.stack_axes}; a PEFT module is one layer, "
-                          "import into an unrolled (unscanned) model's params")
+            errors.append(f"{key} -> {path}: layouts give stack_axes={rule.stack_axes}; a PEFT module is one "
+                          "layer, import into an unrolled (unscanned) model's params")
             continue
         if in_axes is None and transposed and len(shape) == 2 and f["a"].ndim == 2 and not embedding:
             in_axes = (1,)  # torch Conv1D (in, out) -> Flax kernel (out, in)
@@ -811,9 +827,11 @@ def import_peft(directory, params, *, module_name=None, layouts: LoraConfig | No
             errors.append(f"{key} -> {path}: {error}")
             continue
         adapters[path] = adapter
-        if in_axes is not None and default_layout(path, len(shape), in_axes) == default_layout(path, len(shape)):
+        if in_axes is not None and default_layout(path, len(shape), in_axes) == default_layout(path,
+                                                                                               len(shape)):
             in_axes = None  # the default: no need to spell it out
-        groups.setdefault((rank, float(_pattern_value(alpha_pattern, module, alpha)), in_axes), []).append(path)
+        groups.setdefault((rank, float(_pattern_value(alpha_pattern, module, alpha)), in_axes),
+                          []).append(path)
 
     trained = {}
     for name, value in full.items():
@@ -829,14 +847,16 @@ def import_peft(directory, params, *, module_name=None, layouts: LoraConfig | No
     if unmapped:
         known = sorted(by_name)
         close = difflib.get_close_matches(unmapped[0][len(PREFIX):], known, 3, 0.3) or known[:3]
-        errors.insert(0, f"{len(unmapped)} adapter keys map to no leaf of params: {', '.join(sorted(unmapped))}. "
+        errors.insert(0, f"{len(unmapped)} adapter keys map to no leaf of params: "
+                         f"{', '.join(sorted(unmapped))}. "
                          f"Names params gives (module.param), e.g. {', '.join(close)}; pass module_name "
                          "(leaf path -> PEFT module name) to match the torch model's names")
     if errors:
         raise ValueError(f"import_peft: cannot read {directory}:\n  " + "\n  ".join(errors))
 
     dtypes = {x.dtype for ad in adapters.values() for x in ad.values()}
-    dtype = dtypes.pop() if len(dtypes) == 1 and jnp.issubdtype(next(iter(dtypes)), jnp.floating) else np.float32
+    dtype = dtypes.pop() if len(dtypes) == 1 and jnp.issubdtype(next(iter(dtypes)),
+                                                                jnp.floating) else np.float32
     dtype = jax.dtypes.canonicalize_dtype(dtype)  # float64 factors are float32 unless jax_enable_x64
     rules = tuple(
         Rule(pattern="|".join(re.escape(p) for p in sorted(paths)),

@@ -88,18 +88,18 @@ def _lora_target(path, leaf, rule, config) -> tuple[Target | None, str | None]:
     shape = tuple(np.shape(leaf))
     where = f"rule {rule.pattern!r} matched {path} (shape {shape}"
     if not _floating(leaf):
-        return None, (f"{where}, dtype {getattr(leaf, 'dtype', type(leaf).__name__)}): LoRA adapts floating-point "
-                      "kernels only; narrow the pattern, e.g. '.*/kernel'.")
+        return None, (f"{where}, dtype {getattr(leaf, 'dtype', type(leaf).__name__)}): LoRA adapts "
+                      "floating-point kernels only; narrow the pattern, e.g. '.*/kernel'.")
     if any(ax >= len(shape) for ax in rule.stack_axes + (rule.in_axes or ())):
-        return None, (f"{where}): its axes {rule.in_axes or ()} / stack_axes {rule.stack_axes} do not exist on a "
-                      f"{len(shape)}-D leaf.")
+        return None, (f"{where}): its axes {rule.in_axes or ()} / stack_axes {rule.stack_axes} do not exist "
+                      f"on a {len(shape)}-D leaf.")
     if len(shape) - len(rule.stack_axes) < 2:
-        return None, (f"{where}): LoRA cannot adapt a leaf with fewer than 2 axes (a bias or a scalar); narrow the "
-                      "pattern, e.g. '.*/kernel', or train it in full with train_in_full.")
+        return None, (f"{where}): LoRA cannot adapt a leaf with fewer than 2 axes (a bias or a scalar); "
+                      "narrow the pattern, e.g. '.*/kernel', or train it in full with train_in_full.")
     layout = default_layout(path, len(shape), rule.in_axes, rule.stack_axes)
     if not layout.in_axes or not layout.out_axes:
-        return None, (f"{where}): in_axes={layout.in_axes} leave no input or no output axis; pick in_axes that "
-                      "split the kernel.")
+        return None, (f"{where}): in_axes={layout.in_axes} leave no input or no output axis; pick in_axes "
+                      "that split the kernel.")
     rank = config.rank_for(rule)
     fan_in = layout.fan_in(shape)
     fan_out = int(np.prod([shape[i] for i in layout.out_axes]))
@@ -177,8 +177,8 @@ class Plan(Mapping[str, Target]):
                 rule_hits[rule_i] += 1
                 if full_i:
                     errors.append(
-                        f"{path} is both adapted (rule {config.targets[rule_i].pattern!r}) and trained in full "
-                        f"(train_in_full {config.train_in_full[full_i[0]]!r}); drop it from one of them."
+                        f"{path} is both adapted (rule {config.targets[rule_i].pattern!r}) and trained in "
+                        f"full (train_in_full {config.train_in_full[full_i[0]]!r}); drop it from one of them."
                     )
                     continue
                 target, error = _lora_target(path, leaf, config.targets[rule_i], config)
@@ -188,8 +188,8 @@ class Plan(Mapping[str, Target]):
                     targets[path] = target
             elif full_i:
                 if not _floating(leaf):
-                    errors.append(f"train_in_full matched {path} (dtype {getattr(leaf, 'dtype', None)}): only "
-                                  "floating-point leaves can be trained.")
+                    errors.append(f"train_in_full matched {path} (dtype {getattr(leaf, 'dtype', None)}): "
+                                  "only floating-point leaves can be trained.")
                     continue
                 targets[path] = Target(path, tuple(np.shape(leaf)))
         for rule, hits in zip(config.targets, rule_hits, strict=True):
@@ -198,8 +198,8 @@ class Plan(Mapping[str, Target]):
                               f"{_close(rule.pattern, paths)}")
         for pattern, hits in zip(config.train_in_full, full_hits, strict=True):
             if not hits:
-                errors.append(f"train_in_full pattern {pattern!r} matched no parameter. Paths that look close: "
-                              f"{_close(pattern, paths)}")
+                errors.append(f"train_in_full pattern {pattern!r} matched no parameter. Paths that look "
+                              f"close: {_close(pattern, paths)}")
         if errors:
             raise ValueError("\n".join(errors))
         return cls(config, targets)
@@ -238,8 +238,8 @@ class Plan(Mapping[str, Target]):
             elif shape is None:
                 errors.append(f"{kernel}: a {a} and b {b} do not form an adapter for rule {rule.pattern!r} "
                               f"(stack_axes={rule.stack_axes}, in_axes={rule.in_axes}); pass the config the "
-                              "adapter was made with (and frozen=, where the verb takes it, to check against the "
-                              "real kernels)")
+                              "adapter was made with (and frozen=, where the verb takes it, to check "
+                              "against the real kernels)")
             else:
                 base[kernel] = jax.ShapeDtypeStruct(shape, jnp.dtype(config.dtype))
         if not errors:
@@ -281,16 +281,16 @@ class Plan(Mapping[str, Target]):
                 errors.append(f"{path} has shape {tuple(np.shape(flat[path]))}, expected {shape}")
             elif not _floating(flat[path]):
                 errors.append(f"{path} has dtype {jnp.result_type(flat[path]).name}; LoRA factors and leaves "
-                              "trained in full are floating point (LoraConfig.dtype, float32 by default): cast "
-                              "with .astype(jnp.float32)")
+                              "trained in full are floating point (LoraConfig.dtype, float32 by default): "
+                              "cast with .astype(jnp.float32)")
         for path in flat:
             if path not in expected:
-                errors.append(f"unexpected {path} (shape {tuple(np.shape(flat[path]))}): no target of this config "
-                              "has that path")
+                errors.append(f"unexpected {path} (shape {tuple(np.shape(flat[path]))}): no target of this "
+                              "config has that path")
         return errors
 
     def roles(self, trainable) -> list[tuple[Target, str | None]]:
-        """``(target, factor)`` of every leaf of ``trainable`` in leaf order (``factor`` None: trained in full)."""
+        """``(target, factor)`` of each leaf of ``trainable`` in leaf order (factor None: trained in full)."""
         out = []
         for path in leaf_paths(trainable):
             if path in self.targets:

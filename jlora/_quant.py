@@ -55,7 +55,8 @@ _NF4_MIDPOINTS = (NF4[1:] + NF4[:-1]) / 2
 # Largest rounding error of a value in [-1, 1], in units of its block's absmax:
 # half the widest gap between adjacent code values (between -1 and -0.696).
 NF4_HALF_GAP = float(np.max(np.diff(NF4)) / 2)
-_NF4_PAIRS = np.stack([np.repeat(NF4, 16), np.tile(NF4, 16)], axis=1)  # byte -> (NF4[byte >> 4], NF4[byte & 15])
+_NF4_PAIRS = np.stack([np.repeat(NF4, 16), np.tile(NF4, 16)],
+                      axis=1)  # byte -> (NF4[byte >> 4], NF4[byte & 15])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,11 +230,11 @@ def check_options(kind, block, double, dtype) -> None:
     if kind not in KINDS:
         raise ValueError(f"quantize: unknown kind {kind!r}; choose one of {KINDS}.")
     if isinstance(block, bool) or not isinstance(block, int | np.integer) or block <= 0 or block % 2:
-        raise ValueError(f"quantize: block must be a positive even int (two NF4 codes share a byte), got "
+        raise ValueError("quantize: block must be a positive even int (two NF4 codes share a byte), got "
                          f"{block!r}; e.g. block=64.")
     if double and kind != "nf4":
-        raise ValueError(f"quantize: double=True quantizes NF4's per-block absmax; kind {kind!r} has one scale "
-                         "per output unit. Use kind='nf4' or double=False.")
+        raise ValueError(f"quantize: double=True quantizes NF4's per-block absmax; kind {kind!r} has one "
+                         "scale per output unit. Use kind='nf4' or double=False.")
     if dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
         raise TypeError(f"quantize: dtype is what the kernels dequantize to and must be a float dtype, got "
                         f"{jnp.dtype(dtype).name}; e.g. dtype=jnp.bfloat16, or None for each kernel's own.")
@@ -251,17 +252,18 @@ def leaf_problem(path: str, leaf, layout: Layout, kind: str, block: int) -> str 
         return f"{path} is already quantized ({leaf!r}); quantize the full-precision params once."
     ns = len(layout.stack_axes)
     if sorted(layout.stack_axes) != list(range(ns)):
-        return (f"{path}: stack_axes {layout.stack_axes} of shape {tuple(leaf.shape)} are not its leading axes; "
-                "quantize stores the layers of a stack first. Move the layer axis to the front "
+        return (f"{path}: stack_axes {layout.stack_axes} of shape {tuple(leaf.shape)} are not its leading "
+                "axes; quantize stores the layers of a stack first. Move the layer axis to the front "
                 "(Rule(stack_axes=(0,))).")
     n = math.prod(leaf.shape[ns:])
     if kind == "nf4" and n % block:
-        return (f"{path}: its {n} values per layer (shape {tuple(leaf.shape)}) do not split into NF4 blocks of "
-                f"{block}; {_suggest_block(n, block)}.")
+        return (f"{path}: its {n} values per layer (shape {tuple(leaf.shape)}) do not split into NF4 blocks "
+                f"of {block}; {_suggest_block(n, block)}.")
     return None
 
 
-def quantize_array(w, kind: str = "nf4", *, layout: Layout | None = None, block: int = 64, double: bool = False,
+def quantize_array(w, kind: str = "nf4", *, layout: Layout | None = None, block: int = 64,
+                   double: bool = False,
                    dtype=None) -> QArray:
     """Quantize one kernel.
 

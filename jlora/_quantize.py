@@ -65,7 +65,8 @@ def dequantize(params):
     >>> import jax.numpy as jnp
     >>> from jlora import LoraConfig
     >>> params = {"dense": {"kernel": jnp.eye(64)}}
-    >>> w = dequantize(quantize(params, LoraConfig(rank=2, targets="dense/kernel"), "int8"))["dense"]["kernel"]
+    >>> q = quantize(params, LoraConfig(rank=2, targets="dense/kernel"), "int8")
+    >>> w = dequantize(q)["dense"]["kernel"]
     >>> bool((w == params["dense"]["kernel"]).all())
     True
     """

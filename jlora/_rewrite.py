@@ -87,8 +87,8 @@ class Lora:
                 "or exclude the kernel from the bank's targets."
             )
         if self.f != "identity":
-            raise ValueError(f"{self.path}: an op with no factored rule consumes this kernel; exclude it from "
-                             f"targets, or: {reason('nonlinearity', 'merge')}")
+            raise ValueError(f"{self.path}: an op with no factored rule consumes this kernel; exclude it "
+                             f"from targets, or: {reason('nonlinearity', 'merge')}")
         if self.m is not None:
             return dora_merged(self.weight(), self.a, self.b, self.m, self.layout, self.scale)
         return merged(self.weight(), self.a, self.b, self.layout, self.scale)
@@ -107,13 +107,15 @@ class Lora:
         """``m/‖W + s·a@b‖`` per output unit (float32, shape ``(*stack, *out)``), or None."""
         if self.m is None:
             return None
-        return self.m.astype(jnp.float32) / column_norm(self.weight(), self.a, self.b, self.layout, self.scale)
+        return self.m.astype(jnp.float32) / column_norm(self.weight(), self.a, self.b, self.layout,
+                                                        self.scale)
 
 
 # A pytree: control flow (scan, cond, while, remat, shard_map) carries a Lora as its arrays,
 # whatever fields it has; path, layout, nonlinearity and dropout rate are static.
 jax.tree_util.register_dataclass(
-    Lora, data_fields=["w", "a", "b", "scale", "key", "m", "index"], meta_fields=["path", "layout", "f", "rate"]
+    Lora, data_fields=["w", "a", "b", "scale", "key", "m", "index"], meta_fields=["path", "layout", "f",
+                                                                                  "rate"]
 )
 
 
@@ -240,8 +242,8 @@ def _dot_general(ctx: Context, eqn, invals):
         raise _layout_error(lora, "dot_general", wc)
     if not forward and (lora.f != "identity" or lora.m is not None):
         variant = "DoRA" if lora.m is not None else "nonlinearity"
-        raise ValueError(f"{lora.path}: this dot_general uses the kernel transposed (contracting its output axes, "
-                         f"as a tied embedding head does); {reason(variant, 'transposed')}")
+        raise ValueError(f"{lora.path}: this dot_general uses the kernel transposed (contracting its output "
+                         f"axes, as a tied embedding head does); {reason(variant, 'transposed')}")
 
     base = _bind_base(eqn, [x, lora.w] if w_is_rhs else [lora.w, x])[0]
     dt = lora.w.dtype
@@ -255,7 +257,8 @@ def _dot_general(ctx: Context, eqn, invals):
             and not _explicitly_sharded(x):
         v = _branch_2d(lora, x, xc, wc, first, second, free, precision, pet)
     else:
-        # u = x · first over W's contracted axes, batched over the stack axes: (*batch, *x_free, *free_stack, r)
+        # u = x · first over W's contracted axes, batched over the stack axes:
+        # (*batch, *x_free, *free_stack, r)
         u = lax.dot_general(
             lora.drop(x), f_arr.astype(dt),
             ((tuple(xc), tuple(f_map[w] for w in wc)), (tuple(xb), tuple(f_map[w] for w in wb))),
@@ -294,7 +297,7 @@ def _dot_general(ctx: Context, eqn, invals):
 
 
 def _explicitly_sharded(x) -> bool:
-    """Whether ``x`` carries an explicit sharding in its type (a mesh with explicit axes, ``jax.make_mesh``'s default).
+    """Whether ``x`` carries an explicit sharding in its type (explicit mesh axes, ``jax.make_mesh``).
 
     Flattening its token axes into one and splitting them back is a reshape explicit
     sharding refuses to guess; the N-D ``dot_general`` form lets JAX infer every sharding.
@@ -345,11 +348,13 @@ def _per_example_dot(lora: Lora, x, xc, wc, base, params):
     dt = lora.w.dtype
     a_sel, b_sel, on = _per_example(lora)
     a_map = {w: 1 + i for i, w in enumerate(lay.in_axes)}
-    u = lax.dot_general(lora.drop(x), a_sel.astype(dt), ((tuple(xc), tuple(a_map[w] for w in wc)), ((0,), (0,))),
+    u = lax.dot_general(lora.drop(x), a_sel.astype(dt), ((tuple(xc), tuple(a_map[w] for w in wc)), ((0,),
+                                                                                                    (0,))),
                         precision=params.get("precision"))
     gate = (on.astype(u.dtype) * jnp.asarray(lora.scale).astype(u.dtype)).reshape((-1,) + (1,) * (u.ndim - 1))
     u = lora.nonlinear(u) * gate
-    v = lax.dot_general(u, b_sel.astype(dt), (((u.ndim - 1,), (1,)), ((0,), (0,))), precision=params.get("precision"))
+    v = lax.dot_general(u, b_sel.astype(dt), (((u.ndim - 1,), (1,)), ((0,), (0,))),
+                        precision=params.get("precision"))
     n_out = len(lay.out_axes)
     lead = list(range(v.ndim - n_out))
     perm = lead + [v.ndim - n_out + lay.out_axes.index(w) for w in sorted(lay.out_axes)]
@@ -401,7 +406,8 @@ def _ragged_dot(ctx: Context, eqn, invals):
 
 def _conv(ctx: Context, eqn, invals):
     x, lora = invals
-    if isinstance(x, Lora) or _param(eqn, "feature_group_count") != 1 or _param(eqn, "batch_group_count") != 1:
+    if isinstance(x, Lora) or _param(eqn, "feature_group_count") != 1 or _param(eqn,
+                                                                                "batch_group_count") != 1:
         return _fallback(ctx, eqn, invals)
     lhs_spec, rhs_spec, out_spec = _param(eqn, "dimension_numbers")
     out_dim, in_dim, *spatial = rhs_spec
@@ -417,7 +423,8 @@ def _conv(ctx: Context, eqn, invals):
     feat = out_spec[1]
     u = lora.nonlinear(u) * jnp.asarray(lora.scale).astype(u.dtype)
     v = lax.dot_general(u, lora.b.astype(dt), (((feat,), (0,)), ((), ())),
-                        precision=_param(eqn, "precision"), preferred_element_type=_param(eqn, "preferred_element_type"))
+                        precision=_param(eqn, "precision"), preferred_element_type=_param(eqn,
+                                                                                          "preferred_element_type"))
     out = base + jnp.moveaxis(v, -1, feat).astype(base.dtype)
     factor = lora.dora_factor()
     if factor is not None:
@@ -434,7 +441,8 @@ def _row_lookup(eqn, invals) -> bool:
     dn = _param(eqn, "dimension_numbers")
     lay = lora.layout
     return not (
-        isinstance(idx, Lora) or lora.w.ndim != 2 or lay.in_axes != (0,) or lay.stack_axes or lora.m is not None
+        isinstance(idx,
+                   Lora) or lora.w.ndim != 2 or lay.in_axes != (0,) or lay.stack_axes or lora.m is not None
         or tuple(dn.collapsed_slice_dims) != (0,) or tuple(dn.start_index_map) != (0,)
         or dn.operand_batching_dims or tuple(_param(eqn, "slice_sizes")) != (1, lora.w.shape[1])
     )
@@ -517,7 +525,8 @@ def _reshape(ctx: Context, eqn, invals):
     stack_shape = lora.a.shape[:n_stack]
     rank = lora.a.shape[-1]
     # a: (*stack, *in in layout order, r) -> in axes in W's order -> the new in shape.
-    a = lax.transpose(lora.a, (*range(n_stack), *(n_stack + lay.in_axes.index(w) for w in sorted(lay.in_axes)),
+    a = lax.transpose(lora.a, (*range(n_stack), *(n_stack + lay.in_axes.index(w)
+                                                  for w in sorted(lay.in_axes)),
                                lora.a.ndim - 1))
     a = a.reshape(*stack_shape, *(new[w] for w in new_in), rank)
     b = lax.transpose(lora.b, (*range(n_stack + 1),
@@ -573,7 +582,8 @@ def _slice(ctx: Context, eqn, invals):
     p = eqn.params
     if p.get("strides") not in (None, (1,) * invals[0].w.ndim):
         return _fallback(ctx, eqn, invals)
-    sizes = [hi - lo for lo, hi in zip(_param(eqn, "start_indices"), _param(eqn, "limit_indices"), strict=True)]
+    sizes = [hi - lo for lo, hi in zip(_param(eqn, "start_indices"), _param(eqn, "limit_indices"),
+                                       strict=True)]
     return _slice_stack(ctx, eqn, invals, list(_param(eqn, "start_indices")), sizes)
 
 
@@ -591,7 +601,8 @@ def _squeeze(ctx: Context, eqn, invals):
         return _fallback(ctx, eqn, invals)
     fdims = tuple(_stack_index(lora, d) for d in dims)
     # A QArray's children lead with W's stack axes, in W's order: squeeze the same positions.
-    w = jax.tree.map(lambda c: lax.squeeze(c, dims), lora.w) if isinstance(lora.w, QArray) else _bind(eqn, [lora.w])[0]
+    w = jax.tree.map(lambda c: lax.squeeze(c, dims), lora.w) if isinstance(lora.w, QArray) else _bind(eqn,
+                                                                                                      [lora.w])[0]
     return [dataclasses.replace(
         lora, w=w, a=lax.squeeze(lora.a, fdims), b=lax.squeeze(lora.b, fdims),
         m=None if lora.m is None else lax.squeeze(lora.m, fdims), layout=_drop_axes(lora.layout, dims),
@@ -632,8 +643,10 @@ def _shard_map(ctx: Context, eqn, invals):
     def body(*vals):
         return tuple(_plain(o) for o in eval_jaxpr(ctx, jaxpr, getattr(jaxpr, "consts", ()), list(vals)))
 
-    out = jax.shard_map(body, mesh=_param(eqn, "mesh"), in_specs=tuple(specs), out_specs=tuple(_param(eqn, "out_specs")),
-                        axis_names=_param(eqn, "newly_manual_axes"), check_vma=_param(eqn, "check_vma"))(*args)
+    out = jax.shard_map(body, mesh=_param(eqn, "mesh"), in_specs=tuple(specs), out_specs=tuple(_param(eqn,
+                                                                                                      "out_specs")),
+                        axis_names=_param(eqn, "newly_manual_axes"), check_vma=_param(eqn,
+                                                                                      "check_vma"))(*args)
     return list(out)
 
 

@@ -38,7 +38,8 @@ def summary(frozen, trainable) -> str:
             seen.add(parent)
             parts = [flat[p] for p in flat if p.rpartition("/")[0] == parent]
             n = int(sum(np.size(x) for x in parts))
-            rows.append((parent, "lora", str(tuple(np.shape(base[parent]))), str(np.shape(flat[f"{parent}/a"])[-1]), n))
+            rows.append((parent, "lora", str(tuple(np.shape(base[parent]))),
+                         str(np.shape(flat[f"{parent}/a"])[-1]), n))
         else:
             n = int(np.size(leaf))
             rows.append((path, "full", str(tuple(np.shape(leaf))), "-", n))
@@ -51,7 +52,8 @@ def summary(frozen, trainable) -> str:
     right = (False, False, False, True, True)
 
     def line(c):
-        return "  ".join(x.rjust(w) if r else x.ljust(w) for x, w, r in zip(c, widths, right, strict=True)).rstrip()
+        return "  ".join(x.rjust(w) if r else x.ljust(w) for x, w, r in zip(c, widths, right,
+                                                                            strict=True)).rstrip()
 
     lines = [line(header), "  ".join("-" * w for w in widths)] + [line(c) for c in cells[1:]]
     pct = 100.0 * trained / total if total else math.nan

@@ -50,45 +50,46 @@ class Variant:
 
 VARIANTS = (
     Variant("nonlinearity", lambda c: not c.linear, {
-        "merge": "the delta s·f(x·a)·b is no longer a linear map of x, so no merged weight W' "
-                 "with x·W' = x·W + s·f(x·a)·b exists. Serve with jlora.wrap(..., strategy='factored'), or train "
-                 "with nonlinearity='identity'.",
+        "merge": "the delta s·f(x·a)·b is no longer a linear map of x, so no merged weight W' with x·W' = "
+                 "x·W + s·f(x·a)·b exists. Serve with jlora.wrap(..., strategy='factored'), or train with "
+                 "nonlinearity='identity'.",
         "combine": "its branch s·f(x·a)·b is not a matrix, so a sum of such deltas is not an adapter; use "
-                   "method='average' to average the factors of adapters of one kind, or serve them side by side "
-                   "as a bank (jlora.stack).",
-        "export_peft": "it makes the delta s·f(x·a)·b; PEFT's LoRA is linear (s·x·a·b) and has no field for f. "
-                       "Train with nonlinearity='identity' to export, or save with jlora.save (which keeps f).",
-        "transposed": "with a nonlinearity the adapter defines no transposed map. Adapt the kernel only where it "
-                      "is used forward, or drop the nonlinearity.",
+                   "method='average' to average the factors of adapters of one kind, or serve them side by "
+                   "side as a bank (jlora.stack).",
+        "export_peft": "it makes the delta s·f(x·a)·b; PEFT's LoRA is linear (s·x·a·b) and has no field for "
+                       "f. Train with nonlinearity='identity' to export, or save with jlora.save (which "
+                       "keeps f).",
+        "transposed": "with a nonlinearity the adapter defines no transposed map. Adapt the kernel only "
+                      "where it is used forward, or drop the nonlinearity.",
     }),
     Variant("DoRA", lambda c: c.dora, {
-        "unmerge": "a DoRA merge rescales every output unit by m/‖W + s·a@b‖, which depends on the base weight that "
-                   "unmerge is asked to recover; keep the frozen base instead of unmerging.",
-        "combine": "its weight m·(W + s·a@b)/‖W + s·a@b‖ differs from W by a full-rank matrix, not s·a@b, so no sum "
-                   "of low-rank deltas reproduces it (merge it with jlora.merge, or use method='average' over DoRA "
-                   "adapters of one initialisation).",
-        "bank": "DoRA's magnitude rescales the whole output of its own adapter, so adapters cannot share a bank; "
-                "merge them first.",
-        "transposed": "DoRA rescales output units, which a transposed use (x·Wᵀ) does not have. Adapt the kernel "
-                      "only where it is used forward, or set dora=False.",
+        "unmerge": "a DoRA merge rescales every output unit by m/‖W + s·a@b‖, which depends on the base "
+                   "weight that unmerge is asked to recover; keep the frozen base instead of unmerging.",
+        "combine": "its weight m·(W + s·a@b)/‖W + s·a@b‖ differs from W by a full-rank matrix, not s·a@b, so "
+                   "no sum of low-rank deltas reproduces it (merge it with jlora.merge, or use "
+                   "method='average' over DoRA adapters of one initialisation).",
+        "bank": "DoRA's magnitude rescales the whole output of its own adapter, so adapters cannot share a "
+                "bank; merge them first.",
+        "transposed": "DoRA rescales output units, which a transposed use (x·Wᵀ) does not have. Adapt the "
+                      "kernel only where it is used forward, or set dora=False.",
         "ragged_dot": "DoRA is not defined for experts consumed by ragged_dot. Set dora=False.",
-        "embedding": "DoRA rescales a layer's output units and is not defined here for embedding tables; exclude "
-                     "them from targets or set dora=False.",
+        "embedding": "DoRA rescales a layer's output units and is not defined here for embedding tables; "
+                     "exclude them from targets or set dora=False.",
     }),
     Variant("DyLoRA", lambda c: c.dylora is not None, {
-        "bank": "DyLoRA's scale alpha/k depends on a rank chosen at run time, so its adapters cannot share a bank; "
-                "jlora.truncate them to one rank first.",
+        "bank": "DyLoRA's scale alpha/k depends on a rank chosen at run time, so its adapters cannot share a "
+                "bank; jlora.truncate them to one rank first.",
         "export_peft": "PEFT has no DyLoRA. Cut the adapter to one rank first with "
                        "trainable_k, config_k = jlora.truncate(trainable, config, rank=k) and export that.",
-        "fold_scale": "its scale alpha/k depends on the rank k chosen at run time, so no single factor folds into "
-                      "b. Save with fold_scale=False, or jlora.truncate it to a fixed rank first.",
+        "fold_scale": "its scale alpha/k depends on the rank k chosen at run time, so no single factor folds "
+                      "into b. Save with fold_scale=False, or jlora.truncate it to a fixed rank first.",
     }),
     Variant("PiSSA", lambda c: c.init == "pissa", {
-        "combine": "its a@b holds W's top singular part and its frozen base is the residual W - s·a0@b0, so its "
-                   "delta is not relative to the shared base; merge it with jlora.merge and use the difference to "
-                   "the original params instead.",
-        "export_peft": "it acts on the SVD residual stored in frozen, not on the pretrained weights a PEFT user "
-                       "loads; export the merged model (jlora.merge) instead.",
+        "combine": "its a@b holds W's top singular part and its frozen base is the residual W - s·a0@b0, so "
+                   "its delta is not relative to the shared base; merge it with jlora.merge and use the "
+                   "difference to the original params instead.",
+        "export_peft": "it acts on the SVD residual stored in frozen, not on the pretrained weights a PEFT "
+                       "user loads; export the merged model (jlora.merge) instead.",
     }),
     Variant("rsLoRA", lambda c: c.rslora, {}),
 )

@@ -37,7 +37,8 @@ def _knobs(lora_scale, lora_rank, lora_rng, lora_weights=None, lora_index=None) 
     knobs = {}
     if lora_scale is not None:
         if np.ndim(lora_scale) != 0:
-            raise ValueError(f"lora_scale must be a scalar, got shape {np.shape(lora_scale)}; e.g. lora_scale=0.5.")
+            raise ValueError(f"lora_scale must be a scalar, got shape {np.shape(lora_scale)}; e.g. "
+                             "lora_scale=0.5.")
         knobs["scale"] = jnp.asarray(lora_scale, jnp.float32)
     if lora_rank is not None:
         if np.ndim(lora_rank) != 0 or not jnp.issubdtype(jnp.result_type(lora_rank), jnp.integer):
@@ -45,15 +46,16 @@ def _knobs(lora_scale, lora_rank, lora_rng, lora_weights=None, lora_index=None) 
         knobs["rank"] = jnp.asarray(lora_rank, jnp.int32)
     if lora_rng is not None:
         if not (isinstance(lora_rng, jax.Array) and jnp.issubdtype(lora_rng.dtype, jax.dtypes.prng_key)):
-            raise TypeError(f"lora_rng must be a JAX PRNG key (jax.random.key(0)), got {type(lora_rng).__name__}.")
+            raise TypeError("lora_rng must be a JAX PRNG key (jax.random.key(0)), got "
+                            f"{type(lora_rng).__name__}.")
         knobs["rng"] = lora_rng
     if lora_weights is not None and lora_index is not None:
         raise ValueError("give lora_weights (one mix of the bank for the whole batch) or lora_index (one "
                          "adapter per example), not both.")
     if lora_weights is not None:
         if np.ndim(lora_weights) != 1:
-            raise ValueError(f"lora_weights must have shape (K,), one weight per adapter of the bank, got shape "
-                             f"{np.shape(lora_weights)}.")
+            raise ValueError("lora_weights must have shape (K,), one weight per adapter of the bank, got "
+                             f"shape {np.shape(lora_weights)}.")
         knobs["weights"] = jnp.asarray(lora_weights, jnp.float32)
     if lora_index is not None:
         if np.ndim(lora_index) != 1 or not jnp.issubdtype(jnp.result_type(lora_index), jnp.integer):
@@ -99,14 +101,15 @@ def _check_knob_values(config: LoraConfig, trainable, lora_rank, lora_index) -> 
     if lora_rank is not None:
         if config.dylora is None:
             raise ValueError(
-                f"lora_rank={lora_rank!r} is given, but this adapter is not DyLoRA (LoraConfig(dylora=None)): its "
+                f"lora_rank={lora_rank!r} is given, but this adapter is not DyLoRA "
+                f"(LoraConfig(dylora=None)): its "
                 "rank is fixed. Drop lora_rank, export a lower rank with jlora.truncate, or train with "
                 "dylora='frozen' to choose the rank at run time."
             )
         top = max(config.rank_for(r) for r in config.targets)
         if _concrete(lora_rank) and not 1 <= int(np.asarray(lora_rank)) <= top:
-            raise ValueError(f"lora_rank={int(np.asarray(lora_rank))} is out of range for this DyLoRA adapter of "
-                             f"rank {top}; choose 1 <= lora_rank <= {top}.")
+            raise ValueError(f"lora_rank={int(np.asarray(lora_rank))} is out of range for this DyLoRA "
+                             f"adapter of rank {top}; choose 1 <= lora_rank <= {top}.")
     if lora_index is not None and _concrete(lora_index):
         sizes = {np.shape(x)[0] for x in jax.tree_util.tree_leaves(trainable) if np.ndim(x)}
         if len(sizes) != 1:
@@ -115,7 +118,8 @@ def _check_knob_values(config: LoraConfig, trainable, lora_rank, lora_index) -> 
         index = np.asarray(lora_index)
         bad = np.flatnonzero((index < -1) | (index >= k))
         if bad.size:
-            shown = ", ".join(f"{int(index[n])} (example {n})" for n in bad[:5]) + (", ..." if bad.size > 5 else "")
+            shown = ", ".join(f"{int(index[n])} (example {n})" for n in bad[:5]) + (", ..." if bad.size > 5
+                                                                                    else "")
             raise ValueError(f"lora_index holds {shown}, outside -1..{k - 1}: the bank has {k} adapters "
                              f"(0..{k - 1}) and -1 means the base model. Index the adapters the bank holds.")
 
@@ -206,7 +210,8 @@ class LoraApply:
         knobs = _knobs(lora_scale, lora_rank, lora_rng, lora_weights, lora_index)
         _check_factors(trainable)
         _check_knob_values(self.config, trainable, lora_rank, lora_index)
-        if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((frozen, trainable, dynamic, knobs))):
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((frozen, trainable, dynamic,
+                                                                                  knobs))):
             # Inside the caller's own trace (a jitted or differentiated step): evaluate in place.
             # A nested jit would make JAX differentiate and lower a second copy of the model's
             # jaxpr, which costs trace time (benchmarks/compile.py) and buys no caching there.
@@ -245,8 +250,8 @@ class LoraApply:
         if self.strategy == "merge":
             if train and config.dropout > 0:
                 raise ValueError(
-                    "strategy='merge' folds the adapter into W, so it cannot drop out the LoRA branch's input; "
-                    "train with strategy='factored', or set dropout=0."
+                    "strategy='merge' folds the adapter into W, so it cannot drop out the LoRA branch's "
+                    "input; train with strategy='factored', or set dropout=0."
                 )
             _verify(trace(self.apply_fn, frozen, dynamic, static)[0], frozen, targets)
             new = merged_leaves(frozen, trainable, config, scale, rank=rank, train=train)
@@ -321,7 +326,8 @@ class LoraApply:
             a, b = values[path]
             if weights is not None:
                 a, b = weighted(t, a, b, weights)
-            return Lora(path, leaf, a, b, t.scale * s, t.layout, key=self._key(rng, path), f=config.nonlinearity,
+            return Lora(path, leaf, a, b, t.scale * s, t.layout, key=self._key(rng, path),
+                        f=config.nonlinearity,
                         rate=config.dropout, index=index)
 
         return self._factored(frozen, dynamic, targets, static, ctx, in_flight, None)
