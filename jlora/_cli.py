@@ -123,8 +123,8 @@ def _import(args) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jlora", description="Inspect, merge and convert LoRA "
-                                                                    "adapters.")
+    p = argparse.ArgumentParser(prog="python -m jlora",
+                                description="Inspect, merge and convert LoRA adapters.")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("inspect", help="print an adapter's metadata (jlora) or its tensors (PEFT)")
     s.add_argument("directory")

@@ -202,8 +202,8 @@ def _collect(reads, method):
         ts = [reads[i][0][path] for i in owners]
         if len({t.adapted for t in ts}) > 1:
             errors.append(f"{path} is adapted by some adapters and trained in full by others: "
-                          + ", ".join(f"adapter {i}: {'LoRA' if t.adapted else 'full'}" for i,
-                                      t in zip(owners, ts, strict=True)))
+                          + ", ".join(f"adapter {i}: {'LoRA' if t.adapted else 'full'}"
+                                      for i, t in zip(owners, ts, strict=True)))
         elif len({(t.shape, t.layout) for t in ts}) > 1:
             errors.append(f"{path} has different kernels or layouts: " + ", ".join(
                 f"adapter {i}: shape {t.shape}, {t.layout}" for i, t in zip(owners, ts, strict=True)))

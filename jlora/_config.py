@@ -199,8 +199,8 @@ class LoraConfig:
             raise TypeError(f"LoraConfig: rslora must be a bool, got {self.rslora!r}.")
         if not isinstance(self.dora, bool):
             raise TypeError(f"LoraConfig: dora must be a bool, got {self.dora!r}.")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout,
-                                                            int | float) or not 0 <= self.dropout < 1:
+        rate = self.dropout
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate < 1:
             raise ValueError(f"LoraConfig: dropout must be a rate in [0, 1), got {self.dropout!r}.")
         if self.nonlinearity not in NONLINEARITIES:
             raise ValueError(

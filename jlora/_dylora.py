@@ -54,8 +54,8 @@ def truncate(trainable, config: LoraConfig, rank: int):
     for (t, factor), (path, leaf) in zip(plan.roles(trainable), flatten(trainable).items(), strict=True):
         if factor in ("a", "b"):
             k = min(rank, t.rank)
-            leaf = jax.lax.slice_in_dim(leaf, 0, k, axis=leaf.ndim - 1 if factor == "a"
-                                        else len(t.layout.stack_axes))
+            rank_axis = leaf.ndim - 1 if factor == "a" else len(t.layout.stack_axes)
+            leaf = jax.lax.slice_in_dim(leaf, 0, k, axis=rank_axis)
         out[path] = leaf
     rules = tuple(dataclasses.replace(r, rank=min(rank, r.rank)) if r.rank is not None else r
                   for r in config.targets)

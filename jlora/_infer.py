@@ -215,9 +215,10 @@ def _slice(x: View, eqn, uses) -> View | None:
 
 def _classify(kind: str, name: str, view: View, contracting, batch) -> KernelUse:
     rest = [i for i in range(len(view.axes)) if i not in contracting and i not in batch]
-    return KernelUse(kind, name, _union(view.axes[i] for i in contracting), _union(view.axes[i]
-                                                                                   for i in batch),
-                     _union(view.axes[i] for i in rest), view.peeled)
+    def axes(positions):
+        return _union(view.axes[i] for i in positions)
+
+    return KernelUse(kind, name, axes(contracting), axes(batch), axes(rest), view.peeled)
 
 
 def _dot(eqn, invals, uses) -> None:

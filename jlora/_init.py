@@ -136,7 +136,7 @@ def init(key: jax.Array, params, config: LoraConfig):
             trainable[path]["m"] = weight_norm(leaves[path], t.layout).astype(dtype)
     frozen = params
     if residuals:
-        new = [residuals.get(p, x) for p, x in zip(leaf_paths(params), jax.tree_util.tree_leaves(params),
-                                                   strict=True)]
+        leaves = jax.tree_util.tree_leaves(params)
+        new = [residuals.get(p, x) for p, x in zip(leaf_paths(params), leaves, strict=True)]
         frozen = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), new)
     return frozen, nest(trainable)

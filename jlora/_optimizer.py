@@ -122,8 +122,8 @@ def _times(learning_rate, factor: float):
 def _check_rate(name: str, value) -> None:
     if callable(value):
         return
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (value >= 0
-                                                                             and math.isfinite(value)):
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or not (value >= 0 and math.isfinite(value)):
         raise ValueError(f"optimizer: {name} must be a finite number >= 0 or an optax schedule, got "
                          f"{value!r}.")
 

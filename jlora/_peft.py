@@ -306,8 +306,10 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
     _refuse_unexportable(config)
     namer = _namer(module_name)
     conv_patterns = (conv,) if isinstance(conv, str) else tuple(conv)
-    targets = Plan.of_trainable(config, trainable, "export_peft") if frozen is None else Plan.of_base(config,
-                                                                                                      frozen)
+    if frozen is None:
+        targets = Plan.of_trainable(config, trainable, "export_peft")
+    else:
+        targets = Plan.of_base(config, frozen)
     values = targets.read(trainable)
     # Arrays split across processes are gathered whole (a collective: every process calls export_peft).
     values = jax.tree.map(lambda x: x if getattr(x, "is_fully_addressable", True)
@@ -369,8 +371,8 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
         else:
             big_a, big_b = a.reshape(-1, r).T, b.reshape(r, -1).T
             big_m = None if m is None else m.reshape(-1)
-        names = ("lora_embedding_A", "lora_embedding_B") if t.embedding else ("lora_A.weight",
-                                                                              "lora_B.weight")
+        linear = ("lora_A.weight", "lora_B.weight")
+        names = ("lora_embedding_A", "lora_embedding_B") if t.embedding else linear
         put(f"{module}.{names[0]}", big_a, path)
         put(f"{module}.{names[1]}", big_b, path)
         if big_m is not None:
@@ -653,8 +655,8 @@ def _adapter_from_torch(path: str, shape, f: dict, rank: int, in_axes) -> tuple[
     if big_a.ndim >= 3:  # Conv: A (r, in, *k), B (out, r, 1, ..)
         n = big_a.ndim
         a = np.transpose(big_a, (*range(2, n), 1, 0))
-        if len(shape) != n or a.shape != (*shape[:-1], rank) or big_b.shape != (shape[-1], rank,
-                                                                                *(1,) * (n - 2)):
+        ones = (1,) * (n - 2)
+        if len(shape) != n or a.shape != (*shape[:-1], rank) or big_b.shape != (shape[-1], rank, *ones):
             return {}, f"conv lora_A {big_a.shape} / lora_B {big_b.shape} do not fit the kernel's {shape}"
         b = big_b.reshape(shape[-1], rank).T
         out_dims = (shape[-1],)
@@ -827,8 +829,8 @@ def import_peft(directory, params, *, module_name=None, layouts: LoraConfig | No
             errors.append(f"{key} -> {path}: {error}")
             continue
         adapters[path] = adapter
-        if in_axes is not None and default_layout(path, len(shape), in_axes) == default_layout(path,
-                                                                                               len(shape)):
+        default = default_layout(path, len(shape))
+        if in_axes is not None and default_layout(path, len(shape), in_axes) == default:
             in_axes = None  # the default: no need to spell it out
         groups.setdefault((rank, float(_pattern_value(alpha_pattern, module, alpha)), in_axes),
                           []).append(path)
@@ -855,8 +857,8 @@ def import_peft(directory, params, *, module_name=None, layouts: LoraConfig | No
         raise ValueError(f"import_peft: cannot read {directory}:\n  " + "\n  ".join(errors))
 
     dtypes = {x.dtype for ad in adapters.values() for x in ad.values()}
-    dtype = dtypes.pop() if len(dtypes) == 1 and jnp.issubdtype(next(iter(dtypes)),
-                                                                jnp.floating) else np.float32
+    one = dtypes.pop() if len(dtypes) == 1 else None
+    dtype = one if one is not None and jnp.issubdtype(one, jnp.floating) else np.float32
     dtype = jax.dtypes.canonicalize_dtype(dtype)  # float64 factors are float32 unless jax_enable_x64
     rules = tuple(
         Rule(pattern="|".join(re.escape(p) for p in sorted(paths)),

@@ -107,15 +107,15 @@ class Lora:
         """``m/‖W + s·a@b‖`` per output unit (float32, shape ``(*stack, *out)``), or None."""
         if self.m is None:
             return None
-        return self.m.astype(jnp.float32) / column_norm(self.weight(), self.a, self.b, self.layout,
-                                                        self.scale)
+        norm = column_norm(self.weight(), self.a, self.b, self.layout, self.scale)
+        return self.m.astype(jnp.float32) / norm
 
 
 # A pytree: control flow (scan, cond, while, remat, shard_map) carries a Lora as its arrays,
 # whatever fields it has; path, layout, nonlinearity and dropout rate are static.
 jax.tree_util.register_dataclass(
-    Lora, data_fields=["w", "a", "b", "scale", "key", "m", "index"], meta_fields=["path", "layout", "f",
-                                                                                  "rate"]
+    Lora, data_fields=["w", "a", "b", "scale", "key", "m", "index"],
+    meta_fields=["path", "layout", "f", "rate"],
 )
 
 
@@ -348,9 +348,9 @@ def _per_example_dot(lora: Lora, x, xc, wc, base, params):
     dt = lora.w.dtype
     a_sel, b_sel, on = _per_example(lora)
     a_map = {w: 1 + i for i, w in enumerate(lay.in_axes)}
-    u = lax.dot_general(lora.drop(x), a_sel.astype(dt), ((tuple(xc), tuple(a_map[w] for w in wc)), ((0,),
-                                                                                                    (0,))),
-                        precision=params.get("precision"))
+    contract = (tuple(xc), tuple(a_map[w] for w in wc))
+    precision = params.get("precision")
+    u = lax.dot_general(lora.drop(x), a_sel.astype(dt), (contract, ((0,), (0,))), precision=precision)
     gate = (on.astype(u.dtype) * jnp.asarray(lora.scale).astype(u.dtype)).reshape((-1,) + (1,) * (u.ndim - 1))
     u = lora.nonlinear(u) * gate
     v = lax.dot_general(u, b_sel.astype(dt), (((u.ndim - 1,), (1,)), ((0,), (0,))),
@@ -406,8 +406,8 @@ def _ragged_dot(ctx: Context, eqn, invals):
 
 def _conv(ctx: Context, eqn, invals):
     x, lora = invals
-    if isinstance(x, Lora) or _param(eqn, "feature_group_count") != 1 or _param(eqn,
-                                                                                "batch_group_count") != 1:
+    grouped = _param(eqn, "feature_group_count") != 1 or _param(eqn, "batch_group_count") != 1
+    if isinstance(x, Lora) or grouped:
         return _fallback(ctx, eqn, invals)
     lhs_spec, rhs_spec, out_spec = _param(eqn, "dimension_numbers")
     out_dim, in_dim, *spatial = rhs_spec
@@ -423,8 +423,8 @@ def _conv(ctx: Context, eqn, invals):
     feat = out_spec[1]
     u = lora.nonlinear(u) * jnp.asarray(lora.scale).astype(u.dtype)
     v = lax.dot_general(u, lora.b.astype(dt), (((feat,), (0,)), ((), ())),
-                        precision=_param(eqn, "precision"), preferred_element_type=_param(eqn,
-                                                                                          "preferred_element_type"))
+                        precision=_param(eqn, "precision"),
+                        preferred_element_type=_param(eqn, "preferred_element_type"))
     out = base + jnp.moveaxis(v, -1, feat).astype(base.dtype)
     factor = lora.dora_factor()
     if factor is not None:
@@ -441,8 +441,8 @@ def _row_lookup(eqn, invals) -> bool:
     dn = _param(eqn, "dimension_numbers")
     lay = lora.layout
     return not (
-        isinstance(idx,
-                   Lora) or lora.w.ndim != 2 or lay.in_axes != (0,) or lay.stack_axes or lora.m is not None
+        isinstance(idx, Lora) or lora.w.ndim != 2 or lay.in_axes != (0,) or lay.stack_axes
+        or lora.m is not None
         or tuple(dn.collapsed_slice_dims) != (0,) or tuple(dn.start_index_map) != (0,)
         or dn.operand_batching_dims or tuple(_param(eqn, "slice_sizes")) != (1, lora.w.shape[1])
     )
@@ -525,9 +525,8 @@ def _reshape(ctx: Context, eqn, invals):
     stack_shape = lora.a.shape[:n_stack]
     rank = lora.a.shape[-1]
     # a: (*stack, *in in layout order, r) -> in axes in W's order -> the new in shape.
-    a = lax.transpose(lora.a, (*range(n_stack), *(n_stack + lay.in_axes.index(w)
-                                                  for w in sorted(lay.in_axes)),
-                               lora.a.ndim - 1))
+    in_order = (n_stack + lay.in_axes.index(w) for w in sorted(lay.in_axes))
+    a = lax.transpose(lora.a, (*range(n_stack), *in_order, lora.a.ndim - 1))
     a = a.reshape(*stack_shape, *(new[w] for w in new_in), rank)
     b = lax.transpose(lora.b, (*range(n_stack + 1),
                                *(n_stack + 1 + lay.out_axes.index(w) for w in sorted(lay.out_axes))))
@@ -601,8 +600,10 @@ def _squeeze(ctx: Context, eqn, invals):
         return _fallback(ctx, eqn, invals)
     fdims = tuple(_stack_index(lora, d) for d in dims)
     # A QArray's children lead with W's stack axes, in W's order: squeeze the same positions.
-    w = jax.tree.map(lambda c: lax.squeeze(c, dims), lora.w) if isinstance(lora.w, QArray) else _bind(eqn,
-                                                                                                      [lora.w])[0]
+    if isinstance(lora.w, QArray):
+        w = jax.tree.map(lambda c: lax.squeeze(c, dims), lora.w)
+    else:
+        w = _bind(eqn, [lora.w])[0]
     return [dataclasses.replace(
         lora, w=w, a=lax.squeeze(lora.a, fdims), b=lax.squeeze(lora.b, fdims),
         m=None if lora.m is None else lax.squeeze(lora.m, fdims), layout=_drop_axes(lora.layout, dims),
@@ -643,10 +644,10 @@ def _shard_map(ctx: Context, eqn, invals):
     def body(*vals):
         return tuple(_plain(o) for o in eval_jaxpr(ctx, jaxpr, getattr(jaxpr, "consts", ()), list(vals)))
 
-    out = jax.shard_map(body, mesh=_param(eqn, "mesh"), in_specs=tuple(specs), out_specs=tuple(_param(eqn,
-                                                                                                      "out_specs")),
-                        axis_names=_param(eqn, "newly_manual_axes"), check_vma=_param(eqn,
-                                                                                      "check_vma"))(*args)
+    out = jax.shard_map(body, mesh=_param(eqn, "mesh"), in_specs=tuple(specs),
+                        out_specs=tuple(_param(eqn, "out_specs")),
+                        axis_names=_param(eqn, "newly_manual_axes"),
+                        check_vma=_param(eqn, "check_vma"))(*args)
     return list(out)
 
 

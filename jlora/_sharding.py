@@ -169,8 +169,8 @@ def _sources_of_leaves(leaves: dict[str, Any], targets: dict[str, Target]) -> di
     return out
 
 
-def placement(targets: dict[str, Target], leaves: dict[str, Any], who: str = "jlora.init") -> dict[str,
-                                                                                                   NamedSharding]:
+def placement(targets: dict[str, Target], leaves: dict[str, Any],
+              who: str = "jlora.init") -> dict[str, NamedSharding]:
     """The NamedSharding of every target leaf when they lie on a mesh; ``{}`` when none does.
 
     Tracers (``init`` called inside ``jit``) and arrays on a single device count as
@@ -236,8 +236,8 @@ def restore_shardings(targets: dict[str, Target], leaves: dict[str, Any], stored
     placed = placement(targets, leaves, "restore")
     if placed:
         return follow(targets, placed)
-    devices = {s for p in targets if isinstance(s := _sharding_of(leaves[p]),
-                                                jax.sharding.SingleDeviceSharding)}
+    single = jax.sharding.SingleDeviceSharding
+    devices = {s for p in targets if isinstance(s := _sharding_of(leaves[p]), single)}
     one = devices.pop() if len(devices) == 1 else jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return dict.fromkeys(stored, one)
 

@@ -52,8 +52,8 @@ def summary(frozen, trainable) -> str:
     right = (False, False, False, True, True)
 
     def line(c):
-        return "  ".join(x.rjust(w) if r else x.ljust(w) for x, w, r in zip(c, widths, right,
-                                                                            strict=True)).rstrip()
+        cells = (x.rjust(w) if r else x.ljust(w) for x, w, r in zip(c, widths, right, strict=True))
+        return "  ".join(cells).rstrip()
 
     lines = [line(header), "  ".join("-" * w for w in widths)] + [line(c) for c in cells[1:]]
     pct = 100.0 * trained / total if total else math.nan

@@ -118,8 +118,8 @@ def _check_knob_values(config: LoraConfig, trainable, lora_rank, lora_index) -> 
         index = np.asarray(lora_index)
         bad = np.flatnonzero((index < -1) | (index >= k))
         if bad.size:
-            shown = ", ".join(f"{int(index[n])} (example {n})" for n in bad[:5]) + (", ..." if bad.size > 5
-                                                                                    else "")
+            shown = ", ".join(f"{int(index[n])} (example {n})" for n in bad[:5])
+            shown += ", ..." if bad.size > 5 else ""
             raise ValueError(f"lora_index holds {shown}, outside -1..{k - 1}: the bank has {k} adapters "
                              f"(0..{k - 1}) and -1 means the base model. Index the adapters the bank holds.")
 
@@ -210,8 +210,7 @@ class LoraApply:
         knobs = _knobs(lora_scale, lora_rank, lora_rng, lora_weights, lora_index)
         _check_factors(trainable)
         _check_knob_values(self.config, trainable, lora_rank, lora_index)
-        if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((frozen, trainable, dynamic,
-                                                                                  knobs))):
+        if not _concrete((frozen, trainable, dynamic, knobs)):
             # Inside the caller's own trace (a jitted or differentiated step): evaluate in place.
             # A nested jit would make JAX differentiate and lower a second copy of the model's
             # jaxpr, which costs trace time (benchmarks/compile.py) and buys no caching there.
