@@ -6,6 +6,7 @@
 
 from jlora._bank import put as put
 from jlora._bank import stack as stack
+from jlora._bank import unstack as unstack
 from jlora._checkpoint import read_metadata as read_metadata
 from jlora._checkpoint import restore as restore
 from jlora._checkpoint import save as save
@@ -66,5 +67,6 @@ __all__ = [
     "summary",
     "truncate",
     "unmerge",
+    "unstack",
     "wrap",
 ]

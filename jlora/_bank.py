@@ -18,11 +18,14 @@ Zero padding is exact: the padded components have ``a = b = 0`` and add nothing.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 import re
 from collections.abc import Mapping, Sequence
 
 import jax.numpy as jnp
+import numpy as np
 
 from jlora._config import LoraConfig, Rule
 from jlora._paths import flatten, nest
@@ -85,7 +88,12 @@ def stack(adapters: Sequence[tuple] | Mapping[str, tuple], *, rank: int | None =
     >>> bank["w"]["a"].shape, bank["w"]["b"].shape, cfg.rank
     ((2, 8, 3), (2, 3, 4), 3)
     """
+    names = ()
     if isinstance(adapters, Mapping):  # named adapters: slot k is the k-th name
+        names = tuple(adapters)
+        bad = [n for n in names if not isinstance(n, str) or not n]
+        if bad:
+            raise TypeError(f"stack: adapter names must be non-empty strings, got {bad[0]!r}.")
         adapters = list(adapters.values())
     if not adapters:
         raise ValueError("stack: give at least one (trainable, config) pair.")
@@ -137,22 +145,79 @@ def stack(adapters: Sequence[tuple] | Mapping[str, tuple], *, rank: int | None =
                           stack_axes=layout.stack_axes))
     rank = max(r.rank for r in rules)
     config = LoraConfig(rank=rank, alpha=float(rank), targets=tuple(rules),
-                        nonlinearity=configs[0].nonlinearity,
-                        dtype=configs[0].dtype)
+                        nonlinearity=configs[0].nonlinearity, dtype=configs[0].dtype, adapters=names)
     return nest(bank), config
 
 
-def put(bank, config: LoraConfig, slot: int, trainable, adapter_config: LoraConfig):
-    """``bank`` with adapter ``slot`` replaced by ``trainable`` (rank <= the bank's).
+def _size(bank) -> int:
+    return next(iter(flatten(bank).values())).shape[0]
+
+
+def slot(config: LoraConfig, adapter, size: int, who: str) -> int:
+    """The slot of ``adapter`` (a name of ``config.adapters`` or a slot number) in a bank of ``size``."""
+    if isinstance(adapter, str):
+        if adapter in config.adapters:
+            return config.adapters.index(adapter)
+        if not config.adapters:
+            raise ValueError(f"{who}: {adapter!r} names an adapter, but this bank has no names; stack a dict "
+                             "{name: (trainable, config)} to name its slots, or give a slot number.")
+        close = difflib.get_close_matches(adapter, config.adapters, n=3, cutoff=0.3)
+        raise ValueError(f"{who}: no adapter named {adapter!r} in this bank; its names are "
+                         f"{list(config.adapters)} (closest: {close}).")
+    if isinstance(adapter, bool) or not isinstance(adapter, int | np.integer) or not 0 <= adapter < size:
+        raise ValueError(f"{who}: an adapter is a name of the bank or a slot in 0..{size - 1}, got "
+                         f"{adapter!r}.")
+    return int(adapter)
+
+
+def slots(config: LoraConfig, adapters, size: int, who: str) -> np.ndarray:
+    """``lora_index`` given by name: one name (or ``None``, the base model) per example, as int32 slots."""
+    return np.array([-1 if a is None else slot(config, a, size, who) for a in adapters], np.int32)
+
+
+def mix(config: LoraConfig, weights: Mapping, size: int, who: str) -> np.ndarray:
+    """``lora_weights`` given as ``{name or slot: weight}``: the dense ``(K,)`` float32 weights."""
+    out = np.zeros(size, np.float32)
+    for adapter, w in weights.items():
+        out[slot(config, adapter, size, who)] = w
+    return out
+
+
+def unstack(bank, config: LoraConfig, adapter):
+    """One adapter of a bank, as ``(trainable, config)`` of a single adapter: e.g. to export to PEFT.
+
+    ``adapter`` is a name (from `stack`'s dict) or a slot number. The factors are the bank's
+    (rank the bank's capacity, the adapter's scale folded into ``b``), so the config has
+    scale 1 and ``wrap(apply_fn, config)(frozen, trainable, x)`` equals serving that slot.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jlora import init
+    >>> params = {"w": jnp.ones((8, 4))}
+    >>> make = lambda seed: init(jax.random.key(seed), params, LoraConfig(rank=2, targets="w"))[1]
+    >>> bank, cfg = stack({"fr": (make(0), LoraConfig(rank=2, targets="w")),
+    ...                    "de": (make(1), LoraConfig(rank=2, targets="w"))})
+    >>> de, de_cfg = unstack(bank, cfg, "de")
+    >>> de["w"]["a"].shape, de_cfg.adapters, cfg.adapters
+    ((8, 2), (), ('fr', 'de'))
+    """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"unstack: expected the bank's jlora.LoraConfig, got {type(config).__name__}.")
+    k = slot(config, adapter, _size(bank), "unstack")
+    one = nest({path: x[k] for path, x in flatten(bank).items()})
+    return one, dataclasses.replace(config, adapters=())
+
+
+def put(bank, config: LoraConfig, adapter: str | int, trainable, adapter_config: LoraConfig):
+    """``bank`` with the adapter at ``adapter`` (a name of the bank or a slot) replaced by ``trainable``.
+
+    ``trainable`` may have any rank up to the bank's.
 
     Shapes and dtypes do not change, so a step compiled for the bank runs the new
     adapter without recompiling.
     """
     _check_plain(adapter_config, "put")
     flat = flatten(bank)
-    k = next(iter(flat.values())).shape[0]
-    if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < k:
-        raise ValueError(f"put: slot must be an int in 0..{k - 1}, got {slot!r}.")
+    k = slot(config, adapter, _size(bank), "put")
     new = _entries(trainable, adapter_config, "put")
     bank_paths = {p.rpartition("/")[0] for p in flat}
     errors = [f"{p}: not in the bank" for p in sorted(set(new) - bank_paths)]
@@ -173,10 +238,9 @@ def put(bank, config: LoraConfig, slot: int, trainable, adapter_config: LoraConf
             if x.shape != want.shape[1:]:
                 errors.append(f"{path}/{name}: shape {x.shape}, the bank holds {want.shape[1:]}")
             else:
-                out[f"{path}/{name}"] = want.at[slot].set(x.astype(want.dtype))
+                out[f"{path}/{name}"] = want.at[k].set(x.astype(want.dtype))
     if errors:
         raise ValueError("put: the adapter does not fit the bank:\n  " + "\n  ".join(errors))
-    del config
     return nest(out)
 
 

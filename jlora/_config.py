@@ -143,6 +143,9 @@ class LoraConfig:
         each training call samples ``k ~ U{1..r}``, only the first ``k`` components act
         and the scale is ``alpha/k``. ``"frozen"`` (the paper's mode) also holds the
         components below ``k`` fixed that step, so only the ``k``-th one learns.
+      adapters: the names of a bank's slots, in slot order (set by `jlora.stack` from a
+        dict of adapters; empty for one adapter or an unnamed bank). Serving, `jlora.put`
+        and `jlora.unstack` take these names.
 
     >>> cfg = LoraConfig(rank=8, alpha=16.0, targets=r".*/(query|value)/kernel")
     >>> cfg.scale_for(cfg.targets[0])
@@ -160,6 +163,7 @@ class LoraConfig:
     nonlinearity: str = "identity"
     dora: bool = False
     dylora: str | None = None
+    adapters: Sequence[str] = ()
 
     def __post_init__(self):
         _check_config_rank(self.rank, "LoraConfig")
@@ -216,6 +220,11 @@ class LoraConfig:
                 "LoraConfig: dora=True needs the merged weight W + s·a@b for its norm, which does not exist "
                 f"with nonlinearity={self.nonlinearity!r}; use one or the other."
             )
+        names = (self.adapters,) if isinstance(self.adapters, str) else tuple(self.adapters)
+        if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+            raise ValueError(f"LoraConfig: adapters names a bank's slots with distinct non-empty strings, "
+                             f"got {self.adapters!r}.")
+        object.__setattr__(self, "adapters", names)
         if self.init == "pissa" and (self.nonlinearity != "identity" or self.dylora is not None):
             raise ValueError(
                 "LoraConfig: init='pissa' splits W into a@b plus a residual, which needs a linear delta at "
@@ -247,6 +256,7 @@ class LoraConfig:
             for r in self.targets
         ]
         out["train_in_full"] = list(self.train_in_full)
+        out["adapters"] = list(self.adapters)
         return out
 
     @classmethod
@@ -274,8 +284,9 @@ class LoraConfig:
             r = {k: tuple(v) if isinstance(v, list) else v for k, v in r.items()}
             rules.append(Rule(**r))
         data["targets"] = tuple(rules)
-        if "train_in_full" in data:
-            data["train_in_full"] = tuple(data["train_in_full"])
+        for name in ("train_in_full", "adapters"):
+            if isinstance(data.get(name), list):
+                data[name] = tuple(data[name])
         return cls(**data)
 
     def rule_for(self, path: str) -> Rule | None:

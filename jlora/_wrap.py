@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import zlib
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._bank import weighted
+from jlora._bank import mix, slots, weighted
 from jlora._config import LoraConfig
 from jlora._infer import check, derive, kernel_views, mismatch_error, uses_in
 from jlora._knobs import call_factors, sample_rank
@@ -63,6 +64,21 @@ def _knobs(lora_scale, lora_rank, lora_rng, lora_weights=None, lora_index=None) 
                              "-1 means the base model for that example.")
         knobs["index"] = jnp.asarray(lora_index, jnp.int32)
     return knobs
+
+
+def _by_name(config: LoraConfig, trainable, lora_weights, lora_index):
+    """Adapters named at the Python boundary, turned into slots: the traced knobs keep one shape and dtype.
+
+    ``lora_weights`` may be ``{name or slot: weight}`` (the others weigh 0) and ``lora_index`` a
+    list of names (``None``: the base model for that example).
+    """
+    leaves = jax.tree_util.tree_leaves(trainable)
+    size = np.shape(leaves[0])[0] if leaves and np.ndim(leaves[0]) else 0
+    if isinstance(lora_weights, Mapping):
+        lora_weights = mix(config, lora_weights, size, "lora_weights")
+    if isinstance(lora_index, list | tuple) and any(isinstance(a, str) or a is None for a in lora_index):
+        lora_index = slots(config, lora_index, size, "lora_index")
+    return lora_weights, lora_index
 
 
 def _concrete(x) -> bool:
@@ -177,7 +193,9 @@ class LoraApply:
       LoRA branches and, with DyLoRA, the rank ``k`` of this step.
     * ``lora_weights`` (shape ``(K,)``) / ``lora_index`` (shape ``(batch,)``, ``-1`` for
       the base): for a bank of K adapters made by `jlora.stack`, their weighted sum,
-      or one adapter per example.
+      or one adapter per example. A bank stacked from a dict takes names too:
+      ``lora_weights={"fr": 1.0}`` and ``lora_index=["fr", "de", None]`` (``None``: the
+      base); names become slots before tracing, so changing them never recompiles.
 
     Values that would serve the wrong adapter are refused, never clipped: a
     ``lora_index`` outside ``-1..K-1``, a ``lora_rank`` outside ``1..r`` (``r``: the
@@ -207,6 +225,7 @@ class LoraApply:
     def __call__(self, frozen, trainable, *args, lora_scale=None, lora_rank=None, lora_rng=None,
                  lora_weights=None, lora_index=None, **kwargs):
         dynamic, static = _split(args, kwargs)
+        lora_weights, lora_index = _by_name(self.config, trainable, lora_weights, lora_index)
         knobs = _knobs(lora_scale, lora_rank, lora_rng, lora_weights, lora_index)
         _check_factors(trainable)
         _check_knob_values(self.config, trainable, lora_rank, lora_index)
@@ -226,6 +245,7 @@ class LoraApply:
         equation fell back to the merged weight.
         """
         dynamic, static = _split(args, kwargs)
+        lora_weights, lora_index = _by_name(self.config, trainable, lora_weights, lora_index)
         _check_factors(trainable)
         _check_knob_values(self.config, trainable, lora_rank, lora_index)
         ctx = Context(fallback=self.fallback, uses=[])

@@ -30,8 +30,8 @@ def _adapters():
     for i, (rank, alpha, rs) in enumerate([(2, 4.0, False), (4, 2.0, True), (3, 3.0, False)]):
         cfg = jlora.LoraConfig(rank=rank, alpha=alpha, rslora=rs, targets=TARGETS)
         tr = jlora.init(jax.random.key(i + 1), params, cfg)[1]
-        out.append((jax.tree.map(lambda v, i=i: v + 0.1 * (i + 1) * jax.random.normal(jax.random.key(i), v.shape),
-                                 tr), cfg))
+        out.append((jax.tree.map(
+            lambda v, i=i: v + 0.1 * (i + 1) * jax.random.normal(jax.random.key(i), v.shape), tr), cfg))
     return params, out
 
 
@@ -56,11 +56,72 @@ def test_stack_pads_ranks_and_folds_scales():
 def test_named_adapters_activate_by_name():
     names = ["formal", "casual", "terse"]
     bank, cfg = jlora.stack(dict(zip(names, ADAPTERS, strict=True)))
-    active = {"casual", "terse"}
-    weights = jnp.array([float(n in active) for n in names])
-    got = jlora.wrap(Net().apply, cfg)(PARAMS, bank, TOKENS, lora_weights=weights)
-    want = jlora.wrap(Net().apply, cfg)(PARAMS, bank, TOKENS, lora_weights=jnp.array([0.0, 1.0, 1.0]))
+    assert cfg.adapters == tuple(names)
+    lora_apply = jlora.wrap(Net().apply, cfg)
+    got = lora_apply(PARAMS, bank, TOKENS, lora_weights={"casual": 1.0, "terse": 1.0})
+    want = lora_apply(PARAMS, bank, TOKENS, lora_weights=jnp.array([0.0, 1.0, 1.0]))
     np.testing.assert_array_equal(got, want)
+
+
+def test_names_serve_per_example_and_never_retrace():
+    bank, cfg = jlora.stack(dict(zip(["formal", "casual", "terse"], ADAPTERS, strict=True)))
+    lora_apply = jlora.wrap(Net().apply, cfg)
+    traces = []
+    inner = lora_apply._run
+
+    def counting(*args, **kwargs):
+        traces.append(1)
+        return inner(*args, **kwargs)
+
+    lora_apply._run = counting
+    lora_apply._jitted = jax.jit(counting, static_argnames=("static",))
+    got = lora_apply(PARAMS, bank, TOKENS, lora_index=["terse", None, "formal", "casual"])
+    np.testing.assert_array_equal(got, lora_apply(PARAMS, bank, TOKENS, lora_index=jnp.array([2, -1, 0, 1])))
+    lora_apply(PARAMS, bank, TOKENS, lora_index=["casual", "casual", None, "terse"])
+    lora_apply(PARAMS, bank, TOKENS, lora_weights={"formal": 0.5})
+    lora_apply(PARAMS, bank, TOKENS, lora_weights={"terse": 2.0, "casual": 1.0})
+    assert len(traces) == 2  # one trace for lora_index, one for lora_weights: names never retrace
+    base = jax.jit(Net().apply)(PARAMS, TOKENS)
+    np.testing.assert_allclose(got[1], base[1], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got[0], _alone(2)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_put_and_unstack_by_name_round_trip():
+    bank, cfg = jlora.stack(dict(zip(["formal", "casual"], ADAPTERS[:2], strict=True)))
+    swapped = jlora.put(bank, cfg, "casual", *ADAPTERS[2])
+    served = jlora.wrap(Net().apply, cfg)(PARAMS, swapped, TOKENS, lora_index=["casual"] * 4)
+    np.testing.assert_allclose(served, _alone(2), rtol=1e-5, atol=1e-5)
+    one, one_cfg = jlora.unstack(swapped, cfg, "casual")
+    assert one_cfg.adapters == () and jax.tree.map(jnp.shape, one)["params"]["up"]["kernel"]["a"] == (16, 4)
+    np.testing.assert_allclose(jlora.wrap(Net().apply, one_cfg)(PARAMS, one, TOKENS), _alone(2),
+                               rtol=1e-5, atol=1e-5)
+    formal, _ = jlora.unstack(swapped, cfg, 0)
+    np.testing.assert_array_equal(formal["params"]["up"]["kernel"]["a"],
+                                  bank["params"]["up"]["kernel"]["a"][0])
+
+
+def test_names_survive_the_config_round_trip_and_are_checked():
+    _, cfg = jlora.stack(dict(zip(["formal", "casual"], ADAPTERS[:2], strict=True)))
+    assert jlora.LoraConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match=r"adapters names a bank's slots with distinct non-empty strings"):
+        jlora.LoraConfig(targets="w", adapters=("a", "a"))
+    with pytest.raises(TypeError, match=r"stack: adapter names must be non-empty strings, got 3"):
+        jlora.stack({3: ADAPTERS[0]})
+
+
+def test_unknown_names_are_refused_with_the_names_there_are():
+    bank, cfg = jlora.stack(dict(zip(["formal", "casual"], ADAPTERS[:2], strict=True)))
+    lora_apply = jlora.wrap(Net().apply, cfg)
+    with pytest.raises(ValueError, match=r"lora_index: no adapter named 'casaul' in this bank; its names are "
+                                         r"\['formal', 'casual'\] \(closest: \['casual'"):
+        lora_apply(PARAMS, bank, TOKENS, lora_index=["casaul", None, None, None])
+    with pytest.raises(ValueError, match=r"lora_weights: no adapter named 'terse'"):
+        lora_apply(PARAMS, bank, TOKENS, lora_weights={"terse": 1.0})
+    with pytest.raises(ValueError, match=r"put: an adapter is a name of the bank or a slot in 0\.\.1, got 2"):
+        jlora.put(bank, cfg, 2, *ADAPTERS[2])
+    unnamed_bank, unnamed = jlora.stack(ADAPTERS[:2])
+    with pytest.raises(ValueError, match=r"unstack: 'formal' names an adapter, but this bank has no names"):
+        jlora.unstack(unnamed_bank, unnamed, "formal")
 
 
 def test_capacity_is_capped_per_kernel():
@@ -138,7 +199,7 @@ def test_errors():
     big = jlora.LoraConfig(rank=5, targets=TARGETS)
     with pytest.raises(ValueError, match=r"rank 5 exceeds the bank's capacity 4"):
         jlora.put(bank, cfg, 0, bump(jlora.init(jax.random.key(0), PARAMS, big)[1]), big)
-    with pytest.raises(ValueError, match=r"slot must be an int in 0\.\.1, got 2"):
+    with pytest.raises(ValueError, match=r"put: an adapter is a name of the bank or a slot in 0\.\.1, got 2"):
         jlora.put(bank, cfg, 2, *ADAPTERS[0])
     other = jlora.LoraConfig(rank=2, targets=r".*/up/kernel")
     with pytest.raises(ValueError, match=r"adapter 1 adapts .* differently from adapter 0"):
@@ -171,11 +232,12 @@ def test_per_example_refuses_a_tied_head():
     params = Tied().init(jax.random.key(0), TOKENS)
     cfg = jlora.LoraConfig(rank=2, targets=r".*embedding")
     bank, bank_cfg = jlora.stack([(jlora.init(jax.random.key(1), params, cfg)[1], cfg)])
-    with pytest.raises(ValueError, match=r"per-example adapters need x·W with the batch as axis 0 of x .*tied embedding head"):
+    with pytest.raises(ValueError, match=r"per-example adapters need x·W with the batch as axis 0 of x "
+                                         r".*tied embedding head"):
         jlora.wrap(Tied().apply, bank_cfg)(params, bank, TOKENS, lora_index=jnp.zeros(4, jnp.int32))
 
 
-# ----------------------------------------------------------------------------- adapters that cannot share a bank
+# -------------------------------------------------------------------------- adapters that cannot share a bank
 
 
 def _dense_adapter(width_in, width_out, rank=2, in_axes=None, key=0):
@@ -185,13 +247,16 @@ def _dense_adapter(width_in, width_out, rank=2, in_axes=None, key=0):
 
 
 def test_stack_names_the_path_and_the_widths_that_differ():
-    with pytest.raises(ValueError, match=r"(?s)stack: the adapters do not fit one bank:\n  params/dense/kernel: the "
-                                         r"kernels differ in width \(input -> output shape, without the rank\): "
-                                         r"adapter 0: \(16,\) -> \(4,\), adapter 1: \(16,\) -> \(8,\); a bank stacks"):
+    with pytest.raises(ValueError, match=r"(?s)stack: the adapters do not fit one bank:\n  "
+                                         r"params/dense/kernel: the kernels differ in width \(input -> "
+                                         r"output shape, without the rank\): adapter 0: \(16,\) -> \(4,\), "
+                                         r"adapter 1: \(16,\) -> \(8,\); a bank stacks"):
         jlora.stack([_dense_adapter(16, 4), _dense_adapter(16, 8)])
-    with pytest.raises(ValueError, match=r"params/dense/kernel: the kernels differ in width .*adapter 0: \(16,\) -> "
-                                         r"\(4,\), adapter 1: \(16,\) -> \(4,\), adapter 2: \(12,\) -> \(4,\)"):
-        jlora.stack({"x": _dense_adapter(16, 4), "y": _dense_adapter(16, 4, rank=3), "z": _dense_adapter(12, 4)})
+    with pytest.raises(ValueError, match=r"params/dense/kernel: the kernels differ in width .*adapter 0: "
+                                         r"\(16,\) -> \(4,\), adapter 1: \(16,\) -> \(4,\), adapter 2: "
+                                         r"\(12,\) -> \(4,\)"):
+        jlora.stack({"x": _dense_adapter(16, 4), "y": _dense_adapter(16, 4, rank=3),
+                     "z": _dense_adapter(12, 4)})
 
 
 def test_stack_names_a_kernel_split_differently():
@@ -201,14 +266,16 @@ def test_stack_names_a_kernel_split_differently():
         cfg = jlora.LoraConfig(rank=2, targets=jlora.Rule(pattern=r".*/kernel", in_axes=in_axes))
         pairs.append((jlora.init(jax.random.key(0), params, cfg)[1], cfg))
     with pytest.raises(ValueError, match=r"params/proj/kernel: the adapters split this kernel differently "
-                                         r"\(in_axes, stack_axes\): \['\(\(0, 1\), \(\)\)', '\(\(0,\), \(\)\)'\]"):
+                                         r"\(in_axes, stack_axes\): "
+                                         r"\['\(\(0, 1\), \(\)\)', '\(\(0,\), \(\)\)'\]"):
         jlora.stack(pairs)
 
 
 def test_stack_refuses_what_is_not_a_pair():
     with pytest.raises(TypeError, match=r"stack: adapter 1 must be a \(trainable, config\) pair, got dict"):
         jlora.stack([_dense_adapter(16, 4), {"trainable": 1}])
-    with pytest.raises(TypeError, match=r"stack: adapter 0: expected \(trainable, jlora.LoraConfig\) pairs, got str"):
+    with pytest.raises(TypeError, match=r"stack: adapter 0: expected \(trainable, jlora.LoraConfig\) pairs, "
+                                        r"got str"):
         jlora.stack([(_dense_adapter(16, 4)[0], "rank=2")])
     with pytest.raises(ValueError, match=r"stack: give at least one \(trainable, config\) pair"):
         jlora.stack({})
@@ -216,14 +283,15 @@ def test_stack_refuses_what_is_not_a_pair():
 
 def test_put_names_the_path_whose_width_differs():
     bank, cfg = jlora.stack([_dense_adapter(16, 4), _dense_adapter(16, 4, key=1)])
-    with pytest.raises(ValueError, match=r"(?s)put: the adapter does not fit the bank:\n  params/dense/kernel/b: shape "
-                                         r"\(2, 8\), the bank holds \(2, 4\)"):
+    with pytest.raises(ValueError, match=r"(?s)put: the adapter does not fit the bank:\n  "
+                                         r"params/dense/kernel/b: shape \(2, 8\), the bank holds \(2, 4\)"):
         jlora.put(bank, cfg, 0, *_dense_adapter(16, 8))
-    with pytest.raises(ValueError, match=r"put: slot must be an int in 0\.\.1, got -1"):
+    with pytest.raises(ValueError, match=r"put: an adapter is a name of the bank or a "
+                                         r"slot in 0\.\.1, got -1"):
         jlora.put(bank, cfg, -1, *_dense_adapter(16, 4))
 
 
-# ----------------------------------------------------------------------------- an index the bank does not hold
+# ---------------------------------------------------------------------------- an index the bank does not hold
 
 
 @pytest.mark.parametrize("index,shown", [
@@ -235,8 +303,8 @@ def test_put_names_the_path_whose_width_differs():
 def test_lora_index_out_of_range_is_refused(index, shown):
     bank, cfg = jlora.stack(ADAPTERS[:2])
     for strategy_index in (jnp.array(index), np.array(index, np.int32)):
-        with pytest.raises(ValueError, match=rf"lora_index holds {shown}, outside -1\.\.1: the bank has 2 adapters "
-                                             r"\(0\.\.1\) and -1 means the base model\."):
+        with pytest.raises(ValueError, match=rf"lora_index holds {shown}, outside -1\.\.1: the bank "
+                                             r"has 2 adapters \(0\.\.1\) and -1 means the base model\."):
             jlora.wrap(Net().apply, cfg)(PARAMS, bank, TOKENS, lora_index=strategy_index)
     with pytest.raises(ValueError, match=rf"lora_index holds {shown}, outside -1\.\.1"):
         jlora.wrap(Net().apply, cfg).uses(PARAMS, bank, TOKENS, lora_index=jnp.array(index))

@@ -75,7 +75,8 @@ class Model(nn.Module):
 
 class NnxModel(nnx.Module):
     def __init__(self, rngs):
-        self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=16, qkv_features=16, decode=False, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=16, qkv_features=16, decode=False,
+                                           rngs=rngs)
         self.head = nnx.Linear(16, 4, rngs=rngs)
 
     def __call__(self, x):
@@ -114,7 +115,8 @@ def check_quickstart(ns: dict) -> None:
 
 
 def nnx_names() -> dict:
-    return {"nnx": nnx, "jlora": jlora, "model": NnxModel(nnx.Rngs(0)), "key": jax.random.key(0), "config": CONFIG}
+    return {"nnx": nnx, "jlora": jlora, "model": NnxModel(nnx.Rngs(0)), "key": jax.random.key(0),
+            "config": CONFIG}
 
 
 def check_nnx(ns: dict) -> None:
@@ -170,15 +172,19 @@ def bank_names() -> dict:
     out = {**names, "jnp": jnp}
     for i, (name, rank) in enumerate([("a", 8), ("b", 4), ("c", 6)]):
         cfg = dataclasses.replace(CONFIG, rank=rank)
-        out[f"trainable_{name}"] = bump(jlora.init(jax.random.key(i), names["params"], cfg)[1], 0.02 * (i + 1))
+        out[f"trainable_{name}"] = bump(jlora.init(jax.random.key(i), names["params"], cfg)[1],
+                                        0.02 * (i + 1))
         out[f"config_{name}"] = cfg
     return out
 
 
 def check_bank(ns: dict) -> None:
-    got = ns["serve"](ns["frozen"], ns["bank"], ns["x"], lora_index=jnp.array([1, 1, -1, 0]))  # after put: c in 1
+    # after put: c in 1
+    got = ns["serve"](ns["frozen"], ns["bank"], ns["x"], lora_index=jnp.array([1, 1, -1, 0]))
     alone = jlora.wrap(ns["model"].apply, ns["config_c"])(ns["frozen"], ns["trainable_c"], ns["x"])
     np.testing.assert_allclose(got[1], alone[1], rtol=1e-5, atol=1e-5)
+    again = jlora.wrap(ns["model"].apply, ns["config_b2"])(ns["frozen"], ns["trainable_b2"], ns["x"])
+    np.testing.assert_allclose(again, alone, rtol=1e-5, atol=1e-5)
     assert ns["combined_config"].rank_for(ns["combined_config"].targets[0]) == 8
 
 
@@ -223,7 +229,8 @@ BLOCKS = [
     Entry('targets=r".*/(query|value)/kernel")', quickstart_names, check_quickstart, "quick start"),
     Entry("nnx.split(model)", nnx_names, check_nnx, "NNX"),
     Entry('jlora.save("ckpt/sentiment"', trained_names, check_saved, "save / restore"),
-    Entry("jlora.save_args(trainable, config)", resume_names, check_resume, "resuming with CheckpointManager"),
+    Entry("jlora.save_args(trainable, config)", resume_names, check_resume,
+          "resuming with CheckpointManager"),
     Entry("python -m jlora inspect", cli_files, check_cli, "the CLI"),
     Entry("jlora.stack(", bank_names, check_bank, "banks"),
     Entry("jlora.quantize(params", trained_names, check_qlora, "QLoRA"),
@@ -234,8 +241,8 @@ BLOCKS = [
 def _entry(block: Block) -> Entry | None:
     hits = [e for e in BLOCKS if e.match in block.code]
     if len(hits) > 1:
-        raise AssertionError(f"README.md line {block.line}: matched by several entries {[e.match for e in hits]}; "
-                             "make their match texts more specific.")
+        raise AssertionError(f"README.md line {block.line}: matched by several entries "
+                             f"{[e.match for e in hits]}; make their match texts more specific.")
     return hits[0] if hits else None
 
 
@@ -273,8 +280,9 @@ def _run(block: Block, tmp_path, monkeypatch) -> None:
 
 def _missing(block: Block) -> str:
     first = next((ln for ln in block.code.splitlines() if ln.strip()), "")
-    return (f"README.md line {block.line}: no entry in tests/test_readme.py BLOCKS runs this {block.lang} block "
-            f"(first line {first.strip()!r}). Add Entry(<text only this block contains>, <prelude returning the "
+    return (f"README.md line {block.line}: no entry in tests/test_readme.py BLOCKS "
+            f"runs this {block.lang} block (first line {first.strip()!r}). Add "
+            f"Entry(<text only this block contains>, <prelude returning the "
             "names it uses but does not define>, <check of what it made>) to BLOCKS.")
 
 
@@ -299,5 +307,5 @@ def test_a_new_block_fails_loudly_with_the_way_to_add_it():
     [block] = readme_blocks(text)
     assert (block.lang, block.line, block.code) == ("python", 4, "print(jlora.frobnicate(model))\n")
     assert _entry(block) is None
-    assert re.search(r"README\.md line 4: no entry in tests/test_readme\.py BLOCKS runs this python block \(first "
-                     r"line 'print\(jlora\.frobnicate\(model\)\)'\)\. Add Entry\(", _missing(block))
+    assert re.search(r"README\.md line 4: no entry in tests/test_readme\.py BLOCKS runs this python block "
+                     r"\(first line 'print\(jlora\.frobnicate\(model\)\)'\)\. Add Entry\(", _missing(block))
