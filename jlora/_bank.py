@@ -66,10 +66,9 @@ def stack(adapters: Sequence[tuple] | Mapping[str, tuple], *, rank: int | None =
 
     Args:
       adapters: ``(trainable, config)`` pairs from `init` (or `restore`) on the same
-        frozen base, or a dict of them by name (slot ``k`` holds the ``k``-th name,
-        so ``lora_weights=jnp.array([n in active for n in names])`` activates by name), all
-        adapting the same kernels with the same axis split and the same nonlinearity; ranks
-        and alphas may differ.
+        frozen base, or a dict of them by name (slot ``k`` holds the ``k``-th name; a
+        sequence's slots are named ``"0"``, ``"1"``, ...), all adapting the same kernels with
+        the same axis split and the same nonlinearity; ranks and alphas may differ.
       rank: the rank capacity (default: the largest rank at each kernel), capped
         per kernel at ``min(fan_in, fan_out)``; a bank compiled at capacity ``R``
         takes any adapter of rank ``<= R`` through `put`.
@@ -77,7 +76,8 @@ def stack(adapters: Sequence[tuple] | Mapping[str, tuple], *, rank: int | None =
     Returns:
       ``(bank, config)``: ``bank`` holds at each adapted path ``a`` of shape
       ``(K, *stack, *in, R)`` and ``b`` of shape ``(K, *stack, R, *out)``;
-      ``config`` adapts the same paths at rank ``R`` with scale 1.
+      ``config`` adapts the same paths at rank ``R`` with scale 1, and names the slots
+      (``config.adapters``): serving, `put`, `unstack`, `save` and `restore` read them.
 
     >>> import jax, jax.numpy as jnp
     >>> from jlora import LoraConfig, init
@@ -88,13 +88,15 @@ def stack(adapters: Sequence[tuple] | Mapping[str, tuple], *, rank: int | None =
     >>> bank["w"]["a"].shape, bank["w"]["b"].shape, cfg.rank
     ((2, 8, 3), (2, 3, 4), 3)
     """
-    names = ()
     if isinstance(adapters, Mapping):  # named adapters: slot k is the k-th name
         names = tuple(adapters)
         bad = [n for n in names if not isinstance(n, str) or not n]
         if bad:
             raise TypeError(f"stack: adapter names must be non-empty strings, got {bad[0]!r}.")
         adapters = list(adapters.values())
+    else:  # a sequence: its slots are named "0", "1", ...
+        adapters = list(adapters)
+        names = tuple(str(k) for k in range(len(adapters)))
     if not adapters:
         raise ValueError("stack: give at least one (trainable, config) pair.")
     entries = []

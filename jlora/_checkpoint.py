@@ -104,7 +104,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from jlora._config import LoraConfig
-from jlora._layout import m_shape, wider
+from jlora._layout import wider
 from jlora._paths import ADAPTER_KEYS, flatten, nest
 from jlora._plan import Plan, Target
 from jlora._sharding import restore_shardings
@@ -138,16 +138,31 @@ def absolute_path(directory, who: str) -> epath.Path:
     return epath.Path(os.path.abspath(os.path.expanduser(text)))
 
 
+def _one_slot(trainable, config: LoraConfig):
+    """``trainable`` itself, or for a bank (``config.adapters`` set) the shapes of one of its adapters."""
+    if not config.adapters:
+        return trainable
+    k = len(config.adapters)
+    leaves = jax.tree_util.tree_leaves(trainable)
+    wrong = sorted({str(np.shape(x)) for x in leaves if np.ndim(x) == 0 or np.shape(x)[0] != k})
+    if wrong:
+        raise ValueError(f"save: the config names a bank of {k} adapters {list(config.adapters)}, so every "
+                         f"leaf of trainable leads with {k}; got shapes {wrong}. Save the bank jlora.stack "
+                         "made, or one adapter (jlora.unstack) with its own config.")
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], x.dtype), trainable)
+
+
 def _checked_plan(trainable, config: LoraConfig, frozen) -> tuple[Plan, dict]:
     """Check ``trainable`` against ``config`` (and ``frozen``); return the targets and its leaves."""
     if not isinstance(config, LoraConfig):
         raise TypeError(f"save: expected a jlora.LoraConfig, got {type(config).__name__}.")
     flat = flatten(trainable)
+    one = _one_slot(trainable, config)  # a bank is checked as one of its adapters
     if frozen is None:  # the kernels the adapters imply stand in for frozen
-        targets = Plan.of_trainable(config, trainable, "save")
+        targets = Plan.of_trainable(config, one, "save")
     else:
         targets = Plan.of_base(config, frozen)
-        targets.read(trainable)
+        targets.read(one)
     base = flatten(frozen) if frozen is not None else {}
     wanted = {}
     for path, t in targets.items():
@@ -463,16 +478,14 @@ def _first_line(e: BaseException) -> str:
 
 
 def _expected(targets: dict[str, Target], config: LoraConfig, base: dict) -> dict[str, tuple]:
-    """``{leaf path: (shape, dtype name)}`` that ``config`` on this base calls for."""
+    """``{leaf path: (shape, dtype name)}`` that ``config`` on this base calls for (a bank: K of each)."""
+    bank = (len(config.adapters),) if config.adapters else ()
     out = {}
     for path, t in targets.items():
         if t.adapted:
-            out[f"{path}/a"] = (t.layout.a_shape(t.shape, t.rank), config.dtype)
-            out[f"{path}/b"] = (t.layout.b_shape(t.shape, t.rank), config.dtype)
-            if t.dora:
-                out[f"{path}/m"] = (m_shape(t.shape, t.layout), config.dtype)
+            out.update({p: ((*bank, *shape), config.dtype) for p, shape in t.factor_shapes().items()})
         else:
-            out[path] = (t.shape, _dtype_name(base[path]))
+            out[path] = ((*bank, *t.shape), _dtype_name(base[path]))
     return out
 
 

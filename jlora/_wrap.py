@@ -76,7 +76,7 @@ def _by_name(config: LoraConfig, trainable, lora_weights, lora_index):
     size = np.shape(leaves[0])[0] if leaves and np.ndim(leaves[0]) else 0
     if isinstance(lora_weights, Mapping):
         lora_weights = mix(config, lora_weights, size, "lora_weights")
-    if isinstance(lora_index, list | tuple) and any(isinstance(a, str) or a is None for a in lora_index):
+    if isinstance(lora_index, list | tuple):
         lora_index = slots(config, lora_index, size, "lora_index")
     return lora_weights, lora_index
 
@@ -324,6 +324,9 @@ class LoraApply:
         weights, index, rng = knobs.get("weights"), knobs.get("index"), knobs.get("rng")
         s = knobs.get("scale", 1.0)
         k = next(iter(values.values()))[0].shape[0]
+        if config.adapters and k != len(config.adapters):
+            raise ValueError(f"the config names {len(config.adapters)} adapters {list(config.adapters)}, but "
+                             f"the bank holds {k}; serve the bank with the config jlora.stack returned.")
         if weights is not None and weights.shape[0] != k:
             raise ValueError(f"lora_weights has {weights.shape[0]} weights for a bank of {k} adapters.")
         if weights is not None and self.strategy == "merge":

@@ -40,7 +40,8 @@ def main(root: str) -> None:
 
     options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=True)
     mngr = ocp.CheckpointManager(root, options=options)
-    mngr.save(1, args=ocp.args.Composite(**save_args(jax.tree.map(jax.numpy.asarray, adapters(*SMALL)), config())))
+    mngr.save(1, args=ocp.args.Composite(**save_args(jax.tree.map(jax.numpy.asarray, adapters(*SMALL)),
+                                                     config())))
     mngr.wait_until_finished()
     large = jax.tree.map(jax.numpy.asarray, adapters(*LARGE))
     print("saving 2", flush=True)

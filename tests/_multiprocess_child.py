@@ -214,7 +214,8 @@ class Pair:
         assert self.shardings_of(trainable) == jlora.shardings(sharded, self.config)
         spanning = [p for p, x in flatten(trainable).items()
                     if {d.process_index for d in x.sharding.device_set} == {0, 1}
-                    and not x.sharding.is_fully_replicated and len(x.addressable_shards) < x.sharding.num_devices]
+                    and not x.sharding.is_fully_replicated
+                    and len(x.addressable_shards) < x.sharding.num_devices]
         assert spanning, "no adapter is split across the two processes: the test would prove little"
         self.equal(self.gather(trainable), want, "init")
         return trainable
@@ -232,7 +233,8 @@ class Pair:
         key = jax.jit(lambda: jax.random.key(1), out_shardings=self.replicated)()
         keep = (jlora.shardings(sharded, self.config), self.shardings_of(opt_state), key.sharding)
         # Compiled once, ahead of time: an input in any other sharding would be refused.
-        step = self.step_fn(tx, keep).lower(sharded, trainable, opt_state, key, *self.data(layout, 1)).compile()
+        step = self.step_fn(tx, keep).lower(sharded, trainable, opt_state, key,
+                                            *self.data(layout, 1)).compile()
         _, local = jlora.init(jax.random.key(1), single, self.config)
         local, local_state, local_key = jax.device_put((local, tx.init(local), jax.random.key(1)), self.one)
         local_step = self.step_fn(tx)
@@ -296,7 +298,8 @@ class Pair:
             self._recipe_steps[layout] = self.step_fn(tx, keep)
         train_step = self._recipe_steps[layout]
         for step in range(start + 1, num_steps + 1):
-            trainable, opt_state, key, _ = train_step(frozen, trainable, opt_state, key, *self.data(layout, step))
+            trainable, opt_state, key, _ = train_step(frozen, trainable, opt_state, key,
+                                                      *self.data(layout, step))
             mngr.save(step, args=ocp.args.Composite(
                 **jlora.save_args(trainable, config),
                 train_state=ocp.args.StandardSave({"opt_state": opt_state, "key": key}),
@@ -316,14 +319,16 @@ class Pair:
         resumed = self.train(layout, self.work / layout / "resumed", sharded, initial, 3)
         train_step = self._recipe_steps[layout]  # the same three steps, uninterrupted, nothing saved
         tx = jlora.optimizer(self.config, learning_rate=1e-3)
-        opt_state = jax.tree.map(lambda x: x if x.ndim else jax.device_put(x, self.replicated), tx.init(initial))
+        opt_state = jax.tree.map(lambda x: x if x.ndim else jax.device_put(x, self.replicated),
+                                 tx.init(initial))
         straight = (initial, opt_state, jax.jit(lambda: jax.random.key(1), out_shardings=self.replicated)())
         for step in range(1, 4):
             straight = train_step(sharded, *straight, *self.data(layout, step))[:3]
         keys = [jax.random.key_data(k) for k in (straight[2], resumed[2])]
         straight, resumed = self.gather((*straight[:2], keys[0])), self.gather((*resumed[:2], keys[1]))
         self.equal(resumed, straight, "resumed")
-        step3, _ = jlora.restore(self.work / layout / "resumed" / "3", sharded)  # a step is a jlora checkpoint
+        # a step is a jlora checkpoint
+        step3, _ = jlora.restore(self.work / layout / "resumed" / "3", sharded)
         self.equal(self.gather(step3), resumed[0], "step 3")
 
     def check_merge(self, sharded, single, trainable, local):
@@ -367,10 +372,10 @@ class Pair:
                                            "compile once", self.check_steps, layout, sharded, single, initial)
             check(f"{layout}: save and restore by both processes, in the base's layout",
                   self.check_save_restore, layout, sharded, trained[layout])
-            check(f"{layout}: CheckpointManager recipe stopped after step 2 and resumed equals 3 steps straight",
-                  self.check_resume, layout, sharded, initial)
-            check(f"{layout}: merge on the mesh equals merge on one device", self.check_merge, sharded, single,
-                  trained[layout], local)
+            check(f"{layout}: CheckpointManager recipe stopped after step 2 and resumed equals "
+                  "3 steps straight", self.check_resume, layout, sharded, initial)
+            check(f"{layout}: merge on the mesh equals merge on one device", self.check_merge, sharded,
+                  single, trained[layout], local)
             check(f"{layout}: export_peft of adapters split across processes equals one device",
                   self.check_export, layout, sharded, single, trained[layout], local)
         check("restore: the FSDP checkpoint onto the Megatron base comes back in the Megatron layout",
@@ -381,7 +386,8 @@ class Pair:
                 ckptr.save(self.work / "fsdp" / "base", bases["fsdp"])
             return self.gather(bases["fsdp"]), self.gather(trained["fsdp"])
 
-        base, adapters = check("the FSDP base saved as an Orbax checkpoint by both processes", base_checkpoint)
+        base, adapters = check("the FSDP base saved as an Orbax checkpoint by both processes",
+                               base_checkpoint)
         if self.process_id == 0:
             np.savez(self.work / "expected.npz", **{f"base:{p}": x for p, x in flatten(base).items()},
                      **{f"adapters:{p}": x for p, x in flatten(adapters).items()})
@@ -389,7 +395,8 @@ class Pair:
 
 
 def single(work: pathlib.Path) -> None:
-    """On one device: the two-process adapters and base, read by `jlora.restore` and ``python -m jlora merge``."""
+    """On one device: the two-process adapters and base, read by `jlora.restore` and
+    ``python -m jlora merge``."""
     os.environ["XLA_FLAGS"] = FLAGS
     import jax
     import numpy as np
@@ -405,7 +412,8 @@ def single(work: pathlib.Path) -> None:
 
     def restore_on_one_device():
         trainable, config = jlora.restore(work / "fsdp" / "adapters", jax.device_put(base, jax.devices()[0]))
-        assert {x.sharding for x in jax.tree.leaves(trainable)} == {jax.sharding.SingleDeviceSharding(jax.devices()[0])}
+        assert {x.sharding for x in jax.tree.leaves(trainable)} == {
+            jax.sharding.SingleDeviceSharding(jax.devices()[0])}
         for p, x in flatten(trainable).items():
             np.testing.assert_array_equal(x, want[p], err_msg=p)
         return config
@@ -414,8 +422,8 @@ def single(work: pathlib.Path) -> None:
 
     def cli_merge():
         out = work / "merged"
-        command = [sys.executable, "-m", "jlora", "merge", str(work / "fsdp" / "adapters"), str(work / "fsdp" / "base"),
-                   str(out)]
+        command = [sys.executable, "-m", "jlora", "merge", str(work / "fsdp" / "adapters"),
+                   str(work / "fsdp" / "base"), str(out)]
         proc = subprocess.run(command, capture_output=True, text=True, timeout=120)  # same process group
         assert proc.returncode == 0, f"python -m jlora merge exited {proc.returncode}:\n{proc.stderr}"
         merged = flatten(_cli._load_params(str(out)))
@@ -423,7 +431,8 @@ def single(work: pathlib.Path) -> None:
         for p, x in reference.items():
             np.testing.assert_allclose(merged[p], x, rtol=1e-6, atol=1e-6, err_msg=p)
 
-    check("python -m jlora merge: two-process adapters into a two-process Orbax base, on one device", cli_merge)
+    check("python -m jlora merge: two-process adapters into a two-process Orbax base, on one device",
+          cli_merge)
     print("all passed", flush=True)
 
 

@@ -224,7 +224,8 @@ def check_restore(bases, mesh):
             restored, _ = jlora.restore(f"{directory}/fsdp", base)
             where = jax.tree.map(lambda x: x.sharding, restored)
             if name == "one device":
-                assert set(jax.tree.leaves(where)) == {jax.sharding.SingleDeviceSharding(jax.devices()[0])}, where
+                assert set(jax.tree.leaves(where)) == {
+                    jax.sharding.SingleDeviceSharding(jax.devices()[0])}, where
             else:
                 assert where == jlora.shardings(base, DORA), (name, where)
             for path, got in flatten(restored).items():
@@ -259,8 +260,8 @@ def check_explicit_forward(mesh):
         return P(None, "model", None) if leaf.ndim == 3 and re.search("query|key|value", name) else P()
 
     with jax.set_mesh(mesh):
-        params = jax.tree_util.tree_map_with_path(lambda p, v: jax.device_put(v, NamedSharding(mesh, spec(p, v))),
-                                                  params)
+        params = jax.tree_util.tree_map_with_path(
+            lambda p, v: jax.device_put(v, NamedSharding(mesh, spec(p, v))), params)
         xs = jax.device_put(x, NamedSharding(mesh, P("data")))
         config = jlora.infer_layouts(jlora.LoraConfig(rank=2, targets=r".*/kernel"), model.apply, params, xs)
         frozen, trainable = jlora.init(jax.random.key(2), params, config)

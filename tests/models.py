@@ -10,7 +10,8 @@ import jlora
 # Inputs and configs shared by the modules that test whole models.
 TOKENS = jnp.array([[1, 2, 3, 4, 5], [39, 0, 7, 7, 2]])
 ZOO_CFG = jlora.LoraConfig(rank=2, alpha=4.0, targets=r".*(kernel|embedding)")
-STACK_CFG = jlora.LoraConfig(rank=2, alpha=4.0, targets=jlora.Rule(pattern=r".*layers/.*kernel", stack_axes=(0,)))
+STACK_CFG = jlora.LoraConfig(rank=2, alpha=4.0,
+                             targets=jlora.Rule(pattern=r".*layers/.*kernel", stack_axes=(0,)))
 NNX_CFG = jlora.LoraConfig(
     rank=2, alpha=4.0,
     targets=(jlora.Rule(pattern=r"layers/.*/kernel", stack_axes=(0,)), r"attn/.*/kernel", r"conv/kernel",

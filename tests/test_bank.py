@@ -119,9 +119,16 @@ def test_unknown_names_are_refused_with_the_names_there_are():
         lora_apply(PARAMS, bank, TOKENS, lora_weights={"terse": 1.0})
     with pytest.raises(ValueError, match=r"put: an adapter is a name of the bank or a slot in 0\.\.1, got 2"):
         jlora.put(bank, cfg, 2, *ADAPTERS[2])
-    unnamed_bank, unnamed = jlora.stack(ADAPTERS[:2])
+    listed_bank, listed = jlora.stack(ADAPTERS[:2])
+    assert listed.adapters == ("0", "1")
+    with pytest.raises(ValueError, match=r"unstack: no adapter named 'formal' in this bank; its names are "
+                                         r"\['0', '1'\]"):
+        jlora.unstack(listed_bank, listed, "formal")
+    three = jlora.wrap(Net().apply, jlora.stack(ADAPTERS)[1])
+    with pytest.raises(ValueError, match=r"names 3 adapters \['0', '1', '2'\], but the bank holds 2"):
+        three(PARAMS, listed_bank, TOKENS, lora_index=jnp.array([0, 1, 0, 1]))
     with pytest.raises(ValueError, match=r"unstack: 'formal' names an adapter, but this bank has no names"):
-        jlora.unstack(unnamed_bank, unnamed, "formal")
+        jlora.unstack(listed_bank, ADAPTERS[0][1], "formal")
 
 
 def test_capacity_is_capped_per_kernel():

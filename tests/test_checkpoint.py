@@ -41,7 +41,8 @@ def _mlp(**kw):
 
 CASES = {  # name: (model, config)
     "plain": ("zoo", jlora.LoraConfig(
-        rank=4, alpha=3.0, targets=(r".*/attn/(query|value)/kernel", r".*/(conv|dense)/kernel", r".*/embedding"))),
+        rank=4, alpha=3.0,
+        targets=(r".*/attn/(query|value)/kernel", r".*/(conv|dense)/kernel", r".*/embedding"))),
     "dora": _mlp(targets=r".*/kernel", dora=True),
     "stacked": ("scan", jlora.LoraConfig(
         rank=4, alpha=3.0, targets=jlora.Rule(pattern=r".*/layers/(up|down)/kernel", rank=2, alpha=5.0,
@@ -50,7 +51,8 @@ CASES = {  # name: (model, config)
         rank=2, alpha=3.0, targets=(jlora.Rule(pattern=r"layers/.*/kernel", stack_axes=(0,)),
                                     r"attn/(query|value)/kernel", r"conv/kernel", r"embed/embedding"))),
     "train_in_full": _mlp(targets=r".*/Dense_0/kernel", train_in_full=r".*/Dense_1/.*"),
-    "rslora": _mlp(targets=(jlora.Rule(pattern=r".*/Dense_0/kernel", rank=2, alpha=6.0), r".*/Dense_1/kernel"),
+    "rslora": _mlp(targets=(jlora.Rule(pattern=r".*/Dense_0/kernel", rank=2, alpha=6.0),
+                            r".*/Dense_1/kernel"),
                    rslora=True),
     "nonlinearity": _mlp(targets=r".*/kernel", nonlinearity="gelu"),
     "dylora": _mlp(targets=r".*/kernel", dylora="plain"),
@@ -105,7 +107,8 @@ def _equal(x, y):
 
 def _snapshot(root: Path) -> dict:
     """Every path under ``root`` with the bytes of every file: what "unchanged on disk" means here."""
-    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
+            for p in sorted(root.rglob("*"))}
 
 
 @pytest.mark.parametrize("case,fold", [
@@ -214,13 +217,16 @@ def test_save_validates_before_writing(tmp_path):
         save(path, bad_dtype, cfg, frozen=frozen)
     with pytest.raises(ValueError, match=r"params/Dense_0/kernel/a has dtype bfloat16"):
         save(path, bad_dtype, cfg)  # adapters are checked without frozen too
-    other_rank = jlora.LoraConfig(rank=2, alpha=3.0, targets=r".*/Dense_0/kernel", train_in_full=r".*/Dense_1/.*")
+    other_rank = jlora.LoraConfig(rank=2, alpha=3.0, targets=r".*/Dense_0/kernel",
+                                  train_in_full=r".*/Dense_1/.*")
     with pytest.raises(ValueError, match=r"params/Dense_0/kernel/a has shape \(16, 4\), expected \(16, 2\)"):
         save(path, trainable, other_rank)
-    with pytest.raises(ValueError, match=r"save: trainable does not fit config:\n  trainable holds an adapter at params/Dense_0/kernel, "
-                                         r"but no rule of the config matches that path"):
+    with pytest.raises(ValueError, match=r"save: trainable does not fit config:\n  trainable holds "
+                                         r"an adapter at params/Dense_0/kernel, but no rule of the "
+                                         r"config matches that path"):
         save(path, trainable, jlora.LoraConfig(train_in_full=r".*/Dense_1/.*"))
-    with pytest.raises(ValueError, match=r"(?s)trainable does not fit config.*train_in_full pattern 'nothing' matched"):
+    with pytest.raises(ValueError, match=r"(?s)trainable does not fit config.*train_in_full "
+                                         r"pattern 'nothing' matched"):
         save(path, trainable, jlora.LoraConfig(rank=4, targets=r".*/Dense_0/kernel", train_in_full="nothing"))
     with pytest.raises(TypeError, match=r"expected a jlora.LoraConfig, got dict"):
         save(path, trainable, cfg.to_dict())
@@ -229,19 +235,23 @@ def test_save_validates_before_writing(tmp_path):
 
 def test_save_without_frozen_checks_stacked_adapter_axes(tmp_path):
     _, _, cfg, _, trainable = _setup("stacked")
-    unstacked = jlora.LoraConfig(rank=4, alpha=3.0, targets=jlora.Rule(pattern=r".*/layers/(up|down)/kernel", rank=2))
-    with pytest.raises(ValueError, match=r"(?s)params/layers/down/kernel: a \(3, 32, 2\) and b \(3, 2, 16\) do not "
-                                         r"form an adapter for rule .* \(stack_axes=\(\), in_axes=None\).*layers/up"):
+    unstacked = jlora.LoraConfig(rank=4, alpha=3.0,
+                                 targets=jlora.Rule(pattern=r".*/layers/(up|down)/kernel", rank=2))
+    with pytest.raises(ValueError, match=r"(?s)params/layers/down/kernel: a \(3, 32, 2\) and "
+                                         r"b \(3, 2, 16\) do not form an adapter for rule .* "
+                                         r"\(stack_axes=\(\), in_axes=None\).*layers/up"):
         save(tmp_path / "ckpt", trainable, unstacked)
     flat_b = {"params": {"layers": {"up": {"kernel": {"a": jnp.zeros((3, 16, 2)), "b": jnp.zeros((3, 2))}}}}}
-    with pytest.raises(ValueError, match=r"params/layers/up/kernel: a \(3, 16, 2\) and b \(3, 2\) do not form an "
-                                         r"adapter .*pass the config the adapter was made with \(and frozen="):
+    with pytest.raises(ValueError, match=r"params/layers/up/kernel: a \(3, 16, 2\) and b \(3, 2\) "
+                                         r"do not form an adapter .*pass the config the adapter was "
+                                         r"made with \(and frozen="):
         save(tmp_path / "ckpt", flat_b, cfg)
 
 
 def test_fold_scale_refuses_dylora(tmp_path):
     _, _, cfg, frozen, trainable = _setup("dylora")
-    with pytest.raises(ValueError, match=r"save\(fold_scale=True\): DyLoRA \(dylora='plain'\): its scale alpha/k depends on the rank"):
+    with pytest.raises(ValueError, match=r"save\(fold_scale=True\): DyLoRA \(dylora='plain'\): "
+                                         r"its scale alpha/k depends on the rank"):
         save(tmp_path / "ckpt", trainable, cfg, frozen=frozen, fold_scale=True)
     assert not (tmp_path / "ckpt").exists()
     fixed, cfg_k = jlora.truncate(trainable, cfg, 2)  # the fix the message suggests
@@ -303,7 +313,8 @@ def test_restore_missing_metadata(saved):
     path, frozen, _ = saved
     copy = _copy(path, "no_meta")
     shutil.rmtree(copy / "lora_metadata")
-    _refused(copy, frozen, ValueError, r"no_meta has no readable jlora metadata \(KeyError: .*not a checkpoint")
+    _refused(copy, frozen, ValueError, r"no_meta has no readable jlora metadata "
+                                       r"\(KeyError: .*not a checkpoint")
     (copy / "lora_metadata").mkdir()
     _refused(copy, frozen, ValueError, r"no_meta has no readable jlora metadata \(FileNotFoundError")
 
@@ -319,14 +330,17 @@ def test_restore_corrupt_metadata(saved):
         (lambda m: {**m, "leaves": {"x": {"shape": "(2,)", "dtype": "float32"}}},
          r"leaves\['x'\]\.shape is \"\(2,\)\", not a list of non-negative ints"),
         (lambda m: {k: v for k, v in m.items() if k != "targets"}, r"field 'targets' is missing"),
-        (lambda m: {**m, "config": {**m["config"], "rank": -1}}, r"its config is unreadable \(LoraConfig: rank"),
+        (lambda m: {**m, "config": {**m["config"], "rank": -1}},
+         r"its config is unreadable \(LoraConfig: rank"),
     ]):
-        _refused(_copy(path, f"edited{i}", edit), frozen, ValueError, rf"edited{i} has corrupt jlora metadata: {why}")
+        _refused(_copy(path, f"edited{i}", edit), frozen, ValueError,
+                 rf"edited{i} has corrupt jlora metadata: {why}")
 
 
 def test_restore_refuses_a_newer_format(saved):
     path, frozen, _ = saved
-    newer = _copy(path, "newer", lambda m: {**m, "format_version": FORMAT_VERSION + 1, "jlora_version": "9.0"})
+    newer = _copy(path, "newer",
+                  lambda m: {**m, "format_version": FORMAT_VERSION + 1, "jlora_version": "9.0"})
     _refused(newer, frozen, ValueError,
              r"format version 2 \(written by jlora 9\.0\); this jlora reads versions up to 1\. Upgrade jlora")
 
@@ -340,7 +354,8 @@ def test_restore_lists_every_mismatch_before_loading(saved):
              r"(?s)does not fit frozen:\n"
              r"  params/Dense_0/kernel/a: stored shape \(16, 4\), float32; expected \(12, 4\), float32\n"
              r"  params/Dense_1/bias: stored shape \(8,\), float32; expected \(8,\), bfloat16\n"
-             r"  params/Dense_0/kernel: frozen has shape \(12, 32\); the adapters were trained on shape \(16, 32\)\n"
+             r"  params/Dense_0/kernel: frozen has shape \(12, 32\); "
+             r"the adapters were trained on shape \(16, 32\)\n"
              r"Restore with the base parameters")
 
 
@@ -348,7 +363,8 @@ def test_restore_reports_a_config_that_does_not_fit_frozen(saved):
     path, _, _ = saved
     other = {"params": {"proj": {"kernel": jnp.ones((16, 8))}}}
     _refused(path, other, ValueError,
-             r"(?s)the config stored in .*ckpt does not fit frozen:\nLoRA rule '\.\*/Dense_0/kernel' matched no")
+             r"(?s)the config stored in .*ckpt does not fit frozen:\nLoRA rule "
+             r"'\.\*/Dense_0/kernel' matched no")
 
 
 def test_restore_succeeds_without_touching_the_disk(saved):
@@ -468,16 +484,18 @@ def test_sigkill_mid_save_leaves_the_previous_checkpoint_intact(tmp_path):
     assert mngr.all_steps() == [1] and mngr.latest_step() == 1
     expected = jax.tree.map(jnp.asarray, child.adapters(*child.SMALL))
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, expected)
-    _equal(expected, mngr.restore(1, args=ocp.args.Composite(adapters=ocp.args.StandardRestore(abstract))).adapters)
+    _equal(expected,
+           mngr.restore(1, args=ocp.args.Composite(adapters=ocp.args.StandardRestore(abstract))).adapters)
     mngr.close()
 
     layers, width, _ = child.SMALL
-    frozen = {"params": {f"layer_{i}": {"kernel": np.zeros((width, width), np.float32)} for i in range(layers)}}
+    frozen = {"params": {f"layer_{i}": {"kernel": np.zeros((width, width), np.float32)}
+                         for i in range(layers)}}
     adapters, cfg = restore(root / "1", frozen)
     assert cfg == child.config()
     _equal(expected, adapters)
-    with pytest.raises(FileNotFoundError, match=r"no checkpoint at .*run/2; .*2\.orbax-checkpoint-tmp is what an "
-                                                r"interrupted save left behind"):
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint at .*run/2; .*2\.orbax-checkpoint-tmp is "
+                                                r"what an interrupted save left behind"):
         restore(root / "2", frozen)
     with pytest.raises(ValueError, match=r"2\.orbax-checkpoint-tmp is an unfinished save"):
         restore(partial, frozen)
@@ -537,7 +555,8 @@ def test_save_refuses_what_is_not_a_path(bad, error, match, tmp_path, monkeypatc
 
 
 def test_restore_refuses_what_is_not_a_path():
-    with pytest.raises(TypeError, match=r"restore: expected a directory path \(str or pathlib.Path\), got dict"):
+    with pytest.raises(TypeError, match=r"restore: expected a directory path "
+                                        r"\(str or pathlib.Path\), got dict"):
         restore({"params": {}}, {})
     with pytest.raises(TypeError, match=r"read_metadata: expected a directory path .*got bytes"):
         read_metadata(b"ckpt")
@@ -546,8 +565,8 @@ def test_restore_refuses_what_is_not_a_path():
 def test_save_under_a_file_is_refused_before_orbax_runs(tmp_path, capfd):
     _, _, cfg, frozen, trainable = _setup("train_in_full")
     (tmp_path / "a_file").write_text("not a directory")
-    with pytest.raises(FileExistsError, match=r"save: cannot write a checkpoint at .*a_file/ckpt: .*a_file is a file, "
-                                              r"not a directory\. Choose another directory\."):
+    with pytest.raises(FileExistsError, match=r"save: cannot write a checkpoint at .*a_file/ckpt: .*a_file "
+                                              r"is a file, not a directory\. Choose another directory\."):
         save(tmp_path / "a_file" / "ckpt", trainable, cfg, frozen=frozen)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
     assert "Traceback" not in capfd.readouterr().err
@@ -555,7 +574,8 @@ def test_save_under_a_file_is_refused_before_orbax_runs(tmp_path, capfd):
 
 def test_restore_of_a_file_is_refused(tmp_path):
     (tmp_path / "adapter.safetensors").write_bytes(b"\0" * 8)
-    with pytest.raises(ValueError, match=r"restore: .*adapter\.safetensors is a file; a checkpoint is a directory"):
+    with pytest.raises(ValueError, match=r"restore: .*adapter\.safetensors is a file; "
+                                         r"a checkpoint is a directory"):
         restore(tmp_path / "adapter.safetensors", {})
 
 
@@ -564,7 +584,8 @@ def test_a_failed_save_leaves_nothing_restore_misreads(tmp_path, monkeypatch):
     path = tmp_path / "ckpt"
 
     def failing_save(self, directory, *args, **kwargs):  # Orbax dies half-way through writing
-        (Path(directory).parent / (Path(directory).name + ocp.step.TMP_DIR_SUFFIX) / "adapters").mkdir(parents=True)
+        (Path(directory).parent / (Path(directory).name + ocp.step.TMP_DIR_SUFFIX) / "adapters").mkdir(
+            parents=True)
         raise OSError("No space left on device")
 
     monkeypatch.setattr(ocp.Checkpointer, "save", failing_save)
@@ -606,17 +627,21 @@ META_EDITS = {  # id: (edit of the metadata, what the error says)
     "leaf-without-shape": (lambda m: _set(m, "leaves", _leaf(m), "shape", drop=True),
                            r"leaves\['params/Dense_0/kernel/a'\] has no 'shape' field"),
     "leaf-shape-not-list": (lambda m: _set(m, "leaves", _leaf(m), "shape", value=16),
-                            r"leaves\['params/Dense_0/kernel/a'\]\.shape is 16, not a list of non-negative ints"),
+                            r"leaves\['params/Dense_0/kernel/a'\]\.shape is 16, not a list "
+                            r"of non-negative ints"),
     "leaf-negative-dim": (lambda m: _set(m, "leaves", _leaf(m), "shape", value=[16, -4]),
-                          r"leaves\['params/Dense_0/kernel/a'\]\.shape is \[16, -4\], not a list of non-negative ints"),
+                          r"leaves\['params/Dense_0/kernel/a'\]\.shape is \[16, -4\], not a list "
+                          r"of non-negative ints"),
     "leaf-bad-dtype": (lambda m: _set(m, "leaves", _leaf(m), "dtype", value="float33"),
                        r"leaves\[.*\]\.dtype is \"float33\", not a numeric dtype name such as \"float32\""),
     "leaf-object-dtype": (lambda m: _set(m, "leaves", _leaf(m), "dtype", value="object"),
                           r"leaves\[.*\]\.dtype is \"object\", not a numeric dtype name"),
     "leaf-not-object": (lambda m: _set(m, "leaves", _leaf(m), value=[16, 4]),
-                        r"leaves\['params/Dense_0/kernel/a'\] is \[16, 4\], not an object with \"shape\" and \"dtype\""),
+                        r"leaves\['params/Dense_0/kernel/a'\] is \[16, 4\], not an object with "
+                        r"\"shape\" and \"dtype\""),
     "target-without-base": (lambda m: _set(m, "targets", _targets_entry(m), "base", drop=True),
-                            r"targets\['params/Dense_0/kernel'\] has no 'base' field \(null when saved without"),
+                            r"targets\['params/Dense_0/kernel'\] has no 'base' field "
+                            r"\(null when saved without"),
     "base-shape-not-list": (lambda m: _set(m, "targets", _targets_entry(m), "base", "shape", value="16x32"),
                             r"targets\['params/Dense_0/kernel'\]\.base\.shape is \"16x32\", not a list"),
     "target-bad-kind": (lambda m: _set(m, "targets", _targets_entry(m), "kind", value="LoRA"),
@@ -627,7 +652,8 @@ META_EDITS = {  # id: (edit of the metadata, what the error says)
                                r"targets\['params/Dense_0/kernel'\] has no 'in_axes' field"),
     "target-not-object": (lambda m: _set(m, "targets", _targets_entry(m), value=None),
                           r"targets\['params/Dense_0/kernel'\] is null, not an object"),
-    "config-not-object": (lambda m: _set(m, "config", value=["rank", 4]), r"'config' is \[\"rank\", 4\], not an object"),
+    "config-not-object": (lambda m: _set(m, "config", value=["rank", 4]),
+                          r"'config' is \[\"rank\", 4\], not an object"),
     "config-missing": (lambda m: _set(m, "config", drop=True), r"field 'config' is missing"),
     "fold-scale-string": (lambda m: _set(m, "fold_scale", value="no"), r"'fold_scale' is \"no\", not bool"),
     "config-bad-regex": (lambda m: _set(m, "config", "targets", value=["(unclosed"]),
@@ -650,8 +676,8 @@ def test_restore_without_the_arrays(saved):
     path, frozen, _ = saved
     copy = _copy(path, "no_arrays")
     shutil.rmtree(copy / "adapters")
-    _refused(copy, frozen, ValueError, r"restore: .*no_arrays has jlora metadata but no 'adapters' item \(the arrays\); "
-                                       r"the checkpoint is incomplete or damaged")
+    _refused(copy, frozen, ValueError, r"restore: .*no_arrays has jlora metadata but no 'adapters' item "
+                                       r"\(the arrays\); the checkpoint is incomplete or damaged")
     assert read_metadata(copy)["format"] == "jlora-adapters"  # the metadata alone is still readable
 
 
@@ -660,7 +686,8 @@ def test_metadata_item_that_is_a_directory(saved):
     copy = _copy(path, "dir_meta")
     _meta_file(copy).unlink()
     _meta_file(copy).mkdir()
-    _refused(copy, frozen, ValueError, r"dir_meta has no readable jlora metadata \((IsADirectoryError|[A-Za-z]+Error)")
+    _refused(copy, frozen, ValueError, r"dir_meta has no readable jlora metadata "
+                                       r"\((IsADirectoryError|[A-Za-z]+Error)")
 
 
 # ----------------------------------------------------------------------------- fuzzing the metadata file
@@ -722,3 +749,30 @@ def test_fuzzed_metadata_raises_only_documented_errors(fuzz_checkpoint, data):
                 assert str(path) in str(e), e
     finally:
         _meta_file(path).write_bytes(original)
+
+
+def test_a_named_bank_round_trips_with_its_names(tmp_path):
+    apply_fn, x, cfg, frozen, one = _setup("stacked")
+    two = jax.tree.map(lambda v: v * -0.5, one)
+    bank, bank_cfg = jlora.stack({"fr": (one, cfg), "de": (two, cfg)})
+    save(tmp_path / "bank", bank, bank_cfg, frozen=frozen)
+    save(tmp_path / "bank_no_frozen", bank, bank_cfg)
+    meta = read_metadata(tmp_path / "bank")
+    assert meta["config"]["adapters"] == ["fr", "de"]
+    assert meta["leaves"]["params/layers/up/kernel/a"]["shape"][0] == 2
+    restored, restored_cfg = restore(tmp_path / "bank", frozen)
+    assert restored_cfg == bank_cfg and restored_cfg.adapters == ("fr", "de")
+    jax.tree.map(_equal, restored, bank)
+    serve = jlora.wrap(apply_fn, restored_cfg)
+    want = jlora.wrap(apply_fn, cfg)(frozen, two, x)
+    got = serve(frozen, restored, x, lora_weights={"de": 1.0})
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_bank_config_refuses_a_trainable_that_is_not_its_bank(tmp_path):
+    _, _, cfg, frozen, one = _setup("stacked")
+    bank, bank_cfg = jlora.stack({"fr": (one, cfg), "de": (one, cfg)})
+    with pytest.raises(ValueError, match=r"save: the config names a bank of 2 adapters \['fr', 'de'\], so "
+                                         r"every leaf of trainable leads with 2; got shapes \[.*\]"):
+        save(tmp_path / "x", one, bank_cfg)
+    assert not (tmp_path / "x").exists()

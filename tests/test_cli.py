@@ -50,7 +50,8 @@ def test_inspect_merge_and_peft_round_trip(setup, capsys):
     assert main(["merge", str(tmp / "adapter"), str(base), str(tmp / "merged.safetensors")]) == 0
     from safetensors.numpy import load_file
 
-    merged = jlora._paths.nest({k: jnp.asarray(v) for k, v in load_file(str(tmp / "merged.safetensors")).items()})
+    merged = jlora._paths.nest({k: jnp.asarray(v)
+                                for k, v in load_file(str(tmp / "merged.safetensors")).items()})
     want = jlora.wrap(model.apply, cfg)(params, trainable, x)
     np.testing.assert_allclose(model.apply(merged, x), want, rtol=1e-5, atol=1e-6)
     assert main(["export-peft", str(tmp / "adapter"), str(base), str(tmp / "peft")]) == 0
@@ -102,9 +103,10 @@ def _breakers(tmp, base):
     """Name: (how to break the inputs, argv, what the one error line says)."""
     header_len = int.from_bytes(base.read_bytes()[:8], "little")
     return {
-        "truncated-base": (lambda: (tmp / "b.safetensors").write_bytes(base.read_bytes()[:8 + header_len // 2]),
-                           ["merge", "adapter", "b.safetensors", "out.safetensors"],
-                           r"b\.safetensors: not a readable \.safetensors file \(.*header"),
+        "truncated-base": (
+            lambda: (tmp / "b.safetensors").write_bytes(base.read_bytes()[:8 + header_len // 2]),
+            ["merge", "adapter", "b.safetensors", "out.safetensors"],
+            r"b\.safetensors: not a readable \.safetensors file \(.*header"),
         "garbage-base": (lambda: (tmp / "b.safetensors").write_bytes(b"definitely not tensors"),
                          ["export-peft", "adapter", "b.safetensors", "peft"],
                          r"b\.safetensors: not a readable \.safetensors file \("),
@@ -130,19 +132,26 @@ def _breakers(tmp, base):
                                                str(tmp / "b.safetensors")),
                              ["merge", "adapter", "b.safetensors", "out.safetensors"],
                              r"b\.safetensors: key 'params/up' is both a leaf and a prefix of other keys"),
-        "empty-key-part": (lambda: save_file({"params//kernel": np.ones(2, np.float32)}, str(tmp / "b.safetensors")),
+        "empty-key-part": (lambda: save_file({"params//kernel": np.ones(2, np.float32)},
+                                             str(tmp / "b.safetensors")),
                            ["merge", "adapter", "b.safetensors", "out.safetensors"],
                            r"b\.safetensors: key 'params//kernel' has an empty part"),
-        "inspect-nothing": (lambda: None, ["inspect", "nowhere"], r"read_metadata: no checkpoint at .*nowhere\.$"),
-        "inspect-bad-peft-json": (lambda: ((tmp / "p").mkdir(), (tmp / "p" / "adapter_config.json").write_text("{")),
+        "inspect-nothing": (lambda: None, ["inspect", "nowhere"],
+                            r"read_metadata: no checkpoint at .*nowhere\.$"),
+        "inspect-bad-peft-json": (lambda: ((tmp / "p").mkdir(),
+                                           (tmp / "p" / "adapter_config.json").write_text("{")),
                                   ["inspect", "p"], r"p/adapter_config\.json: not readable JSON \("),
-        "inspect-peft-list": (lambda: ((tmp / "p").mkdir(), (tmp / "p" / "adapter_config.json").write_text("[1]")),
-                              ["inspect", "p"], r"p/adapter_config\.json: expected a JSON object, got list\."),
-        "inspect-peft-bad-weights": (lambda: ((tmp / "p").mkdir(), (tmp / "p" / "adapter_config.json").write_text("{}"),
-                                              (tmp / "p" / "adapter_model.safetensors").write_bytes(b"\x01" * 20)),
-                                     ["inspect", "p"], r"p/adapter_model\.safetensors: not a readable \.safetensors"),
-        "corrupt-metadata": (lambda: (tmp / "adapter" / "lora_metadata" / "metadata").write_text('{"format": 1}'),
-                             ["inspect", "adapter"], r"read_metadata: .*adapter has corrupt jlora metadata: \"format\""),
+        "inspect-peft-list": (lambda: ((tmp / "p").mkdir(),
+                                       (tmp / "p" / "adapter_config.json").write_text("[1]")),
+                              ["inspect", "p"],
+                              r"p/adapter_config\.json: expected a JSON object, got list\."),
+        "inspect-peft-bad-weights": (
+            lambda: ((tmp / "p").mkdir(), (tmp / "p" / "adapter_config.json").write_text("{}"),
+                     (tmp / "p" / "adapter_model.safetensors").write_bytes(b"\x01" * 20)),
+            ["inspect", "p"], r"p/adapter_model\.safetensors: not a readable \.safetensors"),
+        "corrupt-metadata": (
+            lambda: (tmp / "adapter" / "lora_metadata" / "metadata").write_text('{"format": 1}'),
+            ["inspect", "adapter"], r"read_metadata: .*adapter has corrupt jlora metadata: \"format\""),
     }
 
 
@@ -165,13 +174,14 @@ def test_a_subprocess_failure_prints_no_traceback(setup):
     *_, tmp, base = setup
     (tmp / "trunc.safetensors").write_bytes(base.read_bytes()[:40])
     (tmp / "empty_dir").mkdir()
-    for argv in (["merge", "adapter", "trunc.safetensors", "out.safetensors"], ["merge", "adapter", "empty_dir", "out"]):
+    for argv in (["merge", "adapter", "trunc.safetensors", "out.safetensors"],
+                 ["merge", "adapter", "empty_dir", "out"]):
         out = subprocess.run([sys.executable, "-m", "jlora", *argv], capture_output=True, text=True, cwd=tmp)
         assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
         assert out.stderr.startswith(f"jlora {argv[0]}: error: ") and "Traceback" not in out.stderr
 
 
-# ----------------------------------------------------------------------------- fuzzing the files the CLI reads
+# ---------------------------------------------------------------------------- fuzzing the files the CLI reads
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -250,7 +260,8 @@ def test_fuzzed_files_give_one_line_or_success(setup, capsys, data):
         out = capsys.readouterr()
         if code != 0:
             assert code == 1 and out.out == "", out
-            assert len(out.err.strip().splitlines()) == 1 and out.err.startswith(f"jlora {argv[0]}: error: "), out.err
+            assert (len(out.err.strip().splitlines()) == 1
+                    and out.err.startswith(f"jlora {argv[0]}: error: ")), out.err
             assert not (tmp / "out.safetensors").exists()
         else:
             assert out.err == ""

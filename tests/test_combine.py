@@ -48,7 +48,8 @@ def randomize(tree, seed, std=0.2):
 
 
 def model_case(model, x_shape, **kw):
-    """A model's params (its init traced for the structure only, filled with noise: nothing compiles) and input."""
+    """A model's params (its init traced for the structure only, filled with noise: nothing compiles)
+    and input."""
     x = jnp.asarray(np.random.default_rng(0).standard_normal(x_shape), jnp.float32)
     params = randomize(jax.eval_shape(model.init, jax.random.key(0), x), 1, std=0.1)
     return dict(apply=model.apply, x=x, params=params, **kw)
@@ -71,7 +72,8 @@ class Mlp(nn.Module):
 @functools.cache
 def dense_case():
     return model_case(Mlp(), (4, 12), n_stack=0,
-                      paths={"params/hidden/kernel": 1, "params/out/kernel": 1}, general=r".*/kernel", stack=())
+                      paths={"params/hidden/kernel": 1, "params/out/kernel": 1}, general=r".*/kernel",
+                      stack=())
 
 
 @functools.cache
@@ -84,8 +86,8 @@ def attention_case():
 @functools.cache
 def stacked_case():
     return model_case(LinenScan(), (2, 16), n_stack=1,
-                      paths={"params/layers/up/kernel": 1, "params/layers/down/kernel": 1}, general=r".*/kernel",
-                stack=(0,))
+                      paths={"params/layers/up/kernel": 1, "params/layers/down/kernel": 1},
+                      general=r".*/kernel", stack=(0,))
 
 
 CASES = {"dense": dense_case, "attention": attention_case, "stacked": stacked_case}
@@ -102,7 +104,8 @@ def make_adapters(case, specs=SPECS, seed=10):
         rules = [jlora.Rule(pattern=case["general"], stack_axes=case["stack"])]
         scales = {p: hand_scale(rank, alpha, rslora) for p in case["paths"]}
         if override:
-            rules.insert(0, jlora.Rule(pattern=first, rank=override[0], alpha=override[1], stack_axes=case["stack"]))
+            rules.insert(0, jlora.Rule(pattern=first, rank=override[0], alpha=override[1],
+                                       stack_axes=case["stack"]))
             scales[first] = hand_scale(override[0], override[1], rslora)
         cfg = jlora.LoraConfig(rank=rank, alpha=alpha, rslora=rslora, targets=tuple(rules))
         out.append((adapter(case["params"], cfg, seed + j), cfg, scales))
@@ -211,11 +214,13 @@ def test_average_means_the_factors_and_reports_the_gap(name):
     deltas = {}
     for path in case["paths"]:
         for name in ("a", "b"):
-            mean = sum(w * np.asarray(f[f"{path}/{name}"], np.float64) for w, f in zip(weights, flats, strict=True))
+            mean = sum(w * np.asarray(f[f"{path}/{name}"], np.float64)
+                       for w, f in zip(weights, flats, strict=True))
             np.testing.assert_allclose(got[f"{path}/{name}"], mean, rtol=1e-5, atol=1e-6)
         deltas[path] = adapters[0][2][path] * hand_delta(got[f"{path}/a"], got[f"{path}/b"], case["n_stack"])
         gap = np.linalg.norm(deltas[path] - want[path]) / np.linalg.norm(want[path])
-        assert report[path].dropped is None and report[path].rank == adapters[0][1].rank_for(cfg.rule_for(path))
+        assert (report[path].dropped is None
+                and report[path].rank == adapters[0][1].rank_for(cfg.rule_for(path)))
         np.testing.assert_allclose(report[path].gap, gap, rtol=1e-4)
         assert report[path].gap > 0.1  # the mean of the factors is not the mean of the deltas
     check_model(case, tr, cfg, deltas)
@@ -266,7 +271,8 @@ def test_linear_drops_exact_redundancy():
     tr, cfg, report = combine([(t0, c0), (t0, c0)], [0.5, 0.5], method="linear")
     assert report["params/hidden/kernel"].rank == c0.rank  # not 2r: the two copies are one direction
     np.testing.assert_allclose(jlora.merge(case["params"], tr, cfg)["params"]["hidden"]["kernel"],
-                               jlora.merge(case["params"], t0, c0)["params"]["hidden"]["kernel"], rtol=1e-5, atol=1e-5)
+                               jlora.merge(case["params"], t0, c0)["params"]["hidden"]["kernel"],
+                               rtol=1e-5, atol=1e-5)
     zero, _, report = combine([(t0, c0), (t0, c0)], [1.0, -1.0], method="linear")
     assert report["params/hidden/kernel"].rank == 1
     np.testing.assert_allclose(hand_delta(zero["params"]["hidden"]["kernel"]["a"],
@@ -279,8 +285,8 @@ def test_svd_rank_above_the_delta_keeps_it_exact():
     tr, cfg, report = combine([(t, c) for t, c, _ in adapters], [2.0], method="svd", rank=7)
     assert report["params/hidden/kernel"].rank == 2 and report["params/hidden/kernel"].dropped < 1e-20
     want = exact_sum(case, adapters, [2.0])
-    np.testing.assert_allclose(combined_delta(case, tr, cfg, "params/hidden/kernel"), want["params/hidden/kernel"],
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(combined_delta(case, tr, cfg, "params/hidden/kernel"),
+                               want["params/hidden/kernel"], rtol=1e-5, atol=1e-5)
 
 
 def test_missing_target_is_a_zero_delta():
@@ -291,7 +297,8 @@ def test_missing_target_is_a_zero_delta():
     adapters = [(t0, c0, s0), (t1, c1, {"params/out/kernel": hand_scale(3, 2.0, True)})]
     for method in ("cat", "linear"):
         tr, cfg, report = combine([(t, c) for t, c, _ in adapters], [0.5, 2.0], method=method)
-        assert report["params/hidden/kernel"].sources == (0,) and report["params/out/kernel"].sources == (0, 1)
+        assert (report["params/hidden/kernel"].sources == (0,)
+                and report["params/out/kernel"].sources == (0, 1))
         check_model(case, tr, cfg, exact_sum(case, adapters, [0.5, 2.0]))
 
 
@@ -322,7 +329,8 @@ def test_dylora_enters_at_full_rank():
     out, out_cfg, _ = combine([(tr, cfg)], [1.0], method="linear")
     assert out_cfg.dylora is None
     np.testing.assert_allclose(jlora.wrap(case["apply"], out_cfg)(case["params"], out, case["x"]),
-                               jlora.wrap(case["apply"], cfg)(case["params"], tr, case["x"]), rtol=1e-5, atol=1e-5)
+                               jlora.wrap(case["apply"], cfg)(case["params"], tr, case["x"]),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_average_of_adapters_with_a_nonlinearity_or_dora():
@@ -397,8 +405,9 @@ def test_refuses_mismatched_layouts_listing_every_path():
     flat_cfg = jlora.LoraConfig(rank=2, targets=r"w|v")
     stacked_cfg = jlora.LoraConfig(rank=2, targets=jlora.Rule(pattern=r"w|v", stack_axes=(0,)))
     pairs = [(adapter(params, c, 0), c) for c in (flat_cfg, stacked_cfg)]
-    with pytest.raises(ValueError, match=r"(?s)v has different kernels or layouts: adapter 0: .*stack_axes=\(\).*"
-                                         r"adapter 1: .*stack_axes=\(0,\).*\n  w has different"):
+    with pytest.raises(ValueError, match=r"(?s)v has different kernels or layouts: "
+                                         r"adapter 0: .*stack_axes=\(\).*adapter 1: "
+                                         r".*stack_axes=\(0,\).*\n  w has different"):
         combine(pairs, [1.0, 1.0])
 
 
@@ -407,17 +416,18 @@ def test_refuses_adapters_of_different_bases():
     with pytest.raises(ValueError, match=r"w has different kernels or layouts: adapter 0: shape \(8, 6\).*"
                                          r"adapter 1: shape \(6, 6\)"):
         combine([_pair(), small], [1.0, 1.0])
-    with pytest.raises(ValueError, match=r"(?s)adapter 1 does not fit frozen and its config:\n  .*w/a has shape \(6, 2\), "
-                                         r"expected \(8, 2\)"):
+    with pytest.raises(ValueError, match=r"(?s)adapter 1 does not fit frozen and its config:\n  .*w/a has "
+                                         r"shape \(6, 2\), expected \(8, 2\)"):
         combine([_pair(), small], [1.0, 1.0], frozen={"w": jnp.zeros((8, 6)), "v": jnp.zeros((4, 2, 3))})
 
 
 def test_refuses_a_trainable_that_does_not_fit_its_config():
     tr, _ = _pair()
-    with pytest.raises(ValueError, match=r"(?s)combine: adapter 0: trainable does not fit config:\n  .*w/a has shape \(8, 2\), "
-                                         r"expected \(8, 3\)"):
+    with pytest.raises(ValueError, match=r"(?s)combine: adapter 0: trainable does not fit config:\n  .*w/a "
+                                         r"has shape \(8, 2\), expected \(8, 3\)"):
         combine([(tr, jlora.LoraConfig(rank=3, targets=r"w|v"))], [1.0])
-    with pytest.raises(ValueError, match=r"adapter 0: trainable does not fit config:\n  trainable holds an adapter at v, but no rule "):
+    with pytest.raises(ValueError, match=r"adapter 0: trainable does not fit config:\n  trainable holds an "
+                                         r"adapter at v, but no rule "):
         combine([(tr, jlora.LoraConfig(rank=2, targets=r"w"))], [1.0])
 
 

@@ -9,7 +9,8 @@ import jlora
 
 def test_defaults_and_scale():
     cfg = jlora.LoraConfig(targets=".*/kernel")
-    assert (cfg.rank, cfg.alpha, cfg.init, cfg.dtype, cfg.rslora) == (8, 8.0, "kaiming_uniform", "float32", False)
+    assert (cfg.rank, cfg.alpha, cfg.init, cfg.dtype, cfg.rslora) == (
+        8, 8.0, "kaiming_uniform", "float32", False)
     assert cfg.targets == (jlora.Rule(pattern=".*/kernel"),)
     assert cfg.scale_for(cfg.targets[0]) == 1.0
 
@@ -59,7 +60,8 @@ def test_dtype_is_normalised():
         ({"train_in_full": "["}, ValueError, r"train_in_full: pattern '\[' is not a valid regex"),
         ({"dropout": 1.0}, ValueError, r"dropout must be a rate in \[0, 1\), got 1.0"),
         ({"nonlinearity": "swish"}, ValueError, r"unknown nonlinearity 'swish'; choose one of \('identity'"),
-        ({"dylora": "on"}, ValueError, r"unknown dylora mode 'on'; choose None or one of \('frozen', 'plain'\)"),
+        ({"dylora": "on"}, ValueError,
+         r"unknown dylora mode 'on'; choose None or one of \('frozen', 'plain'\)"),
         ({"dora": 1}, TypeError, r"dora must be a bool"),
         ({"dora": True, "nonlinearity": "relu"}, ValueError, r"dora=True needs the merged weight"),
         ({"init": "pissa", "dylora": "plain"}, ValueError, r"init='pissa' .* cannot be combined"),
@@ -79,7 +81,8 @@ def test_config_errors(kwargs, error, message):
         ({"in_axes": (0, 0)}, ValueError, r"in_axes=\(0, 0\) repeats an axis"),
         ({"in_axes": (-1,)}, TypeError, r"in_axes must be a tuple of non-negative axis numbers"),
         ({"in_axes": (0,), "stack_axes": (0,)}, ValueError, r"both in in_axes and stack_axes"),
-        ({"stack_axes": None}, TypeError, r"stack_axes must be a tuple of axis numbers \(\(\) for none\), got None"),
+        ({"stack_axes": None}, TypeError,
+         r"stack_axes must be a tuple of axis numbers \(\(\) for none\), got None"),
     ],
 )
 def test_rule_errors(kwargs, error, message):

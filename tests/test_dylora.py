@@ -88,7 +88,8 @@ def test_errors():
         jlora.rank_sweep(lambda k: k, cfg, ranks=[0])
     with pytest.raises(ValueError, match=r"not a DyLoRA config"):
         jlora.truncate(tr, jlora.LoraConfig(rank=4, targets="w"), 2)
-    with pytest.raises(ValueError, match=r"truncate: .*\n  trainable holds an adapter at v, but no rule of the config matches"):
+    with pytest.raises(ValueError, match=r"truncate: .*\n  trainable holds an adapter at v, but no rule "
+                                         r"of the config matches"):
         jlora.truncate({"v": tr["w"]}, cfg, 2)
     model, x, params = _mlp()
     cfg = jlora.LoraConfig(rank=4, dylora="plain", targets=r".*/kernel")
@@ -104,10 +105,11 @@ def test_errors():
 @pytest.mark.parametrize("rank", [0, 5, -1])
 def test_lora_rank_out_of_range_is_refused(strategy, rank):
     model, x, params = _mlp()
-    cfg = jlora.LoraConfig(rank=4, dylora="plain", targets=(jlora.Rule(pattern=r".*_0/kernel", rank=3), r".*/kernel"))
+    cfg = jlora.LoraConfig(rank=4, dylora="plain",
+                           targets=(jlora.Rule(pattern=r".*_0/kernel", rank=3), r".*/kernel"))
     frozen, trainable = jlora.init(jax.random.key(2), params, cfg)
-    with pytest.raises(ValueError, match=rf"lora_rank={rank} is out of range for this DyLoRA adapter of rank 4; "
-                                         r"choose 1 <= lora_rank <= 4\."):
+    with pytest.raises(ValueError, match=rf"lora_rank={rank} is out of range for this DyLoRA adapter "
+                                         r"of rank 4; choose 1 <= lora_rank <= 4\."):
         jlora.wrap(model.apply, cfg, strategy)(frozen, trainable, x, lora_rank=rank)
     with pytest.raises(ValueError, match=rf"lora_rank={rank} is out of range"):
         jlora.wrap(model.apply, cfg, strategy).uses(frozen, trainable, x, lora_rank=jnp.int32(rank))
@@ -131,8 +133,9 @@ def test_lora_rank_on_a_plain_adapter_is_refused(jit):
     lora_apply = jlora.wrap(model.apply, cfg)
     call = jax.jit(lambda k: lora_apply(frozen, trainable, x, lora_rank=k)) if jit else (
         lambda k: lora_apply(frozen, trainable, x, lora_rank=k))
-    with pytest.raises(ValueError, match=r"lora_rank=.* is given, but this adapter is not DyLoRA "
-                                         r"\(LoraConfig\(dylora=None\)\): its rank is fixed\. Drop lora_rank"):
+    with pytest.raises(ValueError, match=r"lora_rank=.* is given, but this adapter is not "
+                                         r"DyLoRA \(LoraConfig\(dylora=None\)\): its rank is "
+                                         r"fixed\. Drop lora_rank"):
         call(1)
 
 
@@ -146,6 +149,7 @@ def test_traced_rank_out_of_range_gives_nan_never_another_rank(strategy):
     serve = jax.jit(lambda k: lora_apply(frozen, trainable, x, lora_rank=k))
     for k in (1, 4):  # in range: the adapter at rank k, as a truncated adapter computes it
         small, cfg_k = jlora.truncate(trainable, cfg, k)
-        np.testing.assert_allclose(serve(k), jlora.wrap(model.apply, cfg_k)(frozen, small, x), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(serve(k), jlora.wrap(model.apply, cfg_k)(frozen, small, x),
+                                   rtol=1e-5, atol=1e-5)
     for k in (0, 5, -3):
         assert np.isnan(np.asarray(serve(k))).all(), k

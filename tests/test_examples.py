@@ -30,7 +30,8 @@ def test_tweet_sentiment_quick(tmp_path):
     assert (tmp_path / "tweet_sentiment_loss.png").stat().st_size > 0
     # The probe trains until its training-set loss stops falling, not for the others' step count.
     probe = record["probe"][0]
-    assert probe["steps"] > record["steps"] and probe["train_loss"] < np.mean(record["curves"]["linear probe"][:4])
+    assert (probe["steps"] > record["steps"]
+            and probe["train_loss"] < np.mean(record["curves"]["linear probe"][:4]))
     assert record["rows"]["LoRA+"]["per_seed"] == [record["rows"]["LoRA+"]["accuracy"]]
     assert 0 < record["comparisons"]["LoRA+"]["mean_loss_ratio"][0] < 2
 

@@ -89,7 +89,8 @@ class Scanned(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        stack = nn.scan(nn.remat(Block), variable_axes={"params": self.axis}, split_rngs={"params": True}, length=L)
+        stack = nn.scan(nn.remat(Block), variable_axes={"params": self.axis}, split_rngs={"params": True},
+                        length=L)
         return stack(name="layers")(x, None)[0]
 
 
@@ -130,7 +131,8 @@ class ShardMapMoe(nn.Module):
             return jnp.einsum("ecf,efd->ecd", jax.nn.gelu(jnp.einsum("ecd,edf->ecf", t, up)), down)
 
         spec = jax.sharding.PartitionSpec("expert")
-        return jax.shard_map(experts, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)(tokens, up, down)
+        return jax.shard_map(experts, mesh=mesh, in_specs=(spec, spec, spec),
+                             out_specs=spec)(tokens, up, down)
 
 
 class Tied(nn.Module):
@@ -248,7 +250,8 @@ def test_zero_configuration_training_on_every_style(style):
     uses = lora.uses(frozen, trainable, x)
     assert uses and all(u.factored for u in uses), [u for u in uses if not u.factored]
 
-    bumped = jax.tree.map(lambda v: v + 0.05 * jax.random.normal(jax.random.key(2), v.shape, v.dtype), trainable)
+    bumped = jax.tree.map(lambda v: v + 0.05 * jax.random.normal(jax.random.key(2), v.shape, v.dtype),
+                          trainable)
     merged = jlora.wrap(apply_fn, cfg, strategy="merge")(frozen, bumped, x)
     factored = lora(frozen, bumped, x)
     assert float(jnp.max(jnp.abs(factored - base))) > 1e-4  # the adapter acts
@@ -287,7 +290,8 @@ def test_without_infer_layouts_the_default_is_right_or_one_error_lists_the_fix(s
         assert "jlora.infer_layouts(config, apply_fn, params" in message
         for path in wrong:  # every wrong kernel listed, each with its real split
             in_axes, stack = real[path]
-            assert f"{path}: configured" in message and f"the real split is in_axes={in_axes}" in message, path
+            assert (f"{path}: configured" in message
+                    and f"the real split is in_axes={in_axes}" in message), path
     else:
         assert _splits(default, params) == real  # it ran, so the default was the real split
 
@@ -328,8 +332,9 @@ def test_an_expert_axis_sliced_one_at_a_time_needs_its_own_adapters():
 
     cfg = jlora.LoraConfig(rank=2, targets=jlora.Rule(pattern="experts", in_axes=(1,)))
     frozen, trainable = jlora.init(jax.random.key(1), params, cfg)
-    with pytest.raises(jlora.LayoutError, match=r"experts: configured in_axes=\(1,\).*one slice of axes \(0,\) at a "
-                                                r"time; the real split is in_axes=\(1,\), stack_axes=\(0,\)"):
+    with pytest.raises(jlora.LayoutError, match=r"experts: configured in_axes=\(1,\).*one slice "
+                                                r"of axes \(0,\) at a time; the real split is "
+                                                r"in_axes=\(1,\), stack_axes=\(0,\)"):
         jlora.wrap(apply_fn, cfg)(frozen, trainable, X)
     fixed = jlora.infer_layouts(jlora.LoraConfig(rank=2, targets="experts"), apply_fn, params, X)
     assert fixed.targets[0].stack_axes == (0,) and fixed.targets[0].in_axes == (1,)
@@ -345,7 +350,8 @@ def test_uses_that_disagree_are_listed_by_infer_layouts():
 def test_an_explicit_rule_that_contradicts_the_computation_is_refused():
     params = {"w": jax.random.normal(jax.random.key(0), (D, F))}
     cfg = jlora.LoraConfig(rank=2, targets=jlora.Rule(pattern="w", in_axes=(1,)))
-    with pytest.raises(jlora.LayoutError, match=r"w: configured in_axes=\(1,\).*the real split is in_axes=\(0,\)"):
+    with pytest.raises(jlora.LayoutError, match=r"w: configured in_axes=\(1,\).*the real "
+                                                r"split is in_axes=\(0,\)"):
         jlora.infer_layouts(cfg, lambda p, x: x @ p["w"], params, X)
 
 

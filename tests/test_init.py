@@ -49,7 +49,8 @@ def test_adding_a_target_leaves_the_others_unchanged(key):
     params = _linen_zoo()
     small = jlora.init(key, params, jlora.LoraConfig(rank=2, targets=r".*/dense/kernel"))[1]
     big = jlora.init(key, params, jlora.LoraConfig(rank=2, targets=r".*kernel"))[1]
-    np.testing.assert_array_equal(small["params"]["dense"]["kernel"]["a"], big["params"]["dense"]["kernel"]["a"])
+    np.testing.assert_array_equal(small["params"]["dense"]["kernel"]["a"],
+                                  big["params"]["dense"]["kernel"]["a"])
 
 
 def test_kaiming_uniform_bound_is_one_over_sqrt_fan_in(key):
@@ -128,7 +129,8 @@ def test_pissa_keeps_the_function_and_freezes_the_residual(key, stacked):
     s_w = np.linalg.svd(np.asarray(w), compute_uv=False)[..., :3]
     np.testing.assert_allclose(np.linalg.svd(np.asarray(top), compute_uv=False)[..., :3], s_w, rtol=1e-4)
     fn = (lambda p, x: jnp.einsum("bi,lio->lbo", x, p["w"])) if stacked else (lambda p, x: x @ p["w"])
-    np.testing.assert_allclose(jlora.wrap(fn, cfg)(frozen, trainable, x), fn({"w": w}, x), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(jlora.wrap(fn, cfg)(frozen, trainable, x), fn({"w": w}, x),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_pissa_on_a_linen_attention_model(key):
@@ -146,8 +148,8 @@ def test_dora_magnitude_starts_at_the_weight_norm(key):
     cfg = jlora.LoraConfig(rank=2, targets=r".*attn/(query|out)/kernel", dora=True)
     _, trainable = jlora.init(key, params, cfg)
     q, o = params["params"]["attn"]["query"]["kernel"], params["params"]["attn"]["out"]["kernel"]
-    np.testing.assert_allclose(trainable["params"]["attn"]["query"]["kernel"]["m"], jnp.linalg.norm(q, axis=0),
-                               rtol=1e-6)
+    np.testing.assert_allclose(trainable["params"]["attn"]["query"]["kernel"]["m"],
+                               jnp.linalg.norm(q, axis=0), rtol=1e-6)
     np.testing.assert_allclose(trainable["params"]["attn"]["out"]["kernel"]["m"],
                                jnp.sqrt(jnp.sum(o * o, axis=(0, 1))), rtol=1e-6)
     out = jlora.wrap(LinenZoo().apply, cfg, fallback="error")(*jlora.init(key, params, cfg), TOKENS)
@@ -156,7 +158,8 @@ def test_dora_magnitude_starts_at_the_weight_norm(key):
 
 def test_dora_is_refused_on_embedding_tables(key):
     cfg = jlora.LoraConfig(rank=2, targets=r".*embedding", dora=True)
-    with pytest.raises(ValueError, match=r"params/embed/embedding .*DoRA .* not defined here for embedding tables"):
+    with pytest.raises(ValueError, match=r"params/embed/embedding .*DoRA .* not defined here "
+                                         r"for embedding tables"):
         jlora.init(key, _linen_zoo(), cfg)
 
 
@@ -168,5 +171,6 @@ def test_quantized_base(key):
     m = jlora.init(key, q, dora)[1]["d"]["kernel"]["m"]
     np.testing.assert_array_equal(m, jlora.init(key, jlora.dequantize(q), dora)[1]["d"]["kernel"]["m"])
     pissa = jlora.LoraConfig(rank=2, targets=".*/kernel", init="pissa")
-    with pytest.raises(ValueError, match=r"init='pissa' .* d/kernel is quantized .* then quantize the residual"):
+    with pytest.raises(ValueError, match=r"init='pissa' .* d/kernel is quantized .* then "
+                                         r"quantize the residual"):
         jlora.init(key, jlora.quantize(params, pissa, "int8"), pissa)

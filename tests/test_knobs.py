@@ -59,7 +59,8 @@ def test_frozen_mode_trains_only_the_kth_component():
 def test_dora_magnitude_follows_the_runtime_scale():
     cfg, t, w, tr = _target(dora=True)
     norm = jnp.linalg.norm(w, axis=0)
-    np.testing.assert_allclose(call_factors(t, cfg, w, tr["a"], tr["b"], tr["m"], scale=0.0).m, norm, rtol=1e-6)
+    np.testing.assert_allclose(call_factors(t, cfg, w, tr["a"], tr["b"], tr["m"], scale=0.0).m, norm,
+                               rtol=1e-6)
     e = call_factors(t, cfg, w, tr["a"], tr["b"], tr["m"], scale=0.5)
     np.testing.assert_allclose(e.m, norm + 0.5 * (tr["m"] - norm), rtol=1e-6)
     np.testing.assert_allclose(e.scale, 0.5 * 2.0)

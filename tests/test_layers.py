@@ -18,7 +18,8 @@ LAYERS = {
     "tree helpers": ["_paths", "_trace"],
     "the plan": ["_plan", "_infer"],
     "what the verbs are made of": ["_knobs", "_rewrite", "_sharding"],
-    "verbs": ["_init", "_merge", "_quantize", "_optimizer", "_dylora", "_bank", "_combine", "_summary", "_wrap"],
+    "verbs": ["_init", "_merge", "_quantize", "_optimizer", "_dylora", "_bank", "_combine", "_summary",
+              "_wrap"],
     "I/O": ["_checkpoint", "_peft", "_cli"],
     "entry points": ["__init__", "__main__"],
 }
@@ -70,5 +71,6 @@ def test_no_import_inside_a_function(module):
 
 
 def test_the_check_sees_an_upward_import():
-    tree = ast.parse("from jlora._wrap import wrap\nimport jlora._cli\n\ndef f():\n    from jlora import _peft\n")
+    tree = ast.parse("from jlora._wrap import wrap\nimport jlora._cli\n\n"
+                     "def f():\n    from jlora import _peft\n")
     assert _jlora_imports(tree) == [("_wrap", 1), ("_cli", 2), ("_peft", 5)]

@@ -47,7 +47,8 @@ def test_merged_keeps_w_dtype_and_sums_wide():
     a, b = jnp.full((4, 2), 1e-3), jnp.ones((2, 3))
     out = merged(w, a, b, Layout((0,), (1,)), 2.0)
     assert out.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.full((4, 3), 1.0 + 4e-3, np.float32), rtol=1e-2)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.full((4, 3), 1.0 + 4e-3, np.float32),
+                               rtol=1e-2)
 
 
 def test_column_norm_without_forming_the_merged_weight():

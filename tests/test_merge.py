@@ -34,7 +34,8 @@ def test_zero_adapter_merges_to_params_exactly_with_structure(key):
 def test_nnx_state_merges_back_into_a_model(key):
     model = NnxModel(nnx.Rngs(0))
     apply_fn, state = nnx_apply(model)
-    cfg = jlora.LoraConfig(rank=2, targets=(jlora.Rule(pattern=r"layers/.*/kernel", stack_axes=(0,)), r"attn/.*/kernel"))
+    cfg = jlora.LoraConfig(rank=2, targets=(jlora.Rule(pattern=r"layers/.*/kernel", stack_axes=(0,)),
+                                            r"attn/.*/kernel"))
     frozen, trainable = jlora.init(key, state, cfg)
     trainable = bump(trainable)
     merged = jlora.merge(frozen, trainable, cfg)
@@ -83,11 +84,13 @@ def test_train_in_full_leaves_take_the_trained_value(key):
     tr["params"]["layers_2"]["bias"] = tr["params"]["layers_2"]["bias"] + 2.0
     base = params["params"]["layers_2"]["bias"]
     np.testing.assert_allclose(jlora.merge(frozen, tr, cfg)["params"]["layers_2"]["bias"], base + 2.0)
-    np.testing.assert_allclose(jlora.merge(frozen, tr, cfg, scale=0.25)["params"]["layers_2"]["bias"], base + 0.5)
+    np.testing.assert_allclose(jlora.merge(frozen, tr, cfg, scale=0.25)["params"]["layers_2"]["bias"],
+                               base + 0.5)
 
 
 def test_safe_mode_names_every_non_finite_path(key):
-    params = {"a": {"kernel": jnp.ones((4, 4))}, "b": {"kernel": jnp.ones((4, 4))}, "c": {"kernel": jnp.ones((4, 4))}}
+    params = {"a": {"kernel": jnp.ones((4, 4))}, "b": {"kernel": jnp.ones((4, 4))},
+              "c": {"kernel": jnp.ones((4, 4))}}
     cfg = jlora.LoraConfig(rank=2, targets=r".*/kernel")
     frozen, tr = jlora.init(key, params, cfg)
     tr["a"]["kernel"]["b"] = tr["a"]["kernel"]["b"].at[0, 0].set(jnp.nan)
@@ -112,7 +115,8 @@ def test_merge_rejects_a_mismatched_trainable(key):
 def test_nonlinear_adapters_have_no_merged_form(key):
     cfg = jlora.LoraConfig(rank=2, targets="w", nonlinearity="gelu")
     frozen, tr = jlora.init(key, {"w": jnp.ones((4, 4))}, cfg)
-    with pytest.raises(ValueError, match=r"merge: nonlinearity='gelu': the delta .* no longer a linear map .*strategy='factored'"):
+    with pytest.raises(ValueError, match=r"merge: nonlinearity='gelu': the delta .* no longer a linear map "
+                                         r".*strategy='factored'"):
         jlora.merge(frozen, tr, cfg)
     with pytest.raises(ValueError, match=r"no longer a linear map"):
         jlora.wrap(lambda p, x: x @ p["w"], cfg, "merge")(frozen, tr, jnp.ones((1, 4)))
@@ -140,5 +144,6 @@ def test_merge_refuses_integer_factors_and_a_rank_without_dylora():
     ints = jax.tree.map(lambda v: v.astype(jnp.int32), trainable)
     with pytest.raises(ValueError, match=r"w/a has dtype int32; LoRA factors .* floating point"):
         jlora.merge(frozen, ints, cfg)
-    with pytest.raises(ValueError, match=r"merge: rank=1 picks a DyLoRA rank, but this config has dylora=None"):
+    with pytest.raises(ValueError, match=r"merge: rank=1 picks a DyLoRA rank, but this "
+                                         r"config has dylora=None"):
         jlora.merge(frozen, trainable, cfg, rank=1)

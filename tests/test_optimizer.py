@@ -142,7 +142,8 @@ def test_training_with_wrap_lowers_the_loss():
     [
         ({"lr_ratio": 0.0}, ValueError, r"lr_ratio must be a finite number > 0 or 'auto', got 0.0"),
         ({"lr_ratio": "fast"}, ValueError, r"lr_ratio must be .* got 'fast'"),
-        ({"learning_rate": -1.0}, ValueError, r"learning_rate must be a finite number >= 0 or an optax schedule"),
+        ({"learning_rate": -1.0}, ValueError,
+         r"learning_rate must be a finite number >= 0 or an optax schedule"),
         ({"full_lr": float("inf")}, ValueError, r"full_lr must be a finite number"),
         ({"base": "adam"}, TypeError, r"base must be an optax optimizer factory"),
     ],
@@ -156,7 +157,8 @@ def test_errors(kwargs, error, message):
 def test_auto_needs_the_config_that_made_trainable():
     _, trainable = _setup()
     other = jlora.LoraConfig(rank=4, targets=r".*/up/kernel")
-    with pytest.raises(ValueError, match=r"optimizer: .*\n  trainable holds an adapter at params/down/kernel, but no rule of the config matches"):
+    with pytest.raises(ValueError, match=r"optimizer: .*\n  trainable holds an adapter at "
+                                         r"params/down/kernel, but no rule of the config matches"):
         jlora.optimizer(other, 1e-3, lr_ratio="auto").init(trainable)
     with pytest.raises(TypeError, match=r"expected a jlora.LoraConfig"):
         jlora.optimizer({}, 1e-3)

@@ -60,7 +60,8 @@ class TinyConv(nn.Module):
 
 
 def torch_to_flax(state: dict) -> dict:
-    """A torch state dict as Linen params: Linear (out, in) -> (in, out), conv (out, in, *k) -> (*k, in, out)."""
+    """A torch state dict as Linen params: Linear (out, in) -> (in, out),
+    conv (out, in, *k) -> (*k, in, out)."""
     flat = {}
     for key, value in state.items():
         *module, name = key.split(".")
@@ -78,7 +79,8 @@ GPT2 = dict(vocab=50, positions=16, d=16, layers=2, heads=2)  # the fixture scri
 
 
 class Conv1D(nn.Module):
-    """Hugging Face's FlaxConv1D: a kernel ``(out, in)`` (torch Conv1D's ``(in, out)`` weight, transposed), used transposed."""
+    """Hugging Face's FlaxConv1D: a kernel ``(out, in)`` (torch Conv1D's ``(in, out)`` weight, transposed),
+    used transposed."""
 
     features: int
 
@@ -95,7 +97,8 @@ class GPT2Attention(nn.Module):
     def __call__(self, x):
         b, t, d = x.shape
         heads = GPT2["heads"]
-        q, k, v = (y.reshape(b, t, heads, d // heads) for y in jnp.split(Conv1D(3 * d, name="c_attn")(x), 3, axis=-1))
+        q, k, v = (y.reshape(b, t, heads, d // heads)
+                   for y in jnp.split(Conv1D(3 * d, name="c_attn")(x), 3, axis=-1))
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (d // heads) ** -0.5
         causal = jnp.tril(jnp.ones((t, t), bool))[None, None]
         probs = jax.nn.softmax(jnp.where(causal, scores, jnp.finfo(scores.dtype).min), axis=-1)
@@ -155,7 +158,8 @@ def gpt2_to_flax(state: dict) -> dict:
     return nest(flat)
 
 
-# The FlaxGPT2 layout, as a Rule: jlora.infer_layouts derives the same in_axes=(1,) from the model's dot_generals.
+# The FlaxGPT2 layout, as a Rule: jlora.infer_layouts derives the same in_axes=(1,) from the model's
+# dot_generals.
 GPT2_LAYOUTS = jlora.LoraConfig(targets=jlora.Rule(pattern=r".*/(c_attn|c_proj|c_fc)/kernel", in_axes=(1,)))
 
 
@@ -196,7 +200,8 @@ def test_imported_adapter_reproduces_peft_outputs(name):
     for key, want in expected.items():
         np.testing.assert_allclose(got[key], want, rtol=0, atol=1e-5, err_msg=f"{name}: {key}")
     assert all(u.factored for u in lora_apply.uses(frozen, trainable, *args))
-    if name in ("conv_lora", "gpt2_lora"):  # the merged weights too (a BERT compile more is not worth its seconds)
+    # the merged weights too (a BERT compile more is not worth its seconds)
+    if name in ("conv_lora", "gpt2_lora"):
         merged = model.apply(jlora.merge(frozen, trainable, config), *args)
         np.testing.assert_allclose(merged, expected["logits"], rtol=0, atol=1e-5)
 
@@ -212,7 +217,8 @@ def test_fixture_adapters_change_the_outputs_visibly(name):
 def test_import_reads_ranks_alphas_dropout_and_modules_to_save():
     _, params, _, _, folder = _fixture("bert_lora")
     _, trainable, config = import_peft(folder, params)
-    assert (config.rank, config.alpha, config.dropout, config.rslora, config.dora) == (4, 8.0, 0.1, False, False)
+    assert (config.rank, config.alpha, config.dropout, config.rslora, config.dora) == (
+        4, 8.0, 0.1, False, False)
     targets = Plan.of_base(config, params)
     layer = "params/bert/encoder/layer/{}/attention/self/{}/kernel"
     want = {  # rank_pattern {layer.1...query: 2, word_embeddings: 3}, alpha_pattern {value: 3}
@@ -221,13 +227,17 @@ def test_import_reads_ranks_alphas_dropout_and_modules_to_save():
         "params/bert/embeddings/word_embeddings/embedding": (3, 8 / 3),
     }
     assert {p: t.rank for p, t in targets.items() if t.adapted} == {p: r for p, (r, _) in want.items()}
-    assert {p: t.scale for p, t in targets.items() if t.adapted} == pytest.approx({p: s for p, (_, s) in want.items()})
+    assert {p: t.scale for p, t in targets.items() if t.adapted} == pytest.approx(
+        {p: s for p, (_, s) in want.items()})
     assert targets["params/bert/embeddings/word_embeddings/embedding"].embedding
-    assert sorted(p for p, t in targets.items() if not t.adapted) == ["params/classifier/bias", "params/classifier/kernel"]
+    assert sorted(p for p, t in targets.items() if not t.adapted) == ["params/classifier/bias",
+                                                                      "params/classifier/kernel"]
     peft = load_file(folder / "adapter_model.safetensors")
-    np.testing.assert_array_equal(trainable["params"]["classifier"]["kernel"], peft["base_model.model.classifier.weight"].T)
+    np.testing.assert_array_equal(trainable["params"]["classifier"]["kernel"],
+                                  peft["base_model.model.classifier.weight"].T)
     a = trainable["params"]["bert"]["encoder"]["layer"]["1"]["attention"]["self"]["query"]["kernel"]["a"]
-    np.testing.assert_array_equal(a, peft["base_model.model.bert.encoder.layer.1.attention.self.query.lora_A.weight"].T)
+    np.testing.assert_array_equal(
+        a, peft["base_model.model.bert.encoder.layer.1.attention.self.query.lora_A.weight"].T)
     assert a.dtype == jnp.float32
 
 
@@ -235,13 +245,15 @@ def _random(abstract, seed: int = 0, std: float = 0.1):
     """Arrays of an abstract tree's shapes and dtypes: N(0, std²); DoRA magnitudes ``m`` in U(0.5, 1.5)."""
     rng = np.random.default_rng(seed)
     leaves, treedef = jax.tree_util.tree_flatten(abstract)
-    new = [(rng.uniform(0.5, 1.5, s.shape) if path.endswith("/m") else rng.normal(0, std, s.shape)).astype(s.dtype)
+    new = [(rng.uniform(0.5, 1.5, s.shape) if path.endswith("/m")
+            else rng.normal(0, std, s.shape)).astype(s.dtype)
            for path, s in zip(leaf_paths(abstract), leaves, strict=True)]
     return jax.tree_util.tree_unflatten(treedef, new)
 
 
 def _init(params, config: jlora.LoraConfig, seed: int = 0):
-    """``(params, trainable)`` with jlora.init's structure but random values (b != 0), and nothing compiled."""
+    """``(params, trainable)`` with jlora.init's structure but random values (b != 0), and nothing
+    compiled."""
     _, abstract = jax.eval_shape(lambda p: jlora.init(jax.random.key(0), p, config), params)
     return params, _random(abstract, seed)
 
@@ -264,7 +276,8 @@ def test_export_of_import_reproduces_peft_files(name, tmp_path):
     frozen, trainable, config = import_peft(folder, params)
     export_peft(tmp_path, trainable, config, frozen=frozen, conv=CONV)
 
-    theirs, ours = load_file(folder / "adapter_model.safetensors"), load_file(tmp_path / "adapter_model.safetensors")
+    theirs, ours = (load_file(folder / "adapter_model.safetensors"),
+                    load_file(tmp_path / "adapter_model.safetensors"))
     assert sorted(ours) == sorted(theirs)
     for key in theirs:
         assert ours[key].dtype == theirs[key].dtype and ours[key].shape == theirs[key].shape, key
@@ -273,7 +286,8 @@ def test_export_of_import_reproduces_peft_files(name, tmp_path):
     their_cfg = json.loads((folder / "adapter_config.json").read_text())
     our_cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert set(our_cfg) == set(their_cfg) - {"peft_version"}
-    differ = {"target_modules", "rank_pattern", "alpha_pattern", "auto_mapping", "lora_alpha", "modules_to_save"}
+    differ = {"target_modules", "rank_pattern", "alpha_pattern", "auto_mapping", "lora_alpha",
+              "modules_to_save"}
     for field in set(our_cfg) - differ:
         assert our_cfg[field] == their_cfg[field], field
     assert our_cfg["lora_alpha"] == their_cfg["lora_alpha"]  # also the int type
@@ -281,7 +295,8 @@ def test_export_of_import_reproduces_peft_files(name, tmp_path):
     assert _peft_targets(our_cfg, modules) == _peft_targets(their_cfg, modules)
 
     def saved(cfg):  # PEFT matches modules_to_save entries as module-name suffixes
-        return sorted(m for m in modules if any(m == t or m.endswith(f".{t}") for t in cfg["modules_to_save"] or ()))
+        return sorted(m for m in modules
+                      if any(m == t or m.endswith(f".{t}") for t in cfg["modules_to_save"] or ()))
 
     assert saved(our_cfg) == saved(their_cfg)
 
@@ -294,7 +309,8 @@ def _zoo():
     """``(jitted apply, params, tokens)`` of LinenZoo: one compile for every round trip below."""
     model = LinenZoo()
     tokens = jnp.array([[1, 5, 7, 3, 9], [2, 2, 8, 0, 4]])
-    return jax.jit(model.apply), _random(jax.eval_shape(model.init, jax.random.key(0), tokens), std=0.3), tokens
+    return (jax.jit(model.apply), _random(jax.eval_shape(model.init, jax.random.key(0), tokens), std=0.3),
+            tokens)
 
 
 ZOO_CONFIGS = {
@@ -385,15 +401,17 @@ def test_module_name_override_and_dtype(tmp_path):
     assert sorted(tensors) == ["base_model.model.model.layers.0.attn.q_proj.lora_A.weight",
                                "base_model.model.model.layers.0.attn.q_proj.lora_B.weight"]
     assert tensors["base_model.model.model.layers.0.attn.q_proj.lora_A.weight"].dtype == jnp.bfloat16
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/model"
+    assert (json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"]
+            == "org/model")
     with pytest.raises(ValueError, match=r"2 adapter keys map to no leaf"):
         import_peft(tmp_path, params)
     table = {"params/blocks_0/attn/q/kernel": "model.layers.0.attn.q_proj"}
     _, back, config2 = import_peft(tmp_path, params, module_name=table)
-    assert config2.dtype == "bfloat16" and back["params"]["blocks_0"]["attn"]["q"]["kernel"]["a"].dtype == jnp.bfloat16
+    assert (config2.dtype == "bfloat16"
+            and back["params"]["blocks_0"]["attn"]["q"]["kernel"]["a"].dtype == jnp.bfloat16)
 
 
-# --------------------------------------------------------------------------- transposed kernels (fan_in_fan_out)
+# ------------------------------------------------------------------------ transposed kernels (fan_in_fan_out)
 
 
 def _gpt2_params():
@@ -409,15 +427,18 @@ def test_gpt2_import_reads_fan_in_fan_out_as_in_axes_1():
     targets = Plan.of_base(config, params)
     assert {t.layout.in_axes for t in targets.values() if t.adapted} == {(1,)}
     assert len([t for t in targets.values() if t.adapted]) == 8
-    # The square kernel, by hand: PEFT adds (B @ A)ᵀ·s to the torch (in, out) weight, i.e. s·B @ A to the (out, in) kernel.
+    # The square kernel, by hand: PEFT adds (B @ A)ᵀ·s to the torch (in, out) weight, i.e. s·B @ A to
+    # the (out, in) kernel.
     peft = load_file(folder / "adapter_model.safetensors")
     big_a, big_b = (peft[f"base_model.model.transformer.h.0.attn.c_proj.lora_{x}.weight"] for x in "AB")
     adapter = trainable["params"]["transformer"]["h"]["0"]["attn"]["c_proj"]["kernel"]
     np.testing.assert_array_equal(adapter["a"], big_a.T)
     np.testing.assert_array_equal(adapter["b"], big_b.T)
-    merged = jlora.merge(params, trainable, config)["params"]["transformer"]["h"]["0"]["attn"]["c_proj"]["kernel"]
+    merged = jlora.merge(params, trainable, config)["params"]["transformer"]["h"]["0"]["attn"]["c_proj"][
+        "kernel"]
     kernel = params["params"]["transformer"]["h"]["0"]["attn"]["c_proj"]["kernel"]
-    np.testing.assert_allclose(merged, kernel + 3 / 4 * big_b @ big_a, rtol=0, atol=1e-6)  # alpha_pattern 3, r 4
+    # alpha_pattern 3, r 4
+    np.testing.assert_allclose(merged, kernel + 3 / 4 * big_b @ big_a, rtol=0, atol=1e-6)
     # The same file read with explicit layouts (what jlora.infer_layouts gives) is the same config.
     _, trainable2, config2 = import_peft(folder, params, layouts=GPT2_LAYOUTS)
     assert config2 == config
@@ -427,9 +448,10 @@ def test_gpt2_import_reads_fan_in_fan_out_as_in_axes_1():
 def test_gpt2_import_without_fan_in_fan_out_is_an_error_not_a_swap(tmp_path):
     folder = _copy("gpt2_lora", tmp_path)
     _edit_config(folder, fan_in_fan_out=False)
-    with pytest.raises(ValueError, match=r"(?s)c_attn -> params/transformer/h/0/attn/c_attn/kernel: lora_A \(4, 16\) / "
-                                         r"lora_B \(48, 4\) do not fit the kernel's \(48, 16\).*They fit the kernel "
-                                         r"used transposed, \(out, in\) with in_axes=\(1,\).*layouts=jlora\.infer_layouts"):
+    with pytest.raises(ValueError, match=r"(?s)c_attn -> params/transformer/h/0/attn/c_attn/kernel: "
+                                         r"lora_A \(4, 16\) / lora_B \(48, 4\) do not fit the kernel's "
+                                         r"\(48, 16\).*They fit the kernel used transposed, \(out, in\) with "
+                                         r"in_axes=\(1,\).*layouts=jlora\.infer_layouts"):
         import_peft(folder, _gpt2_params())
     # Told the layout, the same file reads right, the square kernel included.
     _, trainable, config = import_peft(folder, _gpt2_params(), layouts=GPT2_LAYOUTS)
@@ -439,39 +461,43 @@ def test_gpt2_import_without_fan_in_fan_out_is_an_error_not_a_swap(tmp_path):
 def test_gpt2_import_layouts_win_over_fan_in_fan_out_and_are_checked():
     _, params, _, _, folder = _fixture("gpt2_lora")
     # PEFT sets fan_in_fan_out per module from its type; explicit layouts say which kernels are (in, out).
-    wrong = jlora.LoraConfig(targets=(jlora.Rule(pattern=r".*/c_(attn|fc)/kernel", in_axes=(0,)), r".*/kernel"))
-    with pytest.raises(ValueError, match=r"c_attn -> params/transformer/h/0/attn/c_attn/kernel: lora_A \(4, 16\) / "
-                                         r"lora_B \(48, 4\) do not fit the kernel's \(48, 16\).*They fit the kernel "
-                                         r"used transposed"):
+    wrong = jlora.LoraConfig(targets=(jlora.Rule(pattern=r".*/c_(attn|fc)/kernel", in_axes=(0,)),
+                                      r".*/kernel"))
+    with pytest.raises(ValueError, match=r"c_attn -> params/transformer/h/0/attn/c_attn/kernel: "
+                                         r"lora_A \(4, 16\) / lora_B \(48, 4\) do not fit the kernel's "
+                                         r"\(48, 16\).*They fit the kernel used transposed"):
         import_peft(folder, params, layouts=wrong)
     with pytest.raises(TypeError, match=r"layouts must be a jlora\.LoraConfig .*got dict"):
         import_peft(folder, params, layouts={"c_proj": (1,)})
     stacked = jlora.LoraConfig(targets=jlora.Rule(pattern=r".*c_fc/kernel", stack_axes=(0,)))
-    with pytest.raises(ValueError, match=r"mlp/c_fc/kernel: layouts give stack_axes=\(0,\); a PEFT module is one layer"):
+    with pytest.raises(ValueError, match=r"mlp/c_fc/kernel: layouts give stack_axes=\(0,\); "
+                                         r"a PEFT module is one layer"):
         import_peft(folder, params, layouts=stacked)
 
 
 def _square(in_axes):
     """A kernel (16, 16) with a jlora adapter whose a and b differ, under a rule of ``in_axes``."""
-    params = {"params": {"attn": {"c_proj": {"kernel": jnp.asarray(np.random.default_rng(3).normal(size=(16, 16)),
-                                                                   jnp.float32)}}}}
+    params = {"params": {"attn": {"c_proj": {"kernel": jnp.asarray(
+        np.random.default_rng(3).normal(size=(16, 16)), jnp.float32)}}}}
     config = jlora.LoraConfig(rank=2, alpha=4.0, targets=jlora.Rule(pattern=r".*/kernel", in_axes=in_axes))
     return (*_init(params, config, seed=5), config)
 
 
 @pytest.mark.parametrize("in_axes", [(0,), (1,)], ids=["in-out", "out-in"])
 def test_square_kernel_exports_with_its_input_side(in_axes, tmp_path):
-    """PEFT's delta from the files, (B @ A) on torch's (out, in), is jlora's merged delta on the Flax kernel."""
+    """PEFT's delta from the files, (B @ A) on torch's (out, in), is jlora's merged delta on the Flax
+    kernel."""
     params, trainable, config = _square(in_axes)
     export_peft(tmp_path, trainable, config)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is (in_axes == (1,))
     peft = load_file(tmp_path / "adapter_model.safetensors")
-    big_a, big_b = peft["base_model.model.attn.c_proj.lora_A.weight"], peft["base_model.model.attn.c_proj.lora_B.weight"]
+    big_a, big_b = (peft["base_model.model.attn.c_proj.lora_A.weight"],
+                    peft["base_model.model.attn.c_proj.lora_B.weight"])
     adapter = trainable["params"]["attn"]["c_proj"]["kernel"]
     np.testing.assert_array_equal(big_a, adapter["a"].T)
     np.testing.assert_array_equal(big_b, adapter["b"].T)
-    delta = jlora.merge(params, trainable, config)["params"]["attn"]["c_proj"]["kernel"] - params["params"]["attn"][
-        "c_proj"]["kernel"]
+    delta = (jlora.merge(params, trainable, config)["params"]["attn"]["c_proj"]["kernel"]
+             - params["params"]["attn"]["c_proj"]["kernel"])
     torch_delta = 2.0 * big_b @ big_a  # (out, in)
     np.testing.assert_allclose(delta, torch_delta.T if in_axes == (0,) else torch_delta, rtol=0, atol=1e-6)
     assert np.max(np.abs(torch_delta - torch_delta.T)) > 1e-2  # a swap would show
@@ -482,19 +508,22 @@ def test_square_kernel_exports_with_its_input_side(in_axes, tmp_path):
 
 def test_export_refuses_a_mix_of_transposed_kernels_unless_told(tmp_path):
     params = {"params": {"c_attn": {"kernel": jnp.ones((12, 4))}, "dense": {"kernel": jnp.ones((4, 6))}}}
-    config = jlora.LoraConfig(rank=2, targets=(jlora.Rule(pattern=r".*/c_attn/kernel", in_axes=(1,)), r".*/kernel"))
+    config = jlora.LoraConfig(rank=2, targets=(jlora.Rule(pattern=r".*/c_attn/kernel", in_axes=(1,)),
+                                               r".*/kernel"))
     _, trainable = _init(params, config)
-    with pytest.raises(ValueError, match=r"2-D kernels used transposed \(in_axes=\(1,\)\): \['params/c_attn/kernel'\], "
-                                         r"beside kernels that are not: \['params/dense/kernel'\].*pass fan_in_fan_out=True"):
+    with pytest.raises(ValueError, match=r"2-D kernels used transposed \(in_axes=\(1,\)\): "
+                                         r"\['params/c_attn/kernel'\], beside kernels that are not: "
+                                         r"\['params/dense/kernel'\].*pass fan_in_fan_out=True"):
         export_peft(tmp_path / "mixed", trainable, config)
     assert not (tmp_path / "mixed").exists()
     with pytest.raises(TypeError, match=r"fan_in_fan_out must be True, False or None, got 'yes'"):
         export_peft(tmp_path / "mixed", trainable, config, fan_in_fan_out="yes")
     export_peft(tmp_path / "told", trainable, config, fan_in_fan_out=True)
     assert json.loads((tmp_path / "told" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
-    with pytest.raises(ValueError, match=r"dense -> params/dense/kernel: lora_A \(2, 4\) / lora_B \(6, 2\) do not fit "
-                                         r"the kernel's \(4, 6\).*fit the kernel as \(in, out\), in_axes=\(0,\): "
-                                         r"fan_in_fan_out: true makes 2-D kernels \(out, in\) unless layouts say"):
+    with pytest.raises(ValueError, match=r"dense -> params/dense/kernel: lora_A \(2, 4\) / lora_B \(6, 2\) "
+                                         r"do not fit the kernel's \(4, 6\).*fit the kernel as \(in, out\), "
+                                         r"in_axes=\(0,\): fan_in_fan_out: true makes 2-D kernels "
+                                         r"\(out, in\) unless layouts say"):
         import_peft(tmp_path / "told", params)
     layouts = jlora.LoraConfig(targets=(jlora.Rule(pattern=r".*/c_attn/kernel", in_axes=(1,)),
                                         jlora.Rule(pattern=r".*/kernel", in_axes=(0,))))
@@ -503,10 +532,12 @@ def test_export_refuses_a_mix_of_transposed_kernels_unless_told(tmp_path):
 
 
 def test_gpt2_round_trip_of_jlora_adapters(tmp_path):
-    """jlora adapters on FlaxGPT2 kernels -> PEFT files (fan_in_fan_out) -> jlora: same factors, same logits."""
+    """jlora adapters on FlaxGPT2 kernels -> PEFT files (fan_in_fan_out) -> jlora: same factors, same
+    logits."""
     params = _gpt2_params()
     config = jlora.LoraConfig(rank=2, alpha=4.0, train_in_full=r".*/ln_f/.*", targets=(
-        jlora.Rule(pattern=r".*/(c_attn|c_proj|c_fc)/kernel", in_axes=(1,)),))  # = jlora.infer_layouts' result
+        # = jlora.infer_layouts' result
+        jlora.Rule(pattern=r".*/(c_attn|c_proj|c_fc)/kernel", in_axes=(1,)),))
     frozen, trainable = _init(params, config, seed=2)
     export_peft(tmp_path, trainable, config, frozen=frozen)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is True
@@ -543,15 +574,16 @@ def test_export_refuses_scanned_kernels(tmp_path):
     params = _random(jax.eval_shape(LinenScan().init, jax.random.key(0), jnp.ones((2, 16))))
     config = jlora.LoraConfig(rank=2, targets=jlora.Rule(pattern=r".*/kernel", stack_axes=(0,)))
     _, trainable = _init(params, config)
-    with pytest.raises(ValueError, match=r"params/layers/up/kernel is a stack of layers \(stack_axes=\(0,\)\)"):
+    with pytest.raises(ValueError, match=r"params/layers/up/kernel is a stack of layers "
+                                         r"\(stack_axes=\(0,\)\)"):
         export_peft(tmp_path, trainable, config)
 
 
 @pytest.mark.parametrize("config,kwargs,match", [
     (jlora.LoraConfig(rank=2, targets=jlora.Rule(pattern=r".*/kernel", in_axes=(1,))),
      {"params": {"params": {"dense": {"kernel": jnp.ones((3, 4, 6))}}}},
-     r"params/dense/kernel has in_axes=\(1,\), not its leading axes.*a 2-D \(out, in\) kernel with in_axes=\(1,\) "
-     r"exports as it is"),
+     r"params/dense/kernel has in_axes=\(1,\), not its leading axes.*a 2-D \(out, in\) kernel with "
+     r"in_axes=\(1,\) exports as it is"),
     (jlora.LoraConfig(rank=2, targets=r".*/kernel"), {"conv": r".*"},
      r"params/dense/kernel \(shape \(4, 6\).*was marked conv"),
     (jlora.LoraConfig(rank=2, targets=r".*/kernel", train_in_full=r".*/bias"), {},
@@ -583,7 +615,8 @@ def test_export_checks_trainable_against_config_and_frozen(tmp_path):
     config = jlora.LoraConfig(rank=2, targets=r".*/kernel")
     frozen, trainable = _init(_dense(), config)
     other = jlora.LoraConfig(rank=2, targets=r".*/other")
-    with pytest.raises(ValueError, match=r"export_peft: .*\n  trainable holds an adapter at params/dense/kernel, but no rule"):
+    with pytest.raises(ValueError, match=r"export_peft: .*\n  trainable holds an adapter at "
+                                         r"params/dense/kernel, but no rule"):
         export_peft(tmp_path, trainable, other)
     wrong = {"params": {"dense": {"kernel": jnp.ones((5, 6)), "bias": jnp.zeros(6)}}}
     with pytest.raises(ValueError, match=r"params/dense/kernel/a has shape \(4, 2\), expected \(5, 2\)"):
@@ -607,8 +640,9 @@ def _edit_config(folder: pathlib.Path, **fields) -> None:
 def test_import_refuses_pickled_weights(tmp_path):
     folder = _copy("conv_lora", tmp_path)
     (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
-    with pytest.raises(ValueError, match=r"(?s)adapter_model\.bin, a pickled torch file.*Unpickling can run "
-                                         r"arbitrary code.*safetensors\.torch import save_file.*weights_only=True"):
+    with pytest.raises(ValueError, match=r"(?s)adapter_model\.bin, a pickled torch file.*Unpickling "
+                                         r"can run arbitrary code.*safetensors\.torch import "
+                                         r"save_file.*weights_only=True"):
         import_peft(folder, {})
     (folder / "adapter_model.bin").unlink()
     with pytest.raises(FileNotFoundError, match=r"adapter_model\.safetensors does not exist"):
@@ -620,16 +654,19 @@ def test_import_refuses_pickled_weights(tmp_path):
 def test_import_lists_every_key_that_maps_to_no_leaf():
     _, conv_params, _, _, _ = _fixture("conv_lora")
     with pytest.raises(ValueError, match=r"12 adapter keys map to no leaf of params: "
-                                         r"base_model\.model\.bert\.embeddings\.word_embeddings\.lora_embedding_A, "
-                                         r".*base_model\.model\.classifier\.weight\. .*pass module_name") as err:
+                                         r"base_model\.model\.bert\.embeddings\.word_embeddings\."
+                                         r"lora_embedding_A, .*base_model\.model\.classifier\.weight\. "
+                                         r".*pass module_name") as err:
         import_peft(FIXTURES / "bert_lora", conv_params)
     assert "base_model.model.bert.encoder.layer.1.attention.self.value.lora_B.weight" in str(err.value)
 
 
 @pytest.mark.parametrize("fields, match", [
     (dict(peft_type="IA3"), r"peft_type='IA3'; jlora reads LoRA adapters"),
-    (dict(lora_bias=True, use_qalora=True), r"features jlora does not implement: lora_bias=True, use_qalora=True"),
-    (dict(init_lora_weights="pissa_niter_4"), r"init_lora_weights='pissa_niter_4' \(it changed the base weights"),
+    (dict(lora_bias=True, use_qalora=True),
+     r"features jlora does not implement: lora_bias=True, use_qalora=True"),
+    (dict(init_lora_weights="pissa_niter_4"),
+     r"init_lora_weights='pissa_niter_4' \(it changed the base weights"),
     (dict(r=2), r"base_model\.model\.conv1: lora_A has rank 3, but r/rank_pattern give 2"),
     (dict(rank_pattern={}), r"conv2: lora_A has rank 2, but r/rank_pattern give 3"),
     (dict(use_dora=True), r"base_model\.model\.conv1: no lora_magnitude_vector, but use_dora=True"),
@@ -655,21 +692,23 @@ def test_import_refuses_tensors_that_do_not_fit(tmp_path):
     message = str(err.value)
     assert re.search(r"conv1: has \['a'\] of PEFT's factors, needs both lora_A and lora_B", message)
     assert re.search(r"conv2\.lora_B\.bias: a tensor of a LoRA variant jlora does not implement", message)
-    assert re.search(r"base_model\.model\.head -> params/head/kernel: lora_A \(3, 7\) / lora_B \(4, 3\) do not fit the "
-                     r"kernel's \(5, 4\) \(expected \(3, 5\) / \(4, 3\)\)", message)
+    assert re.search(r"base_model\.model\.head -> params/head/kernel: lora_A \(3, 7\) / lora_B \(4, 3\) do "
+                     r"not fit the kernel's \(5, 4\) \(expected \(3, 5\) / \(4, 3\)\)", message)
 
 
 def _write_adapter(folder: pathlib.Path, tensors: dict, **fields) -> pathlib.Path:
     folder.mkdir()
     save_file({f"base_model.model.{k}": np.asarray(v, np.float32) for k, v in tensors.items()},
               folder / "adapter_model.safetensors")
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, **fields}))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+                                                            **fields}))
     return folder
 
 
 def test_import_reads_trained_biases_as_leaves_trained_in_full(tmp_path):
     params = {"params": {"fc": {"kernel": np.ones((4, 3), np.float32), "bias": np.zeros(3, np.float32)}}}
-    folder = _write_adapter(tmp_path / "a", {"fc.lora_A.weight": np.ones((2, 4)), "fc.lora_B.weight": np.ones((3, 2)),
+    folder = _write_adapter(tmp_path / "a", {"fc.lora_A.weight": np.ones((2, 4)),
+                                             "fc.lora_B.weight": np.ones((3, 2)),
                                              "fc.bias": [1, 2, 3]}, bias="lora_only")
     _, trainable, config = import_peft(folder, params)
     assert config.train_in_full == (r"params/fc/bias",)
@@ -682,11 +721,11 @@ def test_import_refuses_what_jlora_adapters_cannot_be(tmp_path):
     dora = _write_adapter(tmp_path / "dora", {"emb.lora_embedding_A": np.ones((2, 10)),
                                               "emb.lora_embedding_B": np.ones((4, 2)),
                                               "emb.lora_magnitude_vector": np.ones(4)}, use_dora=True)
-    with pytest.raises(ValueError, match=r"base_model\.model\.emb: DoRA on an embedding; jlora implements DoRA for "
-                                         r"Linear and Conv kernels only"):
+    with pytest.raises(ValueError, match=r"base_model\.model\.emb: DoRA on an embedding; jlora implements "
+                                         r"DoRA for Linear and Conv kernels only"):
         import_peft(dora, params)
-    big = _write_adapter(tmp_path / "big", {"fc.lora_A.weight": np.ones((4, 4)), "fc.lora_B.weight": np.ones((3, 4))},
-                         r=4)
+    big = _write_adapter(tmp_path / "big", {"fc.lora_A.weight": np.ones((4, 4)),
+                                            "fc.lora_B.weight": np.ones((3, 4))}, r=4)
     with pytest.raises(ValueError, match=r"(?s)big does not fit jlora's adapters on params:.*rank 4 exceeds "
                                          r"min\(fan_in=4, fan_out=3\)"):
         import_peft(big, params)
@@ -694,9 +733,11 @@ def test_import_refuses_what_jlora_adapters_cannot_be(tmp_path):
 
 def test_import_refuses_leaves_it_cannot_tell_apart():
     _, params, _, _, folder = _fixture("conv_lora")
-    with pytest.raises(ValueError, match=r"conv1\.weight: the leaves \['params/conv1/kernel', 'params/conv2/kernel'\] "
-                                         r"all map to 'conv1\.weight'; tell them apart with module_name"):
-        import_peft(folder, params, module_name=lambda path: default_module_name(path).replace("conv2", "conv1"))
+    with pytest.raises(ValueError, match=r"conv1\.weight: the leaves "
+                                         r"\['params/conv1/kernel', 'params/conv2/kernel'\] all map to "
+                                         r"'conv1\.weight'; tell them apart with module_name"):
+        import_peft(folder, params,
+                    module_name=lambda path: default_module_name(path).replace("conv2", "conv1"))
 
 
 # --------------------------------------------------------------------------- broken files (import)
@@ -720,7 +761,8 @@ def test_import_names_a_config_that_is_no_json_object(text, match, tmp_path):
 
 
 @pytest.mark.parametrize("fields, match", [
-    (dict(r="eight"), r"adapter_config\.json: field 'r' is \"eight\", expected a positive integer \(the rank\); fix"),
+    (dict(r="eight"),
+     r"adapter_config\.json: field 'r' is \"eight\", expected a positive integer \(the rank\); fix"),
     (dict(r=0), r"field 'r' is 0, expected a positive integer"),
     (dict(r=True), r"field 'r' is true, expected a positive integer"),
     (dict(r=2.5), r"field 'r' is 2\.5, expected a positive integer"),
@@ -733,10 +775,13 @@ def test_import_names_a_config_that_is_no_json_object(text, match, tmp_path):
     (dict(fan_in_fan_out="true"), r"field 'fan_in_fan_out' is \"true\", expected true or false"),
     (dict(lora_dropout=1.5), r"field 'lora_dropout' is 1\.5, expected a rate in \[0, 1\)"),
     (dict(init_lora_weights=3), r"field 'init_lora_weights' is 3, expected true, false or a scheme name"),
-    (dict(rank_pattern=["conv1"]), r"field 'rank_pattern' is \[\"conv1\"\], expected an object \{module name "
-                                   r"pattern: value\} of positive integers"),
-    (dict(rank_pattern={"conv2": "2"}), r"field \"rank_pattern\['conv2'\]\" is \"2\", expected positive integers"),
-    (dict(alpha_pattern={"conv2": -1}), r"field \"alpha_pattern\['conv2'\]\" is -1, expected finite numbers > 0"),
+    (dict(rank_pattern=["conv1"]),
+     r"field 'rank_pattern' is \[\"conv1\"\], expected an object \{module name pattern: value\} "
+     r"of positive integers"),
+    (dict(rank_pattern={"conv2": "2"}),
+     r"field \"rank_pattern\['conv2'\]\" is \"2\", expected positive integers"),
+    (dict(alpha_pattern={"conv2": -1}),
+     r"field \"alpha_pattern\['conv2'\]\" is -1, expected finite numbers > 0"),
     (dict(rank_pattern={"conv(": 2}), r"rank_pattern key 'conv\(' is not a valid regex \(missing \)"),
 ])
 def test_import_names_the_file_and_the_bad_field(fields, match, tmp_path):
@@ -753,7 +798,8 @@ def _weights(folder: pathlib.Path) -> pathlib.Path:
 
 
 @pytest.mark.parametrize("damage, match", [
-    (lambda raw: raw[: len(raw) // 2], r"is not a valid safetensors file \(SafetensorError: .*truncated or corrupt"),
+    (lambda raw: raw[: len(raw) // 2],
+     r"is not a valid safetensors file \(SafetensorError: .*truncated or corrupt"),
     (lambda raw: b"", r"is not a valid safetensors file \(SafetensorError"),
     (lambda raw: b"\x00garbage" * 40, r"is not a valid safetensors file \(SafetensorError"),
     (lambda raw: raw[:9] + b"!" + raw[10:], r"is not a valid safetensors file \(SafetensorError: .*header"),
@@ -773,28 +819,31 @@ def test_import_refuses_tensors_that_are_no_factors(tmp_path):
     save_file({"base_model.model.fc.lora_A.weight": np.ones((2, 4), np.int32),
                "base_model.model.fc.lora_B.weight": np.ones((3, 2), np.float32)}, _weights(folder))
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
-    with pytest.raises(ValueError, match=r"adapter_model\.safetensors holds tensors that are not floating point: "
-                                         r"base_model\.model\.fc\.lora_A\.weight \(int32, shape \(2, 4\)\)"):
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors holds tensors that are not "
+                                         r"floating point: base_model\.model\.fc\.lora_A\.weight "
+                                         r"\(int32, shape \(2, 4\)\)"):
         import_peft(folder, params)
-    flat = _write_adapter(tmp_path / "flat", {"fc.lora_A.weight": np.ones(4), "fc.lora_B.weight": np.ones((3, 2))})
-    with pytest.raises(ValueError, match=r"base_model\.model\.fc: lora_A has shape \(4,\); PEFT's factors have a rank "
-                                         r"axis and an input axis"):
+    flat = _write_adapter(tmp_path / "flat", {"fc.lora_A.weight": np.ones(4),
+                                              "fc.lora_B.weight": np.ones((3, 2))})
+    with pytest.raises(ValueError, match=r"base_model\.model\.fc: lora_A has shape \(4,\); PEFT's factors "
+                                         r"have a rank axis and an input axis"):
         import_peft(flat, params)
-    flat_b = _write_adapter(tmp_path / "flat_b", {"fc.lora_A.weight": np.ones((2, 4)), "fc.lora_B.weight": np.ones(3)})
-    with pytest.raises(ValueError, match=r"fc -> params/fc/kernel: lora_A \(2, 4\) / lora_B \(3,\) are no pair of "
-                                         r"Linear \(2-D\) or conv factors"):
+    flat_b = _write_adapter(tmp_path / "flat_b", {"fc.lora_A.weight": np.ones((2, 4)),
+                                                  "fc.lora_B.weight": np.ones(3)})
+    with pytest.raises(ValueError, match=r"fc -> params/fc/kernel: lora_A \(2, 4\) / lora_B \(3,\) are no "
+                                         r"pair of Linear \(2-D\) or conv factors"):
         import_peft(flat_b, params)
 
 
 # The documented failures of import_peft on any file content; nothing else may escape.
 DOCUMENTED = (ValueError, FileNotFoundError)
-_JUNK = st.one_of(st.none(), st.booleans(), st.integers(-3, 10**20), st.floats(allow_nan=True), st.text(max_size=4),
-                  st.lists(st.integers(-1, 3), max_size=2),
+_JUNK = st.one_of(st.none(), st.booleans(), st.integers(-3, 10**20), st.floats(allow_nan=True),
+                  st.text(max_size=4), st.lists(st.integers(-1, 3), max_size=2),
                   st.dictionaries(st.text(max_size=3), st.one_of(st.integers(-1, 5), st.text(max_size=2),
                                                                  st.floats(-1, 5)), max_size=2))
-_FIELDS = ["peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "fan_in_fan_out",
-           "lora_dropout", "init_lora_weights", "target_modules", "modules_to_save", "bias", "lora_bias", "use_qalora",
-           "layers_to_transform", "some_future_field"]
+_FIELDS = ["peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora",
+           "fan_in_fan_out", "lora_dropout", "init_lora_weights", "target_modules", "modules_to_save", "bias",
+           "lora_bias", "use_qalora", "layers_to_transform", "some_future_field"]
 
 
 def _fuzz_folder(tmp: pathlib.Path) -> tuple[pathlib.Path, dict]:
@@ -803,7 +852,8 @@ def _fuzz_folder(tmp: pathlib.Path) -> tuple[pathlib.Path, dict]:
     folder = tmp / "adapter"
     shutil.rmtree(folder, ignore_errors=True)
     _write_adapter(folder, {"fc.lora_A.weight": np.ones((2, 4)), "fc.lora_B.weight": np.ones((3, 2)),
-                            "conv.lora_A.weight": np.ones((3, 2, 3, 3)), "conv.lora_B.weight": np.ones((4, 3, 1, 1)),
+                            "conv.lora_A.weight": np.ones((3, 2, 3, 3)),
+                            "conv.lora_B.weight": np.ones((4, 3, 1, 1)),
                             "fc.bias": np.ones(3)}, rank_pattern={"conv": 3}, alpha_pattern={"fc": 2.0})
     return folder, params
 
@@ -919,8 +969,8 @@ def test_export_never_deletes_a_subfolder_it_could_not_move_back(tmp_path, monke
         return rename(src, dst)
 
     monkeypatch.setattr("jlora._peft.os.rename", failing)
-    with pytest.raises(OSError, match=r"wrote the new adapter to .*adapter, but could not move other back into it "
-                                      r"\(busy\); it is in .*\.adapter\..*\.tmp: move it by hand"):
+    with pytest.raises(OSError, match=r"wrote the new adapter to .*adapter, but could not move other back "
+                                      r"into it \(busy\); it is in .*\.adapter\..*\.tmp: move it by hand"):
         export_peft(target, new, new_cfg)
     monkeypatch.undo()
     assert _rank_in(target) == 3
@@ -959,8 +1009,9 @@ def test_live_round_trip_through_peft(tmp_path):
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    torch_config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                           intermediate_size=32, max_position_embeddings=16, num_labels=3)
+    torch_config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                           num_attention_heads=2, intermediate_size=32,
+                                           max_position_embeddings=16, num_labels=3)
     torch_model = transformers.BertForSequenceClassification(torch_config).eval()
     params = torch_to_flax({k: v.numpy() for k, v in torch_model.state_dict().items()})
     config = jlora.LoraConfig(rank=4, alpha=8.0, train_in_full=r"params/classifier/.*", targets=(
@@ -1014,7 +1065,8 @@ def test_live_conv_dora_through_peft(tmp_path):
 
 
 def test_live_gpt2_conv1d_through_peft(tmp_path):
-    """jlora adapters on FlaxGPT2's (out, in) kernels load into PEFT's Conv1D GPT-2 and compute the same, both ways."""
+    """jlora adapters on FlaxGPT2's (out, in) kernels load into PEFT's Conv1D GPT-2 and compute the same,
+    both ways."""
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
@@ -1022,7 +1074,8 @@ def test_live_gpt2_conv1d_through_peft(tmp_path):
     torch_model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=GPT2["vocab"], n_positions=GPT2["positions"], n_embd=GPT2["d"], n_layer=GPT2["layers"],
         n_head=GPT2["heads"])).eval()
-    params = gpt2_to_flax({k: v.numpy() for k, v in torch_model.state_dict().items() if k != "lm_head.weight"})
+    params = gpt2_to_flax({k: v.numpy() for k, v in torch_model.state_dict().items()
+                           if k != "lm_head.weight"})
     config = jlora.LoraConfig(rank=4, alpha=8.0, targets=(  # jlora.infer_layouts gives these in_axes
         jlora.Rule(pattern=r".*/attn/c_proj/kernel", rank=2, alpha=3.0, in_axes=(1,)),  # the square one
         jlora.Rule(pattern=r".*/(c_attn|c_proj|c_fc)/kernel", in_axes=(1,))))
@@ -1040,4 +1093,5 @@ def test_live_gpt2_conv1d_through_peft(tmp_path):
 
     peft_model.save_pretrained(tmp_path / "peft")
     frozen2, trainable2, config2 = import_peft(tmp_path / "peft", params)
-    np.testing.assert_allclose(jlora.wrap(GPT2LM().apply, config2)(frozen2, trainable2, ids), want, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(jlora.wrap(GPT2LM().apply, config2)(frozen2, trainable2, ids), want,
+                               rtol=0, atol=1e-6)

@@ -45,20 +45,28 @@ def test_fullmatch_not_search():
 
 def test_unmatched_rule_shows_close_paths():
     cfg = jlora.LoraConfig(rank=2, targets=r"params/encoder/qurey/kernel")
-    with pytest.raises(ValueError, match=r"matched no parameter\. Paths that look close: params/encoder/query/kernel"):
+    with pytest.raises(ValueError, match=r"matched no parameter\. Paths that look close: "
+                                         r"params/encoder/query/kernel"):
         Plan.of_base(cfg, PARAMS)
 
 
 @pytest.mark.parametrize(
     ("cfg", "message"),
     [
-        (dict(targets=r".*/bias"), r"rule '\.\*/bias' matched params/encoder/out/bias \(shape \(8,\)\): LoRA cannot adapt a leaf with fewer than 2 axes"),
+        (dict(targets=r".*/bias"),
+         r"rule '\.\*/bias' matched params/encoder/out/bias \(shape \(8,\)\): LoRA cannot adapt a leaf "
+         r"with fewer than 2 axes"),
         (dict(targets=r"params/step"), r"matched params/step .*dtype int32.*floating-point kernels only"),
-        (dict(rank=4, targets=r"params/head/kernel"), r"params/head/kernel \(shape \(8, 3\)\): rank 4 exceeds min\(fan_in=8, fan_out=3\); use rank <= 3"),
-        (dict(targets=r".*/kernel", train_in_full=r"params/head/kernel"), r"params/head/kernel is both adapted .* and trained in full"),
-        (dict(targets=r"params/head/kernel", train_in_full="nothing"), r"train_in_full pattern 'nothing' matched no parameter"),
-        (dict(targets=jlora.Rule(pattern="params/head/kernel", in_axes=(0, 1))), r"leave no input or no output axis"),
-        (dict(targets=jlora.Rule(pattern="params/head/kernel", stack_axes=(2,))), r"do not exist on a 2-D leaf"),
+        (dict(rank=4, targets=r"params/head/kernel"),
+         r"params/head/kernel \(shape \(8, 3\)\): rank 4 exceeds min\(fan_in=8, fan_out=3\); use rank <= 3"),
+        (dict(targets=r".*/kernel", train_in_full=r"params/head/kernel"),
+         r"params/head/kernel is both adapted .* and trained in full"),
+        (dict(targets=r"params/head/kernel", train_in_full="nothing"),
+         r"train_in_full pattern 'nothing' matched no parameter"),
+        (dict(targets=jlora.Rule(pattern="params/head/kernel", in_axes=(0, 1))),
+         r"leave no input or no output axis"),
+        (dict(targets=jlora.Rule(pattern="params/head/kernel", stack_axes=(2,))),
+         r"do not exist on a 2-D leaf"),
     ],
 )
 def test_resolve_errors(cfg, message):
@@ -96,9 +104,10 @@ def test_resolve_rejects_a_non_config():
 
 
 def test_of_trainable_rebuilds_kernel_shapes_from_the_factors():
-    params = {"layers": {"kernel": jnp.zeros((3, 8, 2, 4))}, "attn": {"query": {"kernel": jnp.zeros((8, 2, 4))}},
-              "head": {"bias": jnp.zeros(5)}}
-    cfg = jlora.LoraConfig(rank=2, targets=(jlora.Rule(pattern="layers/kernel", stack_axes=(0,)), "attn/query/kernel"),
+    params = {"layers": {"kernel": jnp.zeros((3, 8, 2, 4))},
+              "attn": {"query": {"kernel": jnp.zeros((8, 2, 4))}}, "head": {"bias": jnp.zeros(5)}}
+    cfg = jlora.LoraConfig(rank=2, targets=(jlora.Rule(pattern="layers/kernel", stack_axes=(0,)),
+                                            "attn/query/kernel"),
                            train_in_full="head/bias")
     trainable = jlora.init(jax.random.key(0), params, cfg)[1]
     plan = Plan.of_trainable(cfg, trainable, "test")
@@ -108,8 +117,10 @@ def test_of_trainable_rebuilds_kernel_shapes_from_the_factors():
 
 
 def test_of_trainable_names_every_adapter_without_a_fitting_rule():
-    params = {"layers": {"kernel": jnp.zeros((3, 8, 2, 4))}, "attn": {"query": {"kernel": jnp.zeros((8, 2, 4))}}}
-    cfg = jlora.LoraConfig(rank=2, targets=(jlora.Rule(pattern="layers/kernel", stack_axes=(0,)), "attn/query/kernel"))
+    params = {"layers": {"kernel": jnp.zeros((3, 8, 2, 4))},
+              "attn": {"query": {"kernel": jnp.zeros((8, 2, 4))}}}
+    cfg = jlora.LoraConfig(rank=2, targets=(jlora.Rule(pattern="layers/kernel", stack_axes=(0,)),
+                                            "attn/query/kernel"))
     trainable = jlora.init(jax.random.key(0), params, cfg)[1]
     other = jlora.LoraConfig(rank=2, targets=(jlora.Rule(pattern="layers/kernel", stack_axes=(0, 1, 2)),))
     with pytest.raises(ValueError) as info:

@@ -69,7 +69,8 @@ def test_int8_error_is_at_most_half_a_step_per_output_channel(values, how):
 
 
 @settings(max_examples=25, deadline=None)
-@given(hnp.arrays(np.float32, (32, 16), elements=finite), adversarial, st.sampled_from([16, 64, 128]), st.booleans())
+@given(hnp.arrays(np.float32, (32, 16), elements=finite), adversarial, st.sampled_from([16, 64, 128]),
+       st.booleans())
 def test_nf4_error_is_at_most_half_the_widest_code_gap(values, how, block, double):
     w = _weights(values, how)
     q = quantize_array(jnp.asarray(w), "nf4", block=block, double=double)
@@ -106,7 +107,8 @@ def test_stacked_kernel_is_quantized_per_layer(key):
 
 
 @pytest.mark.parametrize("shape,stack", [((768, 768), ()), ((4, 256, 512), (0,))])
-@pytest.mark.parametrize("kind,double,ratio", [("int8", False, 0.27), ("nf4", False, 0.15), ("nf4", True, 0.15)])
+@pytest.mark.parametrize("kind,double,ratio",
+                         [("int8", False, 0.27), ("nf4", False, 0.15), ("nf4", True, 0.15)])
 def test_stored_bytes(key, shape, stack, kind, double, ratio):
     w = jax.random.normal(key, shape)
     layout = jlora.Layout(tuple(range(len(stack), len(shape) - 1)), (len(shape) - 1,), stack)
@@ -154,7 +156,8 @@ def _params(name):
     return model.apply, model.init(jax.random.key(0), x), ZOO_CFG if name == "zoo" else STACK_CFG, x
 
 
-@pytest.mark.parametrize("name,kind,double", [("zoo", "int8", False), ("scan", "nf4", True), ("nnx", "nf4", False)])
+@pytest.mark.parametrize("name,kind,double",
+                         [("zoo", "int8", False), ("scan", "nf4", True), ("nnx", "nf4", False)])
 def test_wrap_on_a_quantized_base_equals_wrap_on_its_dequantized_copy(name, kind, double):
     apply_fn, params, cfg, x = _params(name)
     q = quantize(params, cfg, kind, double=double)
@@ -164,7 +167,8 @@ def test_wrap_on_a_quantized_base_equals_wrap_on_its_dequantized_copy(name, kind
     lora_apply = jlora.wrap(apply_fn, cfg, fallback="error")
     uses = lora_apply.uses(frozen, trainable, x)
     assert uses and all(u.factored for u in uses)
-    np.testing.assert_allclose(lora_apply(frozen, trainable, x), lora_apply(plain, trainable, x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lora_apply(frozen, trainable, x), lora_apply(plain, trainable, x),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_grad_jit_nojit_and_merge_strategy_on_a_quantized_stack():
@@ -280,13 +284,15 @@ def test_kernel_errors_name_path_size_and_fix():
     params = {"a": {"kernel": jnp.ones((10, 7))}, "b": {"kernel": jnp.ones((3, 5))},
               "c": {"kernel": jnp.ones((8, 2, 4))}, "ids": {"kernel": jnp.ones((4, 4), jnp.int32)}}
     cfg = jlora.LoraConfig(rank=1, targets=r"(a|b)/kernel")
-    with pytest.raises(ValueError, match=r"a/kernel: its 70 values .*blocks of 64; use block=14 \(divides 70\)"
+    with pytest.raises(ValueError, match=r"a/kernel: its 70 values .*blocks of 64; use block=14 "
+                       r"\(divides 70\)"
                        r"(.|\n)*b/kernel: its 15 values .*no even block divides 15; use kind='int8'"):
         quantize(params, cfg)
     stacked = jlora.LoraConfig(rank=1, targets=jlora.Rule(pattern="c/kernel", stack_axes=(1,)))
     with pytest.raises(ValueError, match=r"c/kernel: stack_axes \(1,\) .* not its leading axes"):
         quantize(params, stacked, "int8")
-    with pytest.raises(ValueError, match=r"rule 'ids/kernel' matched ids/kernel .*floating-point kernels only"):
+    with pytest.raises(ValueError, match=r"rule 'ids/kernel' matched ids/kernel "
+                                         r".*floating-point kernels only"):
         quantize(params, jlora.LoraConfig(rank=1, targets="ids/kernel"))
     q = quantize(params, jlora.LoraConfig(rank=1, targets="a/kernel"), "int8")
     with pytest.raises(ValueError, match=r"a/kernel is already quantized \(QArray\(int8, shape=\(10, 7\)"):

@@ -193,8 +193,9 @@ def test_wrong_split_names_the_fix():
     x = jnp.ones((3, 4))
     cfg, frozen, tr = _setup({"w": w}, "w")
     fn = lambda p, x: jnp.einsum("bi,lio->blo", x, p["w"])  # noqa: E731  contracts axis 1 only
-    with pytest.raises(ValueError, match=r"w: configured in_axes=\(0, 1\).*dot_general contracts axes \(1,\); "
-                                         r"the real split is in_axes=\(1,\)(.|\n)*jlora.infer_layouts\(config"):
+    with pytest.raises(ValueError, match=r"w: configured in_axes=\(0, 1\).*dot_general "
+                                         r"contracts axes \(1,\); the real split is "
+                                         r"in_axes=\(1,\)(.|\n)*jlora.infer_layouts\(config"):
         jlora.wrap(fn, cfg)(frozen, tr, x)
 
 
@@ -202,8 +203,8 @@ def test_scan_over_kernel_without_stack_axes_names_the_fix():
     w = jnp.ones((3, 4, 4))
     cfg, frozen, tr = _setup({"w": w}, "w")
     fn = lambda p, x: lax.scan(lambda h, wl: (h @ wl, None), x, p["w"])[0]  # noqa: E731
-    with pytest.raises(ValueError, match=r"w: configured in_axes=\(0, 1\).*one slice of axes \(0,\) at a time; "
-                                         r"the real split is in_axes=\(1,\), stack_axes=\(0,\)"):
+    with pytest.raises(ValueError, match=r"w: configured in_axes=\(0, 1\).*one slice of axes \(0,\) at a "
+                                         r"time; the real split is in_axes=\(1,\), stack_axes=\(0,\)"):
         jlora.wrap(fn, cfg)(frozen, tr, jnp.ones((2, 4)))
 
 
@@ -254,10 +255,12 @@ def test_nonlinearity_refuses_a_transposed_use_and_a_fallback():
     with pytest.raises(ValueError, match=r"embedding: this dot_general uses the kernel transposed"):
         jlora.wrap(tied, cfg)(frozen, tr, jnp.ones((2, 4)))
     head_only = lambda p, h: h @ p["embedding"].T  # noqa: E731  only transposed: the split is swapped
-    with pytest.raises(ValueError, match=r"embedding: configured in_axes=\(0,\).*the real split is in_axes=\(1,\)"):
+    with pytest.raises(ValueError, match=r"embedding: configured in_axes=\(0,\).*the real "
+                                         r"split is in_axes=\(1,\)"):
         jlora.wrap(head_only, cfg)(frozen, tr, jnp.ones((2, 4)))
     doubled = lambda p, h: h @ (2.0 * p["embedding"]).T  # noqa: E731
-    with pytest.raises(ValueError, match=r"embedding: an op with no factored rule .* no merged weight W' .* exists"):
+    with pytest.raises(ValueError, match=r"embedding: an op with no factored rule .* no "
+                                         r"merged weight W' .* exists"):
         jlora.wrap(doubled, cfg)(frozen, tr, jnp.ones((2, 4)))
 
 
@@ -342,7 +345,8 @@ def test_dora_in_a_scanned_stack():
     cfg, frozen, tr = _variant({"w": w}, jlora.Rule(pattern="w", stack_axes=(0,)), dora=True)
     fn = lambda p, x: lax.scan(lambda h, wl: (jnp.tanh(h @ wl), None), x, p["w"])[0]  # noqa: E731
     factored, merged = _run_both(fn, cfg, frozen, tr, x)
-    layers = [_dora_manual(w[i], tr["w"]["a"][i], tr["w"]["b"][i], tr["w"]["m"][i], 1.5, (0,)) for i in range(3)]
+    layers = [_dora_manual(w[i], tr["w"]["a"][i], tr["w"]["b"][i], tr["w"]["m"][i], 1.5, (0,))
+              for i in range(3)]
     np.testing.assert_allclose(factored, fn({"w": jnp.stack(layers)}, x), rtol=1e-5, atol=1e-5)
 
 
@@ -360,7 +364,8 @@ def test_scan_operand_groups_are_read_on_every_supported_jax():
     from jlora._rewrite import _scan_counts
 
     c = jnp.arange(3.0)
-    jaxpr = jax.make_jaxpr(lambda h, xs: lax.scan(lambda h, x: (h * x + c, h), h, xs))(jnp.ones(3), jnp.ones((4, 3)))
+    jaxpr = jax.make_jaxpr(lambda h, xs: lax.scan(lambda h, x: (h * x + c, h), h, xs))(
+        jnp.ones(3), jnp.ones((4, 3)))
     scan = next(e for e in jaxpr.eqns if e.primitive.name == "scan")
     assert _scan_counts(scan) == (1, 1)
 

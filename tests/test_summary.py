@@ -21,7 +21,8 @@ def test_table_and_totals(key):
     lora = 16 * 4 + 4 * 32  # 192
     trained = lora + 4 + 128
     total = base + lora
-    assert lines[-1] == f"Total parameters: {total:,}, thereof trainable: {trained:,} ({100 * trained / total:.2f}%)"
+    assert lines[-1] == (f"Total parameters: {total:,}, thereof trainable: {trained:,} "
+                         f"({100 * trained / total:.2f}%)")
 
 
 def test_stacked_adapters_count_every_layer(key):

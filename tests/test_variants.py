@@ -35,8 +35,8 @@ def test_each_refusal_names_the_variant_and_a_fix(variant):
             (why,) = refusals(config, op)
             with pytest.raises(ValueError, match=rf"^verb: {re.escape(why)}$"):
                 refuse(config, op, "verb")
-            assert re.search(r"(use|set|merge|keep|exclude|serve|save|cut|export|adapt|truncate|train)\b", why,
-                             re.IGNORECASE), why
+            assert re.search(r"(use|set|merge|keep|exclude|serve|save|cut|export|adapt|truncate|train)\b",
+                             why, re.IGNORECASE), why
         else:
             assert allowed(config, op)
             refuse(config, op, "verb")  # no error

@@ -63,14 +63,16 @@ def test_no_fallback_and_equal_to_manual_maths(model):
     assert {f"{u.path}/a" for u in uses} == {p for p in adapted if p.endswith("/a")}
     want = apply_fn(manual_merge(frozen, trainable, cfg.scale_for(cfg.targets[0])), x)
     np.testing.assert_allclose(lora_apply(frozen, trainable, x), want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(jlora.wrap(apply_fn, cfg, "merge")(frozen, trainable, x), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jlora.wrap(apply_fn, cfg, "merge")(frozen, trainable, x), want,
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_zero_b_is_the_base_model_exactly(model):
     apply_fn, params, cfg, x = model
     frozen, trainable = jlora.init(jax.random.key(1), params, cfg)
     # Compared with the jitted base: eager and jitted XLA differ in the last bit on their own.
-    np.testing.assert_array_equal(jlora.wrap(apply_fn, cfg)(frozen, trainable, x), jax.jit(apply_fn)(params, x))
+    np.testing.assert_array_equal(jlora.wrap(apply_fn, cfg)(frozen, trainable, x),
+                                  jax.jit(apply_fn)(params, x))
 
 
 def test_gradients_reach_trainable_only_and_match_merge(model):
@@ -154,7 +156,8 @@ def test_static_arguments_and_methods():
     eval_out = lora_apply(frozen, trainable, x, train=False)
     np.testing.assert_array_equal(eval_out, net.apply(params, x, train=False))
     train_out = lora_apply(frozen, trainable, x, train=True, rngs={"dropout": jax.random.key(5)})
-    np.testing.assert_array_equal(train_out, net.apply(params, x, train=True, rngs={"dropout": jax.random.key(5)}))
+    np.testing.assert_array_equal(train_out,
+                                  net.apply(params, x, train=True, rngs={"dropout": jax.random.key(5)}))
 
 
 def test_low_precision_base_keeps_its_dtype():
@@ -166,7 +169,8 @@ def test_low_precision_base_keeps_its_dtype():
     out = jlora.wrap(model.apply, cfg, fallback="error")(frozen, bump(trainable), x)
     assert out.dtype == jnp.bfloat16
     assert trainable["params"]["kernel"]["a"].dtype == jnp.float32
-    g = jax.grad(lambda t: jlora.wrap(model.apply, cfg)(frozen, t, x).astype(jnp.float32).sum())(bump(trainable))
+    g = jax.grad(lambda t: jlora.wrap(model.apply, cfg)(frozen, t, x).astype(jnp.float32).sum())(
+        bump(trainable))
     assert g["params"]["kernel"]["a"].dtype == jnp.float32
 
 
@@ -289,12 +293,15 @@ def test_non_float_factors_are_refused_at_the_call(strategy, dtype):
     params = model.init(jax.random.key(0), x)
     cfg = jlora.LoraConfig(rank=2, targets=".*/kernel")
     frozen, trainable = jlora.init(jax.random.key(1), params, cfg)
-    trainable["params"]["layers_0"]["kernel"]["a"] = trainable["params"]["layers_0"]["kernel"]["a"].astype(dtype)
-    trainable["params"]["layers_2"]["kernel"]["b"] = trainable["params"]["layers_2"]["kernel"]["b"].astype(dtype)
+    trainable["params"]["layers_0"]["kernel"]["a"] = (
+        trainable["params"]["layers_0"]["kernel"]["a"].astype(dtype))
+    trainable["params"]["layers_2"]["kernel"]["b"] = (
+        trainable["params"]["layers_2"]["kernel"]["b"].astype(dtype))
     name = jnp.dtype(dtype).name
     lora_apply = jlora.wrap(model.apply, cfg, strategy)
-    message = (rf"trainable has adapter factors that are not floating point: params/layers_0/kernel/a \({name}\), "
-               rf"params/layers_2/kernel/b \({name}\)\. LoRA factors are LoraConfig\.dtype .*astype\(jnp\.float32\)")
+    message = (rf"trainable has adapter factors that are not floating point: params/layers_0/kernel/a "
+               rf"\({name}\), params/layers_2/kernel/b \({name}\)\. LoRA factors are LoraConfig\.dtype "
+               rf".*astype\(jnp\.float32\)")
     with pytest.raises(TypeError, match=message):
         lora_apply(frozen, trainable, x)
     with pytest.raises(TypeError, match=message):
