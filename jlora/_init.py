@@ -15,6 +15,7 @@ from jlora._paths import flatten, leaf_paths, nest
 from jlora._plan import Plan, Target
 from jlora._quant import dequantized, is_qarray
 from jlora._sharding import on_mesh, placement, refuse_partitioned_svd
+from jlora._variants import reason
 
 
 def _adapter(key: jax.Array, t: Target, init: str, dtype) -> dict[str, jax.Array]:
@@ -119,12 +120,8 @@ def init(key: jax.Array, params, config: LoraConfig):
         refuse_partitioned_svd(targets, placed)
     quantized = [path for path, t in targets.items() if t.adapted and is_qarray(leaves[path])]
     if quantized:
-        raise ValueError(
-            f"init: init='pissa' takes the SVD of each full-precision kernel, but {quantized[0]} is "
-            "quantized (a jlora.QArray). Initialise on the full-precision params, then quantize the "
-            "residual: frozen, trainable = jlora.init(key, params, config); frozen = jlora.quantize(frozen, "
-            "config)."
-        )
+        raise ValueError(f"init: {quantized[0]} is quantized (a jlora.QArray); "
+                         f"{reason('quantized base', 'pissa_init')}")
     dtype = jnp.dtype(config.dtype)
     trainable, residuals = {}, {}
     for path, t in targets.items():

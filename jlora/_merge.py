@@ -11,7 +11,7 @@ from jlora._layout import dora_merged, merged
 from jlora._paths import leaf_paths, leaves, structure
 from jlora._plan import Plan
 from jlora._quant import QArray, dequantized, requantize_warning
-from jlora._variants import refuse
+from jlora._variants import reason, refuse
 
 
 def interpolate(base, trained, scale):
@@ -170,10 +170,7 @@ def unmerge(merged_params, trainable, config: LoraConfig, *, scale=1.0):
     quantized = [p for p, x in zip(leaf_paths(merged_params), leaves(merged_params), strict=True)
                  if isinstance(x, QArray)]
     if quantized:
-        raise ValueError(
-            f"unmerge: {', '.join(quantized)} are quantized; subtracting the adapter from a re-quantized "
-            "merge cannot recover the base (the rounding is not invertible). Keep the quantized frozen base "
-            "instead."
-        )
+        why = reason("quantized base", "unmerge")
+        raise ValueError(f"unmerge: {', '.join(quantized)} are quantized; {why}")
     new = unmerged_leaves(merged_params, trainable, config, scale)
     return jax.tree_util.tree_unflatten(structure(merged_params), new)

@@ -31,6 +31,7 @@ OPERATIONS = (
     "transposed",  # a kernel used as x·Wᵀ (a tied embedding head)
     "ragged_dot",  # experts through ragged_dot
     "embedding",  # an embedding table
+    "pissa_init",  # init='pissa' (an SVD of each full-precision kernel)
 )
 
 
@@ -92,6 +93,14 @@ VARIANTS = (
                        "user loads; export the merged model (jlora.merge) instead.",
     }),
     Variant("rsLoRA", lambda c: c.rslora, {}),
+    # A property of the params, not the config: the verbs that see a QArray ask `reason` for it.
+    Variant("quantized base", lambda c: False, {
+        "unmerge": "subtracting the adapter from a re-quantized merge cannot recover the base (the rounding "
+                   "is not invertible). Keep the quantized frozen base instead.",
+        "pissa_init": "init='pissa' takes the SVD of each full-precision kernel. Initialise on the "
+                      "full-precision params, then quantize the residual: frozen, trainable = "
+                      "jlora.init(key, params, config); frozen = jlora.quantize(frozen, config).",
+    }),
 )
 BY_NAME = {v.name: v for v in VARIANTS}
 

@@ -171,6 +171,6 @@ def test_quantized_base(key):
     m = jlora.init(key, q, dora)[1]["d"]["kernel"]["m"]
     np.testing.assert_array_equal(m, jlora.init(key, jlora.dequantize(q), dora)[1]["d"]["kernel"]["m"])
     pissa = jlora.LoraConfig(rank=2, targets=".*/kernel", init="pissa")
-    with pytest.raises(ValueError, match=r"init='pissa' .* d/kernel is quantized .* then "
-                                         r"quantize the residual"):
+    with pytest.raises(ValueError, match=r"init: .*d/kernel is quantized .* init='pissa' takes the SVD .* "
+                                         r"then quantize the residual"):
         jlora.init(key, jlora.quantize(params, pissa, "int8"), pissa)

@@ -5,7 +5,7 @@ import re
 import pytest
 
 import jlora
-from jlora._variants import OPERATIONS, VARIANTS, Variant, active, allowed, refusals, refuse
+from jlora._variants import OPERATIONS, VARIANTS, Variant, active, allowed, reason, refusals, refuse
 
 CONFIGS = {
     "nonlinearity": dict(nonlinearity="gelu"),
@@ -20,14 +20,32 @@ def _config(**kw):
     return jlora.LoraConfig(rank=2, targets="w", **kw)
 
 
+TREE_VARIANTS = {"quantized base"}  # a property of the params: no config turns it on
+
+
 def test_every_variant_has_a_config_that_turns_it_on_alone():
-    assert set(CONFIGS) == {v.name for v in VARIANTS}
+    assert set(CONFIGS) == {v.name for v in VARIANTS} - TREE_VARIANTS
     assert active(_config()) == []
     for name, kw in CONFIGS.items():
         assert [v.name for v in active(_config(**kw))] == [name]
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
+FIX = re.compile(r"(use|set|merge|keep|exclude|serve|save|cut|export|adapt|truncate|train|initialise)\b",
+                 re.IGNORECASE)
+
+
+def test_tree_variants_word_their_refusals_with_a_fix():
+    for variant in (v for v in VARIANTS if v.name in TREE_VARIANTS):
+        assert variant.refuses and not active(_config())
+        for op in variant.refuses:
+            why = reason(variant.name, op)
+            assert why.startswith(f"{variant.name}: ") and FIX.search(why), why
+
+
+CONFIG_VARIANTS = [v for v in VARIANTS if v.name not in TREE_VARIANTS]
+
+
+@pytest.mark.parametrize("variant", CONFIG_VARIANTS, ids=lambda v: v.name)
 def test_each_refusal_names_the_variant_and_a_fix(variant):
     config = _config(**CONFIGS[variant.name])
     for op in OPERATIONS:
@@ -35,8 +53,7 @@ def test_each_refusal_names_the_variant_and_a_fix(variant):
             (why,) = refusals(config, op)
             with pytest.raises(ValueError, match=rf"^verb: {re.escape(why)}$"):
                 refuse(config, op, "verb")
-            assert re.search(r"(use|set|merge|keep|exclude|serve|save|cut|export|adapt|truncate|train)\b",
-                             why, re.IGNORECASE), why
+            assert FIX.search(why), why
         else:
             assert allowed(config, op)
             refuse(config, op, "verb")  # no error
