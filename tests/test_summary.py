@@ -2,6 +2,7 @@
 
 import flax.linen as nn
 import jax.numpy as jnp
+import pytest
 
 import jlora
 
@@ -31,3 +32,16 @@ def test_stacked_adapters_count_every_layer(key):
     text = jlora.summary(*jlora.init(key, params, cfg))
     assert "layers/kernel  lora  (3, 8, 8)     2          96" in text
     assert text.endswith("Total parameters: 288, thereof trainable: 96 (33.33%)")
+
+
+def test_with_the_config_the_rows_come_from_the_plan(key):
+    model = nn.Sequential([nn.Dense(32), nn.relu, nn.Dense(4)])
+    params = model.init(key, jnp.ones((1, 16)))
+    cfg = jlora.LoraConfig(rank=4, targets=r"params/layers_0/kernel", train_in_full=r"params/layers_2/.*",
+                           dora=True)
+    frozen, trainable = jlora.init(key, params, cfg)
+    assert jlora.summary(frozen, trainable, cfg) == jlora.summary(frozen, trainable)
+    assert "params/layers_0/kernel  lora  (16, 32)     4         224" in jlora.summary(frozen, trainable, cfg)
+    other = jlora.LoraConfig(rank=2, targets=r"params/layers_0/kernel", train_in_full=r"params/layers_2/.*")
+    with pytest.raises(ValueError, match=r"params/layers_0/kernel/a has shape \(16, 4\), expected \(16, 2\)"):
+        jlora.summary(frozen, trainable, other)
