@@ -2,10 +2,10 @@
 
 `Plan.of_base(config, params)` decides, for every leaf path, whether it is adapted
 (with which rank, scale and axis layout), trained in full, or frozen;
-`Plan.of_trainable(config, trainable)` reaches the same decision from the adapters
+`Plan.of_trainable(config, trainable, who)` reaches the same decision from the adapters
 alone (each implies its kernel's shape), for the verbs that hold no base:
 checkpoint, PEFT export, DyLoRA, banks, combine and the optimizer. A plan is a
-read-only mapping ``{path: Target}``; `Plan.values` checks a ``trainable`` against
+read-only mapping ``{path: Target}``; `Plan.read` checks a ``trainable`` against
 it and reports every mismatch at once. Because every verb reads a plan, they agree
 by construction, and "no rule matches" is worded in one place (`no_rule`).
 """
