@@ -72,6 +72,8 @@ def _by_name(config: LoraConfig, trainable, lora_weights, lora_index):
     ``lora_weights`` may be ``{name or slot: weight}`` (the others weigh 0) and ``lora_index`` a
     list of names (``None``: the base model for that example).
     """
+    if not isinstance(lora_weights, Mapping) and not isinstance(lora_index, list | tuple):
+        return lora_weights, lora_index  # the common call: nothing named, no tree walk
     leaves = jax.tree_util.tree_leaves(trainable)
     size = np.shape(leaves[0])[0] if leaves and np.ndim(leaves[0]) else 0
     if isinstance(lora_weights, Mapping):
