@@ -24,6 +24,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -177,20 +178,36 @@ def slots(config: LoraConfig, adapters, size: int, who: str) -> np.ndarray:
     return np.array([-1 if a is None else slot(config, a, size, who) for a in adapters], np.int32)
 
 
-def mix(config: LoraConfig, weights: Mapping, size: int, who: str) -> np.ndarray:
-    """``lora_weights`` given as ``{name or slot: weight}``: the dense ``(K,)`` float32 weights."""
-    out = np.zeros(size, np.float32)
-    for adapter, w in weights.items():
-        out[slot(config, adapter, size, who)] = w
-    return out
+def mix(config: LoraConfig, weights: Mapping, size: int, who: str) -> tuple[np.ndarray, jax.Array]:
+    """``lora_weights`` given as ``{name or slot: weight}``: the named slots (int32) and their weights.
+
+    Only these adapters are gathered and run (rank ``n·R`` for ``n`` of them, not ``K·R``);
+    the others weigh 0 and cost nothing.
+    """
+    if not weights:
+        first = (config.adapters or ("0",))[0]
+        raise ValueError(f"{who}: an empty dict selects no adapter; name at least one, e.g. "
+                         f"{{{first!r}: 1.0}}, or pass lora_scale=0 for the base model.")
+    picked = [slot(config, adapter, size, who) for adapter in weights]
+    twice = sorted({k for k in picked if picked.count(k) > 1})
+    if twice:
+        raise ValueError(f"{who}: {dict(weights)!r} weighs slot {twice[0]} twice (by name and by number); "
+                         "give each adapter once.")
+    return np.array(picked, np.int32), jnp.stack([jnp.asarray(w, jnp.float32) for w in weights.values()])
+
+
+def _one_adapter(config: LoraConfig) -> LoraConfig:
+    """The config of one slot of a bank."""
+    return dataclasses.replace(config, adapters=())
 
 
 def unstack(bank, config: LoraConfig, adapter):
     """One adapter of a bank, as ``(trainable, config)`` of a single adapter: e.g. to export to PEFT.
 
-    ``adapter`` is a name (from `stack`'s dict) or a slot number. The factors are the bank's
-    (rank the bank's capacity, the adapter's scale folded into ``b``), so the config has
-    scale 1 and ``wrap(apply_fn, config)(frozen, trainable, x)`` equals serving that slot.
+    ``adapter`` is a name of the bank or a slot number. The factors are the bank's (rank
+    the bank's capacity; from `stack`, the adapter's scale folded into ``b`` and a config of
+    scale 1), and the config is the bank's without its names, so
+    ``wrap(apply_fn, config)(frozen, trainable, x)`` equals serving that slot.
 
     >>> import jax, jax.numpy as jnp
     >>> from jlora import init
@@ -206,7 +223,7 @@ def unstack(bank, config: LoraConfig, adapter):
         raise TypeError(f"unstack: expected the bank's jlora.LoraConfig, got {type(config).__name__}.")
     k = slot(config, adapter, _size(bank), "unstack")
     one = nest({path: x[k] for path, x in flatten(bank).items()})
-    return one, dataclasses.replace(config, adapters=())
+    return one, _one_adapter(config)
 
 
 def put(bank, config: LoraConfig, adapter: str | int, trainable, adapter_config: LoraConfig):
@@ -222,6 +239,9 @@ def put(bank, config: LoraConfig, adapter: str | int, trainable, adapter_config:
     k = slot(config, adapter, _size(bank), "put")
     new = _entries(trainable, adapter_config, "put")
     bank_paths = {p.rpartition("/")[0] for p in flat}
+    # A bank from `stack` has scale 1 (the scales are folded into b); one from `init` keeps its config's.
+    one = nest({p: x[0] for p, x in flat.items()})
+    bank_scale = {p: t.scale for p, t in Plan.of_trainable(_one_adapter(config), one, "put").items()}
     errors = [f"{p}: not in the bank" for p in sorted(set(new) - bank_paths)]
     errors += [f"{p}: missing from the new adapter" for p in sorted(bank_paths - set(new))]
     out = dict(flat)
@@ -234,7 +254,7 @@ def put(bank, config: LoraConfig, adapter: str | int, trainable, adapter_config:
                           "it")
             continue
         a = _pad_rank(a, a.ndim - 1, cap)
-        b = _pad_rank(b, len(layout.stack_axes), cap)
+        b = _pad_rank(b / jnp.asarray(bank_scale[path], b.dtype), len(layout.stack_axes), cap)
         for name, x in (("a", a), ("b", b)):
             want = flat[f"{path}/{name}"]
             if x.shape != want.shape[1:]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import zlib
 
@@ -15,7 +16,7 @@ from jlora._paths import flatten, leaf_paths, nest
 from jlora._plan import Plan, Target
 from jlora._quant import dequantized, is_qarray
 from jlora._sharding import on_mesh, placement, refuse_partitioned_svd
-from jlora._variants import reason
+from jlora._variants import reason, refuse
 
 
 def _adapter(key: jax.Array, t: Target, init: str, dtype) -> dict[str, jax.Array]:
@@ -87,6 +88,12 @@ def init(key: jax.Array, params, config: LoraConfig):
     Each adapter's key is ``fold_in(key, crc32(path))``: adding or removing a
     target never changes the initial value of another.
 
+    A config naming several adapters (``LoraConfig(adapters=("fr", "de"))``) makes a
+    bank to train together: every leaf of ``trainable`` leads with one slot per
+    name, and slot ``k`` holds what ``init(jax.random.fold_in(key, k), params,
+    config)`` gives one adapter. Serve and train it with ``lora_index`` (`wrap`);
+    `optimizer` steps each slot on its own.
+
     On a mesh (the targeted leaves are ``jax.Array``s with ``NamedSharding``s) the
     adapters are created under ``jit`` directly with `jlora.shardings`' shardings:
     the same values as on one device, and no device ever holds a whole kernel it
@@ -110,6 +117,8 @@ def init(key: jax.Array, params, config: LoraConfig):
     """
     if not isinstance(key, jax.Array):
         raise TypeError(f"init: key must be a JAX PRNG key (jax.random.key(0)), got {type(key).__name__}.")
+    if config.adapters:
+        return _bank(key, params, config)
     targets = Plan.of_base(config, params)
     leaves = flatten(params)
     placed = placement(targets, leaves)
@@ -137,3 +146,25 @@ def init(key: jax.Array, params, config: LoraConfig):
         new = [residuals.get(p, x) for p, x in zip(leaf_paths(params), leaves, strict=True)]
         frozen = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), new)
     return frozen, nest(trainable)
+
+
+def _bank(key: jax.Array, params, config: LoraConfig):
+    """``(params, bank)``: slot ``k`` is ``init(fold_in(key, k), params, config)``'s adapter, for each name.
+
+    Every slot has the config's rank and scale (nothing is folded into ``b``, unlike
+    `jlora.stack`), so training the bank steps each adapter exactly as training it alone.
+    """
+    refuse(config, "bank", "init")
+    if config.init == "pissa":
+        raise ValueError("init: a bank of adapters (LoraConfig.adapters) shares one frozen base, but "
+                         "init='pissa' gives every adapter its own residual base; use "
+                         "init='kaiming_uniform'.")
+    one = dataclasses.replace(config, adapters=())
+    full = [p for p, t in Plan.of_base(one, params).items() if t.trained_in_full]
+    if full:
+        raise ValueError(f"init: {full[0]} is trained in full (LoraConfig.train_in_full), but a bank "
+                         f"{list(config.adapters)} holds low-rank adapters only; target it with a low-rank "
+                         "rule instead (each adapter then has its own delta of it), or train it outside the "
+                         "bank.")
+    slots = [init(jax.random.fold_in(key, k), params, one)[1] for k in range(len(config.adapters))]
+    return params, jax.tree.map(lambda *xs: jnp.stack(xs), *slots)

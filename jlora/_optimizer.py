@@ -43,13 +43,15 @@ off, or use another ``base``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jlora._config import LoraConfig
@@ -111,8 +113,8 @@ def _scale_by_auto_ratio(config: LoraConfig) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
-def _times(learning_rate, factor: float):
-    if factor == 1:
+def _times(learning_rate, factor):
+    if isinstance(factor, int | float) and factor == 1:
         return learning_rate
     if callable(learning_rate):
         return lambda step: learning_rate(step) * factor
@@ -130,11 +132,12 @@ def _check_rate(name: str, value) -> None:
 
 def optimizer(
     config: LoraConfig,
-    learning_rate: float | Callable,
+    learning_rate: float | Callable | Mapping[str, float | Callable],
     *,
-    lr_ratio: float | str = 16.0,
-    embedding_lr: float | Callable | None = None,
+    lr_ratio: float | str | Mapping[str, float | str] = 16.0,
+    embedding_lr: float | Callable | Mapping[str, float | Callable] | None = None,
     full_lr: float | Callable | None = None,
+    max_grad_norm: float | None = None,
     base: Callable[..., optax.GradientTransformation] = optax.adamw,
     **base_kwargs,
 ) -> optax.GradientTransformation:
@@ -165,12 +168,24 @@ def optimizer(
         ``learning_rate``): a looked-up row of ``a`` is already O(1), so the LoRA+
         argument for a faster ``b`` does not carry over.
       full_lr: for leaves trained in full (default ``learning_rate``).
+      max_grad_norm: clip the gradient to this global norm before the step (default:
+        no clipping); in a bank each adapter's gradient is clipped on its own.
       base: the optimizer each group runs, called as ``base(lr, **base_kwargs)``;
         ``optax.adamw`` by default.
       **base_kwargs: passed to ``base`` (e.g. ``weight_decay=0.0``, ``b2=0.99``).
 
+    A bank (a config naming several ``adapters``, from `init` or `stack`) gets one
+    optimizer per adapter, run side by side on the bank's leading axis: independent
+    moments and step counts, gradients clipped per adapter, and ``learning_rate``,
+    ``lr_ratio`` and ``embedding_lr`` either shared or given per adapter as
+    ``{name: value}``. Its ``update`` also takes ``lora_index`` (the batch's adapter
+    per example, as given to the wrapped apply function): an adapter with no example
+    in the batch is left exactly as it was, moments and step count included, so
+    training K adapters in one batch equals K separate runs.
+
     Returns:
-      an ``optax.GradientTransformation`` built with ``optax.partition``.
+      an ``optax.GradientTransformation`` built with ``optax.partition``
+      (``optax.GradientTransformationExtraArgs`` for a bank).
 
     >>> import jax, jax.numpy as jnp, optax
     >>> from jlora import LoraConfig, init
@@ -187,26 +202,124 @@ def optimizer(
     if not callable(base):
         raise TypeError("optimizer: base must be an optax optimizer factory such as optax.adamw, got "
                         f"{base!r}.")
-    _check_rate("learning_rate", learning_rate)
-    auto = lr_ratio == "auto"
-    if not auto:
-        if isinstance(lr_ratio, str) or isinstance(lr_ratio, bool) or not isinstance(lr_ratio, int | float) \
-                or not (lr_ratio > 0 and math.isfinite(lr_ratio)):
-            raise ValueError(
-                f"optimizer: lr_ratio must be a finite number > 0 or 'auto', got {lr_ratio!r}; "
-                "16 is LoRA+'s recommendation, 1 is plain LoRA."
-            )
+    norm = max_grad_norm
+    if norm is not None and (isinstance(norm, bool) or not isinstance(norm, int | float)
+                             or not (norm > 0 and math.isfinite(norm))):
+        raise ValueError(f"optimizer: max_grad_norm must be a finite number > 0 or None, got {norm!r}.")
+    names = config.adapters
     embedding_lr = learning_rate if embedding_lr is None else embedding_lr
     full_lr = learning_rate if full_lr is None else full_lr
-    _check_rate("embedding_lr", embedding_lr)
-    _check_rate("full_lr", full_lr)
+    rates = {"learning_rate": learning_rate, "lr_ratio": lr_ratio, "embedding_lr": embedding_lr}
+    per_slot = {name: _per_adapter(name, value, names) for name, value in rates.items()}
+    for knob in ("learning_rate", "embedding_lr"):
+        for value in per_slot[knob]:
+            _check_rate(knob, value)
+    if not names:
+        _check_rate("full_lr", full_lr)
+    for ratio in per_slot["lr_ratio"]:
+        _check_ratio(ratio)
+    if not names:
+        return _one(config, learning_rate, lr_ratio, embedding_lr, full_lr, max_grad_norm, base, base_kwargs)
+    if len({r == "auto" for r in per_slot["lr_ratio"]}) > 1:
+        raise ValueError("optimizer: lr_ratio='auto' for some adapters of a bank and a number for others; "
+                         "give every adapter a number, or 'auto' for all.")
+    return _bank(dataclasses.replace(config, adapters=()), len(names), per_slot, max_grad_norm, base,
+                 base_kwargs)
+
+
+def _check_ratio(lr_ratio) -> None:
+    if lr_ratio == "auto":
+        return
+    if isinstance(lr_ratio, str) or isinstance(lr_ratio, bool) or not isinstance(lr_ratio, int | float) \
+            or not (lr_ratio > 0 and math.isfinite(lr_ratio)):
+        raise ValueError(
+            f"optimizer: lr_ratio must be a finite number > 0 or 'auto', got {lr_ratio!r}; "
+            "16 is LoRA+'s recommendation, 1 is plain LoRA."
+        )
+
+
+def _per_adapter(knob: str, value, names: tuple[str, ...]) -> list:
+    """``value`` for each adapter of a bank (a ``{name: value}`` dict, or one value for all)."""
+    if not isinstance(value, Mapping):
+        return [value] * max(len(names), 1)
+    if not names:
+        raise TypeError(f"optimizer: {knob} is a dict {sorted(value)}, but the config is one adapter, not a "
+                        "bank (LoraConfig.adapters is empty); give one value.")
+    missing, unknown = [n for n in names if n not in value], sorted(set(value) - set(names))
+    if missing or unknown:
+        raise ValueError(f"optimizer: {knob} gives {sorted(value)}, but the bank's adapters are "
+                         f"{list(names)} (missing {missing}, unknown {unknown}); give one value per adapter.")
+    return [value[n] for n in names]
+
+
+def _one(config, learning_rate, lr_ratio, embedding_lr, full_lr, max_grad_norm, base, base_kwargs):
+    """One adapter's transformation; the rates may be traced (one slot of a bank)."""
+    auto = isinstance(lr_ratio, str)
     transforms = {
         "a": base(learning_rate, **base_kwargs),
-        "b": base(learning_rate if auto else _times(learning_rate, float(lr_ratio)), **base_kwargs),
+        "b": base(learning_rate if auto else _times(learning_rate, lr_ratio), **base_kwargs),
         "embedding": base(embedding_lr, **base_kwargs),
         "full": base(full_lr, **base_kwargs),
     }
     tx = optax.partition(transforms, functools.partial(labels, config=config))
     if auto:
         tx = optax.chain(tx, _scale_by_auto_ratio(config))
+    if max_grad_norm is not None:
+        tx = optax.chain(optax.clip_by_global_norm(max_grad_norm), tx)
     return tx
+
+
+def _slot_rate(values: list, k):
+    """Slot ``k``'s (traced) rate from one per adapter: a number, or a schedule if any of them is one."""
+    if not any(callable(v) for v in values):
+        return jnp.asarray(values, jnp.float32)[k]
+    return lambda count: jnp.stack([jnp.asarray(v(count) if callable(v) else v, jnp.float32)
+                                    for v in values])[k]
+
+
+def _bank(config: LoraConfig, size: int, per_slot: dict, max_grad_norm, base, base_kwargs):
+    """``size`` copies of `_one`, vmapped over the bank's leading axis (see `optimizer`)."""
+    ratios = per_slot["lr_ratio"]
+
+    def slot(k):
+        ratio = "auto" if ratios[0] == "auto" else jnp.asarray(ratios, jnp.float32)[k]
+        lr = _slot_rate(per_slot["learning_rate"], k)
+        return _one(config, lr, ratio, _slot_rate(per_slot["embedding_lr"], k), lr, max_grad_norm, base,
+                    base_kwargs)
+
+    slots = jnp.arange(size)
+
+    def init(params):
+        _check_slots(params, size)
+        return jax.vmap(lambda p, k: slot(k).init(p))(params, slots)
+
+    def update(updates, state, params=None, *, lora_index=None, **extra_args):
+        del extra_args
+        _check_slots(updates, size)
+        if lora_index is not None:
+            index = jnp.asarray(lora_index)
+            if index.ndim != 1 or not jnp.issubdtype(index.dtype, jnp.integer):
+                raise ValueError("optimizer: lora_index must be the batch's integer adapter indices, shape "
+                                 f"(batch,), got shape {index.shape} and dtype {index.dtype}.")
+        new_updates, new_state = jax.vmap(lambda u, s, p, k: slot(k).update(u, s, p),
+                                          in_axes=(0, 0, None if params is None else 0, 0))(
+            updates, state, params, slots)
+        if lora_index is None:
+            return new_updates, new_state
+        seen = jnp.any(index[:, None] == slots[None, :], axis=0)  # (K,): the adapters this batch trained
+
+        def keep(new, old):
+            return jnp.where(seen.reshape((size,) + (1,) * (jnp.ndim(new) - 1)), new, old)
+
+        return (jax.tree.map(lambda u: keep(u, jnp.zeros_like(u)), new_updates),
+                jax.tree.map(keep, new_state, state))
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _check_slots(tree, size: int) -> None:
+    leads = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree_util.tree_leaves(tree)}
+    if leads != {size}:
+        raise ValueError(f"optimizer: the config names a bank of {size} adapters, so every leaf must lead "
+                         f"with {size} slots; got leading sizes {sorted(map(str, leads))}. Make the bank "
+                         "with jlora.init(key, params, config) (config.adapters set) or jlora.stack.")

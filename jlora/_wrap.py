@@ -28,7 +28,7 @@ STRATEGIES = ("factored", "merge")
 FALLBACKS = ("merge", "error")
 
 
-def _knobs(lora_scale, lora_rank, lora_rng, lora_weights=None, lora_index=None) -> dict:
+def _knobs(lora_scale, lora_rank, lora_rng, lora_weights=None, lora_index=None, lora_slots=None) -> dict:
     """The runtime knobs as traced values of fixed type, so no value of them retraces.
 
     ``None`` stays static: no scale means the adapter as trained (leaves trained in
@@ -58,6 +58,8 @@ def _knobs(lora_scale, lora_rank, lora_rng, lora_weights=None, lora_index=None) 
             raise ValueError("lora_weights must have shape (K,), one weight per adapter of the bank, got "
                              f"shape {np.shape(lora_weights)}.")
         knobs["weights"] = jnp.asarray(lora_weights, jnp.float32)
+        if lora_slots is not None:  # the slots the weights belong to (a dict by name): only they run
+            knobs["slots"] = jnp.asarray(lora_slots, jnp.int32)
     if lora_index is not None:
         if np.ndim(lora_index) != 1 or not jnp.issubdtype(jnp.result_type(lora_index), jnp.integer):
             raise ValueError(f"lora_index must be an integer array of shape (batch,), got {lora_index!r}; "
@@ -69,18 +71,20 @@ def _knobs(lora_scale, lora_rank, lora_rng, lora_weights=None, lora_index=None) 
 def _by_name(config: LoraConfig, trainable, lora_weights, lora_index):
     """Adapters named at the Python boundary, turned into slots: the traced knobs keep one shape and dtype.
 
-    ``lora_weights`` may be ``{name or slot: weight}`` (the others weigh 0) and ``lora_index`` a
-    list of names (``None``: the base model for that example).
+    ``lora_weights`` may be ``{name or slot: weight}`` (the others weigh 0 and are not
+    run: the knobs become those slots and their weights) and ``lora_index`` a list of
+    names (``None``: the base model for that example). Returns ``(weights, index, slots)``.
     """
     if not isinstance(lora_weights, Mapping) and not isinstance(lora_index, list | tuple):
-        return lora_weights, lora_index  # the common call: nothing named, no tree walk
+        return lora_weights, lora_index, None  # the common call: nothing named, no tree walk
     leaves = jax.tree_util.tree_leaves(trainable)
     size = np.shape(leaves[0])[0] if leaves and np.ndim(leaves[0]) else 0
+    picked = None
     if isinstance(lora_weights, Mapping):
-        lora_weights = mix(config, lora_weights, size, "lora_weights")
+        picked, lora_weights = mix(config, lora_weights, size, "lora_weights")
     if isinstance(lora_index, list | tuple):
         lora_index = slots(config, lora_index, size, "lora_index")
-    return lora_weights, lora_index
+    return lora_weights, lora_index, picked
 
 
 def _concrete(x) -> bool:
@@ -227,8 +231,8 @@ class LoraApply:
     def __call__(self, frozen, trainable, *args, lora_scale=None, lora_rank=None, lora_rng=None,
                  lora_weights=None, lora_index=None, **kwargs):
         dynamic, static = _split(args, kwargs)
-        lora_weights, lora_index = _by_name(self.config, trainable, lora_weights, lora_index)
-        knobs = _knobs(lora_scale, lora_rank, lora_rng, lora_weights, lora_index)
+        lora_weights, lora_index, picked = _by_name(self.config, trainable, lora_weights, lora_index)
+        knobs = _knobs(lora_scale, lora_rank, lora_rng, lora_weights, lora_index, picked)
         _check_factors(trainable)
         _check_knob_values(self.config, trainable, lora_rank, lora_index)
         if not _concrete((frozen, trainable, dynamic, knobs)):
@@ -247,12 +251,13 @@ class LoraApply:
         equation fell back to the merged weight.
         """
         dynamic, static = _split(args, kwargs)
-        lora_weights, lora_index = _by_name(self.config, trainable, lora_weights, lora_index)
+        lora_weights, lora_index, picked = _by_name(self.config, trainable, lora_weights, lora_index)
         _check_factors(trainable)
         _check_knob_values(self.config, trainable, lora_rank, lora_index)
         ctx = Context(fallback=self.fallback, uses=[])
+        knobs = _knobs(lora_scale, lora_rank, lora_rng, lora_weights, lora_index, picked)
         jax.make_jaxpr(lambda f, t, d, k: self._run(f, t, d, k, static=static, ctx=ctx))(
-            frozen, trainable, dynamic, _knobs(lora_scale, lora_rank, lora_rng, lora_weights, lora_index)
+            frozen, trainable, dynamic, knobs
         )
         return ctx.uses
 
@@ -329,8 +334,12 @@ class LoraApply:
         if config.adapters and k != len(config.adapters):
             raise ValueError(f"the config names {len(config.adapters)} adapters {list(config.adapters)}, but "
                              f"the bank holds {k}; serve the bank with the config jlora.stack returned.")
-        if weights is not None and weights.shape[0] != k:
+        picked = knobs.get("slots")
+        if weights is not None and picked is None and weights.shape[0] != k:
             raise ValueError(f"lora_weights has {weights.shape[0]} weights for a bank of {k} adapters.")
+        if picked is not None:  # adapters chosen by name: run those alone, at rank n·R
+            values = {p: (jnp.take(a, picked, axis=0), jnp.take(b, picked, axis=0))
+                      for p, (a, b) in values.items()}
         if weights is not None and self.strategy == "merge":
             new = []
             for path, leaf in zip(leaf_paths(frozen), leaves(frozen), strict=True):

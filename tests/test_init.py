@@ -1,5 +1,7 @@
 """init: pure, deterministic, PEFT's initialisation, Linen and NNX trees."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -174,3 +176,34 @@ def test_quantized_base(key):
     with pytest.raises(ValueError, match=r"init: .*d/kernel is quantized .* init='pissa' takes the SVD .* "
                                          r"then quantize the residual"):
         jlora.init(key, jlora.quantize(params, pissa, "int8"), pissa)
+
+
+def test_a_bank_holds_one_fresh_adapter_per_name(key):
+    params = _linen_zoo()
+    one = jlora.LoraConfig(rank=2, alpha=4.0, targets=r".*kernel")
+    bank_cfg = dataclasses.replace(one, adapters=("fr", "de", "es"))
+    frozen, bank = jlora.init(key, params, bank_cfg)
+    assert frozen is params
+    for k, name in enumerate(bank_cfg.adapters):
+        want = jlora.init(jax.random.fold_in(key, k), params, one)[1]
+        got, got_cfg = jlora.unstack(bank, bank_cfg, name)
+        assert got_cfg == one  # the config's own scale: nothing folded into b
+        jax.tree.map(np.testing.assert_array_equal, got, want)
+    assert not (bank["params"]["dense"]["kernel"]["a"][0] == bank["params"]["dense"]["kernel"]["a"][1]).all()
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"train_in_full": r".*/bias"}, r"init: params/[\w/]+/bias is trained in full "
+                                        r"\(LoraConfig.train_in_full\), but a bank \['fr', 'de'\] holds "
+                                        r"low-rank adapters only"),
+        ({"dora": True}, r"init: DoRA: DoRA's magnitude rescales the whole output of its own adapter"),
+        ({"dylora": "frozen"}, r"init: DyLoRA \(dylora='frozen'\): .* cannot share a bank"),
+        ({"init": "pissa"}, r"init='pissa' gives every adapter its own residual base"),
+    ],
+)
+def test_a_bank_refuses_what_cannot_share_it(key, changes, message):
+    cfg = jlora.LoraConfig(rank=2, targets=r".*/dense/kernel", adapters=("fr", "de"), **changes)
+    with pytest.raises(ValueError, match=message):
+        jlora.init(key, _linen_zoo(), cfg)

@@ -1,5 +1,6 @@
 """optimizer: LoRA+ ratios per group, schedules, auto ratios, no state for frozen leaves."""
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -162,3 +163,139 @@ def test_auto_needs_the_config_that_made_trainable():
         jlora.optimizer(other, 1e-3, lr_ratio="auto").init(trainable)
     with pytest.raises(TypeError, match=r"expected a jlora.LoraConfig"):
         jlora.optimizer({}, 1e-3)
+
+
+# ----------------------------------------------------------- a bank trained together
+
+NAMES = ("fr", "de", "es")
+ONE_CFG = jlora.LoraConfig(rank=4, alpha=8.0, targets=(r".*/(up|down)/kernel", r".*/embedding",
+                                                      jlora.Rule(pattern=r".*/head/kernel", rank=3)))
+BANK_CFG = dataclasses.replace(ONE_CFG, adapters=NAMES)
+BATCH = jax.random.randint(jax.random.key(5), (9, 3), 0, 50)
+LABELS = jax.random.randint(jax.random.key(6), (9,), 0, 3)
+INDEX = jnp.array([0, 1, 2, 2, 0, 1, 0, 0, 1])
+RATES = {"fr": 1e-2, "de": 3e-2, "es": optax.linear_schedule(2e-2, 0.0, 10)}
+RATIOS = {"fr": 1.0, "de": 4.0, "es": 16.0}
+
+
+def _bank_step(tx, lora_apply, frozen):
+    def loss(bank, index):
+        per_example = optax.softmax_cross_entropy_with_integer_labels(
+            lora_apply(frozen, bank, BATCH, lora_index=index), LABELS)
+        onehot = (index[:, None] == jnp.arange(len(NAMES))[None, :]).astype(per_example.dtype)
+        return (onehot.T @ per_example / jnp.maximum(onehot.sum(0), 1)).sum()  # each adapter's mean loss
+
+    @jax.jit
+    def step(bank, state, index):
+        updates, state = tx.update(jax.grad(loss)(bank, index), state, bank, lora_index=index)
+        return optax.apply_updates(bank, updates), state
+
+    return step
+
+
+def _alone(frozen, adapter, rate, ratio, examples, steps):
+    """One adapter trained alone on its own examples of the batch (the reference)."""
+    tx = jlora.optimizer(ONE_CFG, rate, lr_ratio=ratio, max_grad_norm=0.5)
+    lora_apply = jlora.wrap(Net().apply, ONE_CFG)
+
+    def loss(t):
+        logits = lora_apply(frozen, t, BATCH[examples])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, LABELS[examples]).mean()
+
+    state = tx.init(adapter)
+    for _ in range(steps):
+        updates, state = tx.update(jax.grad(loss)(adapter), state, adapter)
+        adapter = optax.apply_updates(adapter, updates)
+    return adapter
+
+
+@pytest.mark.standard_promotion  # optax's Adam
+def test_a_bank_trained_together_equals_each_adapter_trained_alone():
+    params = Net().init(jax.random.key(0), TOKENS)
+    frozen, bank = jlora.init(jax.random.key(1), params, BANK_CFG)
+    tx = jlora.optimizer(BANK_CFG, RATES, lr_ratio=RATIOS, max_grad_norm=0.5)
+    step = _bank_step(tx, jlora.wrap(Net().apply, BANK_CFG), frozen)
+    state, trained = tx.init(bank), bank
+    for _ in range(4):
+        trained, state = step(trained, state, INDEX)
+    for k, name in enumerate(NAMES):
+        start, _ = jlora.unstack(bank, BANK_CFG, name)
+        want = _alone(frozen, start, RATES[name], RATIOS[name], np.flatnonzero(INDEX == k), 4)
+        got, _ = jlora.unstack(trained, BANK_CFG, name)
+        moved = max(float(jnp.abs(w - s).max()) for w, s in zip(jax.tree.leaves(want), jax.tree.leaves(start),
+                                                                  strict=True))
+        assert moved > 1e-3  # every adapter learned something
+        jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6), got, want)
+
+
+@pytest.mark.standard_promotion  # optax's Adam
+def test_an_adapter_without_examples_in_the_batch_is_left_as_it_was():
+    params = Net().init(jax.random.key(0), TOKENS)
+    frozen, bank = jlora.init(jax.random.key(1), params, BANK_CFG)
+    tx = jlora.optimizer(BANK_CFG, 1e-2)
+    step = _bank_step(tx, jlora.wrap(Net().apply, BANK_CFG), frozen)
+    state0 = tx.init(bank)
+    trained, state = step(bank, state0, jnp.array([0, 0, 2, 2, 0, -1, 0, 0, 2]))  # "de" has no example
+    for new, old in zip(jax.tree.leaves((trained, state)), jax.tree.leaves((bank, state0)), strict=True):
+        np.testing.assert_array_equal(new[1], old[1])  # params, both moments and the step count
+    assert float(jnp.abs(trained["params"]["up"]["kernel"]["b"][0]).max()) > 0
+    counts = [x for x in jax.tree.leaves(state) if x.dtype == jnp.int32]
+    assert counts and all(c.tolist() == [1, 0, 1] for c in counts)
+
+
+def test_bank_optimizer_state_leads_with_the_adapters_and_auto_ratios_apply_per_slot():
+    params = Net().init(jax.random.key(0), TOKENS)
+    _, bank = jlora.init(jax.random.key(1), params, BANK_CFG)
+    tx = jlora.optimizer(BANK_CFG, 0.1, lr_ratio="auto", base=optax.sgd)
+    state = tx.init(bank)
+    assert {x.shape[0] for x in jax.tree.leaves(state)} == {3}
+    updates, _ = tx.update(_ones(bank), state, bank)
+    one = jlora.optimizer(ONE_CFG, 0.1, lr_ratio="auto", base=optax.sgd)
+    slot = jax.tree.map(lambda x: x[1], bank)
+    want, _ = one.update(_ones(slot), one.init(slot), slot)
+    jax.tree.map(lambda u, w: np.testing.assert_allclose(u[1], w, rtol=1e-6), updates, want)
+
+
+def test_max_grad_norm_clips_one_adapter_to_that_norm():
+    _, trainable = _setup()
+    tx = jlora.optimizer(CFG, 1.0, lr_ratio=1.0, base=optax.sgd, max_grad_norm=0.5)
+    grads = jax.tree.map(lambda x: 3.0 * jnp.ones_like(x), trainable)
+    updates, _ = tx.update(grads, tx.init(trainable), trainable)
+    norm = math.sqrt(sum(float(jnp.sum(u * u)) for u in jax.tree.leaves(updates)))
+    np.testing.assert_allclose(norm, 0.5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("config", "kwargs", "error", "message"),
+    [
+        (CFG, {"learning_rate": {"fr": 1e-3}}, TypeError,
+         r"optimizer: learning_rate is a dict \['fr'\], but the config is one adapter, not a bank"),
+        (BANK_CFG, {"learning_rate": {"fr": 1e-3, "it": 1e-3}}, ValueError,
+         r"learning_rate gives \['fr', 'it'\], but the bank's adapters are \['fr', 'de', 'es'\] "
+         r"\(missing \['de', 'es'\], unknown \['it'\]\)"),
+        (BANK_CFG, {"lr_ratio": {"fr": 4.0, "de": "auto", "es": 1.0}}, ValueError,
+         r"lr_ratio='auto' for some adapters of a bank and a number for others"),
+        (BANK_CFG, {"lr_ratio": {"fr": 4.0, "de": -1.0, "es": 1.0}}, ValueError,
+         r"lr_ratio must be a finite number > 0 or 'auto', got -1.0"),
+        (BANK_CFG, {"embedding_lr": {"fr": 1.0, "de": float("nan"), "es": 1.0}}, ValueError,
+         r"embedding_lr must be a finite number >= 0"),
+        (CFG, {"max_grad_norm": 0.0}, ValueError,
+         r"max_grad_norm must be a finite number > 0 or None, got 0.0"),
+    ],
+)
+def test_per_adapter_errors(config, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        jlora.optimizer(config, **{"learning_rate": 1e-3, **kwargs})
+
+
+def test_a_bank_optimizer_refuses_a_tree_that_is_not_its_bank():
+    _, one = _setup()
+    tx = jlora.optimizer(BANK_CFG, 1e-3)
+    with pytest.raises(ValueError, match=r"the config names a bank of 3 adapters, so every leaf must lead "
+                                         r"with 3 slots; got leading sizes"):
+        tx.init(one)
+    params = Net().init(jax.random.key(0), TOKENS)
+    _, bank = jlora.init(jax.random.key(1), params, BANK_CFG)
+    with pytest.raises(ValueError, match=r"lora_index must be the batch's integer adapter indices, shape "
+                                         r"\(batch,\), got shape \(9, 1\)"):
+        tx.update(_ones(bank), tx.init(bank), bank, lora_index=INDEX[:, None])

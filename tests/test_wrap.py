@@ -308,3 +308,48 @@ def test_non_float_factors_are_refused_at_the_call(strategy, dtype):
         jax.jit(lambda t: lora_apply(frozen, t, x))(trainable)  # dtypes are known under jit too
     with pytest.raises(TypeError, match=message):
         lora_apply.uses(frozen, trainable, x)
+
+
+class _Deep(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for i in range(3):
+            x = nn.Dense(64, name=f"d{i}")(x)
+        return x
+
+
+def _flops(fn, *args) -> float:
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list | tuple) else cost)["flops"]
+
+
+def test_adapters_chosen_by_name_cost_only_themselves():
+    x = jax.random.normal(jax.random.key(0), (16, 64))
+    params = _Deep().init(jax.random.key(1), x)
+    cfg = jlora.LoraConfig(rank=4, targets=r".*/kernel")
+    made = [jlora.init(jax.random.key(k), params, cfg)[1] for k in range(8)]
+    bank, bank_cfg = jlora.stack({f"s{k}": (bump(t, 0.01 * (k + 1)), cfg) for k, t in enumerate(made)})
+    serve = jlora.wrap(_Deep().apply, bank_cfg)
+    one, one_cfg = jlora.unstack(bank, bank_cfg, "s3")
+    alone = jlora.wrap(_Deep().apply, one_cfg)
+    single = _flops(lambda f, t, x: alone(f, t, x), params, one, x)
+    named = _flops(lambda f, b, x, w: serve(f, b, x, lora_weights={"s3": w}), params, bank, x, 1.0)
+    dense = _flops(lambda f, b, x, w: serve(f, b, x, lora_weights=w), params, bank, x, jnp.eye(8)[3])
+    b_size = 3 * 4 * 64  # the weight multiplies each named b once
+    assert named == single + b_size
+    assert dense > 1.5 * single  # a dense (K,) mix runs every slot, at rank K·R
+    np.testing.assert_array_equal(serve(params, bank, x, lora_weights={"s3": 1.0}), alone(params, one, x))
+    two = serve(params, bank, x, lora_weights={"s3": 0.25, "s6": 0.75})
+    dense_two = 0.25 * jnp.eye(8)[3] + 0.75 * jnp.eye(8)[6]
+    np.testing.assert_allclose(two, serve(params, bank, x, lora_weights=dense_two), rtol=1e-5, atol=1e-5)
+
+    traces = []
+    counted = jlora.wrap(lambda p, x: (traces.append(1), _Deep().apply(p, x))[1], bank_cfg)
+    for names in ({"s1": 1.0}, {"s7": 0.5}, {2: 1.0}):
+        counted(params, bank, x, lora_weights=names)
+    assert len(traces) == 1  # which adapter, and its weight, are values: no retrace
+    with pytest.raises(ValueError, match=r"lora_weights: an empty dict selects no adapter; name at least "
+                                         r"one, e.g. \{'s0': 1.0\}"):
+        serve(params, bank, x, lora_weights={})
+    with pytest.raises(ValueError, match=r"weighs slot 3 twice \(by name and by number\)"):
+        serve(params, bank, x, lora_weights={"s3": 0.5, 3: 0.5})
