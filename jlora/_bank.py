@@ -1,13 +1,17 @@
 """Many adapters on one base: a bank of K adapters stacked along a leading axis.
 
-`stack` puts K adapters trained on the same base (ranks and alphas may differ)
-into one `trainable` whose factors carry a leading adapter axis, ranks zero-padded
-to a common capacity and each adapter's scale folded into its ``b``; the returned
-config has scale 1 for every target. One compiled step then serves any of them:
+A bank is made in one of two ways. `stack` puts K adapters trained on the same
+base (ranks and alphas may differ) into one `trainable` whose factors carry a
+leading adapter axis, ranks zero-padded to a common capacity and each adapter's
+scale folded into its ``b``; the returned config has scale 1 for every target.
+`jlora.init` with ``LoraConfig(adapters=names)`` makes K fresh adapters of one
+config to train together (`jlora.optimizer` steps each on its own). Either way the
+config names the slots, and one compiled step serves any of them:
 
-* ``lora_apply(frozen, bank, x, lora_weights=w)``: the adapters' deltas weighted
-  by ``w`` (shape ``(K,)``) and added — one adapter (a one-hot ``w``), several
-  (their deltas add) or none (zeros). Done exactly as one adapter of rank ``K·r``.
+* ``lora_apply(frozen, bank, x, lora_weights={"fr": 0.7, "de": 0.3})``: the named
+  adapters' deltas weighted and added, gathered first so that only they run (rank
+  ``n·r`` for ``n`` names). A dense ``w`` of shape ``(K,)`` weighs every slot and
+  runs all of them, as one adapter of rank ``K·r``. Exact either way.
 * ``lora_apply(frozen, bank, x, lora_index=i)``: adapter ``i[n]`` for example
   ``n`` of the batch (``-1``: the base model alone), in the same call.
 * `put` writes another adapter (rank <= the capacity) into a slot: same shapes,

@@ -199,9 +199,11 @@ class LoraApply:
       LoRA branches and, with DyLoRA, the rank ``k`` of this step.
     * ``lora_weights`` (shape ``(K,)``) / ``lora_index`` (shape ``(batch,)``, ``-1`` for
       the base): for a bank of K adapters made by `jlora.stack`, their weighted sum,
-      or one adapter per example. A bank stacked from a dict takes names too:
-      ``lora_weights={"fr": 1.0}`` and ``lora_index=["fr", "de", None]`` (``None``: the
-      base); names become slots before tracing, so changing them never recompiles.
+      or one adapter per example. A bank's names work too: ``lora_weights={"fr": 1.0}``
+      (only the named adapters run, so one of K costs one adapter) and
+      ``lora_index=["fr", "de", None]`` (``None``: the base); names become slots before
+      tracing, so changing them never recompiles (the number of names in a
+      ``lora_weights`` dict is part of the compiled shape).
 
     Values that would serve the wrong adapter are refused, never clipped: a
     ``lora_index`` outside ``-1..K-1``, a ``lora_rank`` outside ``1..r`` (``r``: the

@@ -776,3 +776,52 @@ def test_a_bank_config_refuses_a_trainable_that_is_not_its_bank(tmp_path):
                                          r"every leaf of trainable leads with 2; got shapes \[.*\]"):
         save(tmp_path / "x", one, bank_cfg)
     assert not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------------------- a bank trained together
+
+BANK_CFG = jlora.LoraConfig(rank=4, alpha=3.0, targets=r".*/kernel", adapters=("fr", "de", "es"))
+BANK_INDEX = jnp.array([0, 1, 2, 0, 1, 2])
+BANK_X = jax.random.normal(jax.random.key(7), (6, 16))
+
+
+def _bank_steps(frozen, bank, state, tx, steps):
+    lora_apply = _lora_apply(Mlp().apply, BANK_CFG)
+
+    def loss(bank):
+        out = lora_apply(frozen, bank, BANK_X, lora_index=BANK_INDEX)
+        return jnp.sum(jnp.mean(out ** 2, axis=1))  # each adapter has 2 examples: the sum of its 3 means x2
+
+    for _ in range(steps):
+        updates, state = tx.update(jax.grad(loss)(bank), state, bank, lora_index=BANK_INDEX)
+        bank = optax.apply_updates(bank, updates)
+    return bank, state
+
+
+@pytest.mark.standard_promotion  # optax's Adam
+def test_a_bank_trained_together_resumes_and_exports_one_adapter(tmp_path):
+    frozen = _random_like(_model("mlp")[1], seed=0, std=0.3)
+    _, bank0 = jlora.init(jax.random.key(1), frozen, BANK_CFG)
+    tx = jlora.optimizer(BANK_CFG, 1e-2, lr_ratio=4.0)
+    straight = _bank_steps(frozen, bank0, tx.init(bank0), tx, 4)
+
+    bank, state = _bank_steps(frozen, bank0, tx.init(bank0), tx, 2)
+    mngr = ocp.CheckpointManager(tmp_path / "run")
+    mngr.save(2, args=ocp.args.Composite(**save_args(bank, BANK_CFG, frozen=frozen),
+                                         opt_state=ocp.args.StandardSave(state)))
+    mngr.wait_until_finished()
+    mngr.close()
+    bank, cfg = restore(tmp_path / "run" / "2", frozen)
+    assert cfg == BANK_CFG
+    mngr = ocp.CheckpointManager(tmp_path / "run")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, tx.init(bank))
+    state = mngr.restore(2, args=ocp.args.Composite(opt_state=ocp.args.StandardRestore(abstract))).opt_state
+    mngr.close()
+    _equal(straight, _bank_steps(frozen, bank, state, tx, 2))
+
+    de, de_cfg = jlora.unstack(straight[0], BANK_CFG, "de")
+    jlora.export_peft(tmp_path / "de", de, de_cfg, frozen=frozen)
+    _, imported, imported_cfg = jlora.import_peft(tmp_path / "de", frozen)
+    want = _lora_apply(Mlp().apply, BANK_CFG)(frozen, straight[0], BANK_X, lora_index=jnp.ones(6, jnp.int32))
+    got = jlora.wrap(Mlp().apply, imported_cfg)(frozen, imported, BANK_X)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

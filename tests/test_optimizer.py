@@ -299,3 +299,14 @@ def test_a_bank_optimizer_refuses_a_tree_that_is_not_its_bank():
     with pytest.raises(ValueError, match=r"lora_index must be the batch's integer adapter indices, shape "
                                          r"\(batch,\), got shape \(9, 1\)"):
         tx.update(_ones(bank), tx.init(bank), bank, lora_index=INDEX[:, None])
+
+
+def test_put_into_a_bank_of_its_own_scale_serves_the_adapter_as_trained():
+    params = Net().init(jax.random.key(0), TOKENS)
+    frozen, bank = jlora.init(jax.random.key(1), params, BANK_CFG)  # scale alpha/r = 2, kept in the config
+    _, trained = jlora.init(jax.random.key(2), params, ONE_CFG)
+    trained = jax.tree.map(lambda x: x + 0.05, trained)
+    swapped = jlora.put(bank, BANK_CFG, "de", trained, ONE_CFG)
+    got = jlora.wrap(Net().apply, BANK_CFG)(frozen, swapped, TOKENS, lora_index=["de", "de"])
+    np.testing.assert_allclose(got, jlora.wrap(Net().apply, ONE_CFG)(frozen, trained, TOKENS), rtol=1e-5,
+                               atol=1e-6)
