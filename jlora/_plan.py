@@ -84,6 +84,15 @@ def _floating(x) -> bool:
     return dtype is not None and jnp.issubdtype(dtype, jnp.floating)
 
 
+def _bank_hint(config: LoraConfig) -> str:
+    """For a bank's config, how to reach one adapter (a verb that takes one was given a bank)."""
+    if not config.adapters:
+        return ""
+    return (f"\nThis config names a bank of {len(config.adapters)} adapters {list(config.adapters)}, whose "
+            "leaves lead with one slot per adapter: serve it with lora_index= or lora_weights=, or take one "
+            "adapter out with jlora.unstack(bank, config, name).")
+
+
 def _lora_target(path, leaf, rule, config) -> tuple[Target | None, str | None]:
     shape = tuple(np.shape(leaf))
     where = f"rule {rule.pattern!r} matched {path} (shape {shape}"
@@ -251,7 +260,8 @@ class Plan(Mapping[str, Target]):
                 errors = plan.problems(trainable)
                 if not errors:
                     return plan
-        raise ValueError(f"{who}: trainable does not fit config:\n  " + "\n  ".join(errors))
+        raise ValueError(f"{who}: trainable does not fit config:\n  " + "\n  ".join(errors)
+                         + _bank_hint(config))
 
     def read(self, trainable) -> dict[str, Any]:
         """Check ``trainable`` fits the plan; return ``{path: leaf (trained in full) or Factors}``.
@@ -264,6 +274,7 @@ class Plan(Mapping[str, Target]):
             raise ValueError(
                 "trainable does not fit frozen and config:\n  " + "\n  ".join(errors)
                 + "\nMake trainable with jlora.init(key, params, config) using the same config."
+                + _bank_hint(self.config)
             )
         flat = flatten(trainable)
         return {path: Factors(*(flat.get(f"{path}/{k}") for k in ADAPTER_KEYS)) if t.adapted else flat[path]

@@ -139,3 +139,17 @@ def test_roles_follow_the_trainable_leaf_order():
     roles = [(t.path, f) for t, f in plan.roles(trainable)]
     assert roles == [("params/encoder/out/kernel", "a"), ("params/encoder/out/kernel", "b"),
                      ("params/encoder/out/kernel", "m"), ("params/head/bias", None)]
+
+
+def test_a_bank_given_where_one_adapter_is_expected_says_how_to_take_one_out():
+    params = {"w": jnp.ones((8, 4))}
+    cfg = jlora.LoraConfig(rank=2, targets="w", adapters=("fr", "de"))
+    frozen, bank = jlora.init(jax.random.key(0), params, cfg)
+    hint = (r"w/a has shape \(2, 8, 2\), expected \(8, 2\)[\s\S]*This config names a bank of 2 adapters "
+            r"\['fr', 'de'\], whose leaves lead with one slot per adapter: serve it with lora_index= or "
+            r"lora_weights=, or take one adapter out with jlora.unstack\(bank, config, name\)")
+    with pytest.raises(ValueError, match=hint):
+        jlora.merge(frozen, bank, cfg)
+    with pytest.raises(ValueError, match=r"export_peft: trainable does not fit config:[\s\S]*This config "
+                                         r"names a bank of 2 adapters"):
+        jlora.export_peft("/nonexistent/never-written", bank, cfg)
