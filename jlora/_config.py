@@ -143,9 +143,11 @@ class LoraConfig:
         each training call samples ``k ~ U{1..r}``, only the first ``k`` components act
         and the scale is ``alpha/k``. ``"frozen"`` (the paper's mode) also holds the
         components below ``k`` fixed that step, so only the ``k``-th one learns.
-      adapters: the names of a bank's slots, in slot order (set by `jlora.stack` from a
-        dict of adapters; empty for one adapter or an unnamed bank). Serving, `jlora.put`
-        and `jlora.unstack` take these names.
+      adapters: the names of a bank's slots, in slot order; empty for one adapter.
+        `jlora.stack` sets them (a dict's keys, or ``"0"``, ``"1"``, ... for a list);
+        given to `jlora.init`, they make a bank of fresh adapters to train together
+        (`jlora.optimizer` then steps each on its own). Serving, `jlora.put`,
+        `jlora.unstack`, `jlora.save` and `jlora.restore` take these names.
 
     >>> cfg = LoraConfig(rank=8, alpha=16.0, targets=r".*/(query|value)/kernel")
     >>> cfg.scale_for(cfg.targets[0])
