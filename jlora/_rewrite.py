@@ -10,14 +10,21 @@ that adds the low-rank branch instead of forming ``W + s·a@b``:
   ``x·Wᵀ``) contracts the output axes, so b is applied first and a second;
 * ``conv_general_dilated``: a is a conv with W's window, b a 1x1 over features;
 * ``gather`` of whole rows (an embedding lookup): ``W[i] + s·a[i]·b``;
-* ``transpose``/``convert_element_type``/``copy``/``sharding_constraint`` move
-  the kernel (its factors follow), and ``slice``/``dynamic_slice``/``squeeze`` of
+* ``transpose``/``convert_element_type``/``copy``/``sharding_constraint``/``reshape``
+  move the kernel (its factors follow), and ``slice``/``dynamic_slice``/``squeeze`` of
   stack axes pick layers out of a scanned stack;
 * ``jit`` (pjit) and ``custom_jvp_call`` are inlined; ``scan``, ``checkpoint``
   (remat), ``cond`` and ``while`` are rebuilt around a rewritten body.
 
 Any other equation that consumes an adapted kernel gets the merged weight, which
 is correct but forms W + s·a@b; each such use is recorded as a fallback.
+
+A bank served per example (``lora_index``) carries its K adapters in front of the
+factors' axes (`Lora.lead`): the moving ops pass K along, and each consuming op
+(``dot_general`` forward or transposed, ``conv_general_dilated``, the embedding
+``gather``) picks every example's adapter and runs the branch batched over the
+examples. A merged weight is one adapter for the whole batch, so there the
+fallback refuses instead.
 
 A quantized base (``w`` a `QArray`) travels through control flow and stack
 slicing as its codes. Where an op needs W itself (the base term of a consuming
@@ -68,12 +75,15 @@ class Lora:
     rate: float = 0.0
     index: Any = None  # per-example adapter of a bank: (batch,) int32, -1 = none; a, b lead with K
 
-    def __post_init__(self):
-        if self.index is not None and self.layout.stack_axes:
-            raise ValueError(
-                f"{self.path}: per-example adapters (lora_index) are not supported on stacked (scanned) "
-                "kernels yet; use lora_weights, or unstack the layers."
-            )
+    @property
+    def lead(self) -> int:
+        """Factor axes before the stack axes: 1 for a bank served per example (its K), else 0.
+
+        A bank's ``a`` is ``(K, *stack, *in, r)`` and its ``b`` ``(K, *stack, r, *out)``; the
+        ops that move a stacked kernel address the factors' stack axes past this offset, so
+        K rides along untouched until the consuming op picks each example's adapter.
+        """
+        return 0 if self.index is None else 1
 
     def weight(self):
         """W as an array (a quantized W dequantized)."""
@@ -83,8 +93,9 @@ class Lora:
         if self.index is not None:
             raise ValueError(
                 f"{self.path}: an op with no per-example rule consumes this kernel; per-example adapters "
-                "(lora_index) act on Dense/attention projections and embedding lookups. Use lora_weights, "
-                "or exclude the kernel from the bank's targets."
+                "(lora_index) act on Dense/attention projections (also used transposed, as a tied "
+                "embedding head), convolutions and embedding lookups, in scanned stacks too. Use "
+                "lora_weights, or exclude the kernel from the bank's targets."
             )
         if self.f != "identity":
             raise ValueError(f"{self.path}: an op with no factored rule consumes this kernel; exclude it "
@@ -131,6 +142,7 @@ class Use(NamedTuple):
 class Context:
     fallback: str = "merge"  # or "error"
     uses: list[Use] | None = None
+    live: frozenset = frozenset()  # the variables the jaxpr being evaluated reads (see `_leaving`)
 
     def record(self, lora: Lora, primitive: str, factored: bool):
         if self.uses is not None:
@@ -142,6 +154,8 @@ class Context:
 
 def eval_jaxpr(ctx: Context, jaxpr, consts: Sequence, args: Sequence) -> list:
     env: dict = {}
+    read_later = [v for eqn in jaxpr.eqns for v in eqn.invars] + list(jaxpr.outvars)
+    ctx = dataclasses.replace(ctx, live=frozenset(v for v in read_later if not isinstance(v, Literal)))
 
     def read(v):
         return v.val if isinstance(v, Literal) else env[v]
@@ -183,6 +197,18 @@ def _bind_base(eqn, invals):
 
 def _plain(x):
     return x.materialize() if isinstance(x, Lora) else x
+
+
+def _leaving(ctx: Context, outer_vars, body_vars, outs) -> list:
+    """A control-flow body's results as arrays, bound to ``outer_vars`` of the enclosing jaxpr.
+
+    An adapted kernel is merged where the enclosing jaxpr reads it afterwards. Where
+    nothing does (Flax's ``nn.scan`` and NNX's ``nnx.scan`` hand the variables back out),
+    it leaves as zeros of its shape: no W + s·a@b is formed for nothing, and a bank served
+    per example, which has no merged form, passes.
+    """
+    return [jnp.zeros(b.aval.shape, b.aval.dtype) if isinstance(o, Lora) and v not in ctx.live else _plain(o)
+            for o, v, b in zip(outs, outer_vars, body_vars, strict=True)]
 
 
 def _fallback(ctx: Context, eqn, invals):
@@ -326,39 +352,6 @@ def _branch_2d(lora: Lora, x, xc, wc, first, second, free, precision, pet):
     s2 = lax.transpose(s_arr, (s_r, *(s_map[w] for w in free))).reshape(u.shape[1], -1)
     v = jnp.dot(u, s2.astype(dt), precision=precision, preferred_element_type=pet)
     return v.reshape(*x_free_shape, *(lora.w.shape[w] for w in free))
-
-
-def _per_example(lora: Lora):
-    """Each example's factors ``(B, ...)``, and its gate ``(B,)`` float32 that multiplies its branch.
-
-    The gate is 1 for an adapter of the bank, 0 for index -1 (the base alone) and NaN for an
-    index outside ``-1..K-1`` (only a traced index gets here; `LoraApply` refuses concrete
-    ones): that example's output becomes NaN, never another adapter's.
-    """
-    k = lora.a.shape[0]
-    sel = jnp.clip(lora.index, 0, k - 1)
-    valid = (lora.index >= -1) & (lora.index < k)
-    gate = jnp.where(valid, (lora.index >= 0).astype(jnp.float32), jnp.float32(jnp.nan))
-    return jnp.take(lora.a, sel, axis=0), jnp.take(lora.b, sel, axis=0), gate
-
-
-def _per_example_dot(lora: Lora, x, xc, wc, base, params):
-    """``x[n]·W + s·f(x[n]·a_i)·b_i`` with ``i = index[n]``: one batched product per factor."""
-    lay = lora.layout
-    dt = lora.w.dtype
-    a_sel, b_sel, on = _per_example(lora)
-    a_map = {w: 1 + i for i, w in enumerate(lay.in_axes)}
-    contract = (tuple(xc), tuple(a_map[w] for w in wc))
-    precision = params.get("precision")
-    u = lax.dot_general(lora.drop(x), a_sel.astype(dt), (contract, ((0,), (0,))), precision=precision)
-    gate = (on.astype(u.dtype) * jnp.asarray(lora.scale).astype(u.dtype)).reshape((-1,) + (1,) * (u.ndim - 1))
-    u = lora.nonlinear(u) * gate
-    v = lax.dot_general(u, b_sel.astype(dt), (((u.ndim - 1,), (1,)), ((0,), (0,))),
-                        precision=params.get("precision"))
-    n_out = len(lay.out_axes)
-    lead = list(range(v.ndim - n_out))
-    perm = lead + [v.ndim - n_out + lay.out_axes.index(w) for w in sorted(lay.out_axes)]
-    return base + lax.transpose(v, tuple(perm)).astype(base.dtype)
 
 
 def _ragged_dot(ctx: Context, eqn, invals):
@@ -522,18 +515,19 @@ def _reshape(ctx: Context, eqn, invals):
     new_stack = tuple(w for w in range(len(new)) if new_role[w] == "stack")
     if len(new_stack) != n_stack or not new_in or not new_out:
         return _fallback(ctx, eqn, invals)
-    stack_shape = lora.a.shape[:n_stack]
+    n_lead = lora.lead + n_stack  # a bank's K (per example) rides along in front of the stack axes
+    lead_shape = lora.a.shape[:n_lead]
     rank = lora.a.shape[-1]
-    # a: (*stack, *in in layout order, r) -> in axes in W's order -> the new in shape.
-    in_order = (n_stack + lay.in_axes.index(w) for w in sorted(lay.in_axes))
-    a = lax.transpose(lora.a, (*range(n_stack), *in_order, lora.a.ndim - 1))
-    a = a.reshape(*stack_shape, *(new[w] for w in new_in), rank)
-    b = lax.transpose(lora.b, (*range(n_stack + 1),
-                               *(n_stack + 1 + lay.out_axes.index(w) for w in sorted(lay.out_axes))))
-    b = b.reshape(*stack_shape, rank, *(new[w] for w in new_out))
+    # a: (*lead, *in in layout order, r) -> in axes in W's order -> the new in shape.
+    in_order = (n_lead + lay.in_axes.index(w) for w in sorted(lay.in_axes))
+    a = lax.transpose(lora.a, (*range(n_lead), *in_order, lora.a.ndim - 1))
+    a = a.reshape(*lead_shape, *(new[w] for w in new_in), rank)
+    b = lax.transpose(lora.b, (*range(n_lead + 1),
+                               *(n_lead + 1 + lay.out_axes.index(w) for w in sorted(lay.out_axes))))
+    b = b.reshape(*lead_shape, rank, *(new[w] for w in new_out))
     m = None if lora.m is None else lax.transpose(
         lora.m, (*range(n_stack), *(n_stack + lay.out_axes.index(w) for w in sorted(lay.out_axes)))
-    ).reshape(*stack_shape, *(new[w] for w in new_out))
+    ).reshape(*lora.m.shape[:n_stack], *(new[w] for w in new_out))
     w = _bind(eqn, [lora.w])[0]
     return [dataclasses.replace(lora, w=w, a=a, b=b, m=m, layout=Layout(new_in, new_out, new_stack))]
 
@@ -563,18 +557,19 @@ def _slice_stack(ctx: Context, eqn, invals, starts, sizes):
     else:
         w = _bind(eqn, [lora.w, *invals[1:]])[0]
 
-    def narrow(f):
+    def narrow(f, lead):  # f: (*lead, *stack, ...), its lead axes (a bank's K) whole
         if f is None:
             return None
-        f_starts = [starts[w_ax] for w_ax in lay.stack_axes] + [0] * (f.ndim - ns)
-        f_sizes = [sizes[w_ax] for w_ax in lay.stack_axes] + list(f.shape[ns:])
+        f_starts = [0] * lead + [starts[w_ax] for w_ax in lay.stack_axes] + [0] * (f.ndim - lead - ns)
+        f_sizes = [*f.shape[:lead], *(sizes[w_ax] for w_ax in lay.stack_axes), *f.shape[lead + ns:]]
         return lax.dynamic_slice(f, f_starts, f_sizes)
 
     key = lora.key
     if key is not None:  # each layer picked out of a stack draws its own dropout mask
         for w_ax in lay.stack_axes:
             key = jax.random.fold_in(key, starts[w_ax])
-    return [dataclasses.replace(lora, w=w, a=narrow(lora.a), b=narrow(lora.b), m=narrow(lora.m), key=key)]
+    return [dataclasses.replace(lora, w=w, a=narrow(lora.a, lora.lead), b=narrow(lora.b, lora.lead),
+                                m=narrow(lora.m, 0), key=key)]
 
 
 def _slice(ctx: Context, eqn, invals):
@@ -598,7 +593,8 @@ def _squeeze(ctx: Context, eqn, invals):
     dims = tuple(d % lora.w.ndim for d in _param(eqn, "dimensions"))
     if not set(dims) <= set(lora.layout.stack_axes):
         return _fallback(ctx, eqn, invals)
-    fdims = tuple(_stack_index(lora, d) for d in dims)
+    mdims = tuple(_stack_index(lora, d) for d in dims)  # DoRA's m: (*stack, *out)
+    fdims = tuple(lora.lead + d for d in mdims)  # a and b: past a bank's K
     # A QArray's children lead with W's stack axes, in W's order: squeeze the same positions.
     if isinstance(lora.w, QArray):
         w = jax.tree.map(lambda c: lax.squeeze(c, dims), lora.w)
@@ -606,7 +602,7 @@ def _squeeze(ctx: Context, eqn, invals):
         w = _bind(eqn, [lora.w])[0]
     return [dataclasses.replace(
         lora, w=w, a=lax.squeeze(lora.a, fdims), b=lax.squeeze(lora.b, fdims),
-        m=None if lora.m is None else lax.squeeze(lora.m, fdims), layout=_drop_axes(lora.layout, dims),
+        m=None if lora.m is None else lax.squeeze(lora.m, mdims), layout=_drop_axes(lora.layout, dims),
     )]
 
 
@@ -683,11 +679,13 @@ def _scan(ctx: Context, eqn, invals):
             n = x.w.shape[0]
             # Every array leads with the layer axis, so scan slices one layer per step; the
             # layout is already the step's: W without axis 0, a and b without their stack axis.
+            # A bank's K (after the layer axis) and the examples' index are whole at every step.
             x = dataclasses.replace(
-                x, a=jnp.moveaxis(x.a, j, 0), b=jnp.moveaxis(x.b, j, 0),
+                x, a=jnp.moveaxis(x.a, x.lead + j, 0), b=jnp.moveaxis(x.b, x.lead + j, 0),
                 scale=jnp.broadcast_to(jnp.asarray(x.scale), (n,)),
                 m=None if x.m is None else jnp.moveaxis(x.m, j, 0),
                 key=None if x.key is None else jax.random.split(x.key, n),
+                index=None if x.index is None else jnp.broadcast_to(x.index, (n, *x.index.shape)),
                 layout=_drop_axes(x.layout, (0,)),
             )
         xs_in.append(x)
@@ -695,8 +693,8 @@ def _scan(ctx: Context, eqn, invals):
 
     def body(carry_vals, x_vals):
         outs = eval_jaxpr(ctx, closed.jaxpr, closed.consts, [*consts, *carry_vals, *x_vals])
-        outs = [_plain(o) for o in outs]
-        return outs[:ncarry], outs[ncarry:]
+        ys = _leaving(ctx, eqn.outvars[ncarry:], closed.jaxpr.outvars[ncarry:], outs[ncarry:])
+        return [_plain(o) for o in outs[:ncarry]], ys
 
     carry_out, ys = lax.scan(body, list(carry), xs_in, length=_param(eqn, "length"),
                              reverse=_param(eqn, "reverse"), unroll=_param(eqn, "unroll"))
@@ -707,7 +705,8 @@ def _cond(ctx: Context, eqn, invals):
     index, *ops = invals
 
     def branch(closed):
-        return lambda *vals: [_plain(o) for o in eval_jaxpr(ctx, closed.jaxpr, closed.consts, list(vals))]
+        return lambda *vals: _leaving(ctx, eqn.outvars, closed.jaxpr.outvars,
+                                      eval_jaxpr(ctx, closed.jaxpr, closed.consts, list(vals)))
 
     return lax.switch(_plain(index), [branch(b) for b in _param(eqn, "branches")], *ops)
 
@@ -733,23 +732,142 @@ def _while(ctx: Context, eqn, invals):
 # ------------------------------------------------- per-example adapters (a bank)
 
 
+def _per_example(lora: Lora):
+    """Each example's factors ``(B, ...)``, and its gate ``(B,)`` float32 that multiplies its branch.
+
+    The gate is 1 for an adapter of the bank, 0 for index -1 (the base alone) and NaN for an
+    index outside ``-1..K-1`` (only a traced index gets here; `LoraApply` refuses concrete
+    ones): that example's output becomes NaN, never another adapter's.
+    """
+    k = lora.a.shape[0]
+    sel = jnp.clip(lora.index, 0, k - 1)
+    valid = (lora.index >= -1) & (lora.index < k)
+    gate = jnp.where(valid, (lora.index >= 0).astype(jnp.float32), jnp.float32(jnp.nan))
+    return jnp.take(lora.a, sel, axis=0), jnp.take(lora.b, sel, axis=0), gate
+
+
+def _gated(lora: Lora, u, gate, axis: int = 0):
+    """``f(u)`` times the scale and each example's gate, ``u``'s batch on ``axis``."""
+    shape = [1] * u.ndim
+    shape[axis] = -1
+    return lora.nonlinear(u) * (gate.astype(u.dtype) * jnp.asarray(lora.scale).astype(u.dtype)).reshape(shape)
+
+
+def _stacked_use(lora: Lora, op: str) -> ValueError:
+    return ValueError(
+        f"{lora.path}: per-example adapters (lora_index) reach this '{op}' with the kernel's stack axes "
+        f"{lora.layout.stack_axes} still in place (layers or experts applied side by side, batched or "
+        "broadcast over the input, as in a mixture of experts), so each slice would need its own "
+        "adapter per example. Serve this bank with lora_weights, exclude the kernel from the bank's "
+        "targets, or apply the layers one at a time (nn.scan, nnx.scan, w[i])."
+    )
+
+
 def _per_example_dot_general(ctx: Context, eqn, invals):
-    """``x[n]·W + s·f(x[n]·a_i)·b_i`` with ``i = index[n]``, for ``x·W`` with the batch first."""
+    """``x[n]·W + s·f(x[n]·a_i)·b_i`` with ``i = index[n]``, for ``x·W`` or ``W·x`` with x's batch first.
+
+    A transposed use (contracting W's output axes: a tied embedding head, ``x·Wᵀ``) swaps
+    the factors' roles as `_dot_general` does: ``x[n]·Wᵀ + s·(x[n]·b_iᵀ)·a_iᵀ``, for the
+    identity nonlinearity only.
+    """
     lhs, rhs = invals
+    if isinstance(lhs, Lora) and isinstance(rhs, Lora):
+        return _fallback(ctx, eqn, invals)
     (lc, rc), (lb, rb) = _param(eqn, "dimension_numbers")
-    lora = rhs if isinstance(rhs, Lora) else lhs
-    if not (isinstance(rhs, Lora) and not isinstance(lhs, Lora) and not lb and not rb and 0 not in lc
-            and set(rc) == set(lora.layout.in_axes) and lhs.shape[0] == lora.index.shape[0]):
-        x = rhs if lora is lhs else lhs
+    w_is_rhs = isinstance(rhs, Lora)
+    lora, x = (rhs, lhs) if w_is_rhs else (lhs, rhs)
+    xc, wc, xb = (lc, rc, lb) if w_is_rhs else (rc, lc, rb)
+    lay = lora.layout
+    if lay.stack_axes:
+        raise _stacked_use(lora, "dot_general")
+    forward = set(wc) == set(lay.in_axes)
+    if xb or 0 in xc or x.shape[0] != lora.index.shape[0] or not (forward or set(wc) == set(lay.out_axes)):
         raise ValueError(
-            f"{lora.path}: per-example adapters need x·W with the batch as axis 0 of x and W's input axes "
-            f"contracted (got x of shape {getattr(x, 'shape', None)}, contracting kernel axes {tuple(rc)}, "
-            f"{lora.index.shape[0]} adapter indices); a transposed use such as a tied embedding head (x·Wᵀ) "
-            "has no per-example form."
+            f"{lora.path}: per-example adapters need x·W (or x·Wᵀ) with the batch as axis 0 of x, "
+            f"uncontracted and not batched, and W's input (or output) axes contracted; got x of shape "
+            f"{x.shape} (contracting {tuple(xc)}, batching {tuple(xb)}), kernel axes {tuple(wc)} "
+            f"contracted (input {lay.in_axes}, output {lay.out_axes}), {lora.index.shape[0]} adapter "
+            "indices. Serve this bank with lora_weights, or exclude the kernel from the bank's targets."
         )
-    base = _bind_base(eqn, [lhs, lora.w])[0]
+    if not forward and lora.f != "identity":
+        raise ValueError(f"{lora.path}: this dot_general uses the kernel transposed (contracting its output "
+                         f"axes, as a tied embedding head does) and the bank's nonlinearity is {lora.f!r}; "
+                         f"{reason('nonlinearity', 'transposed')}")
+    base = _bind_base(eqn, [x, lora.w] if w_is_rhs else [lora.w, x])[0]
     ctx.record(lora, "dot_general", True)
-    return [_per_example_dot(lora, lhs, lc, rc, base, eqn.params)]
+    return [base + _per_example_dot(lora, x, xc, wc, forward, w_is_rhs, eqn.params).astype(base.dtype)]
+
+
+def _per_example_dot(lora: Lora, x, xc, wc, forward: bool, w_is_rhs: bool, params):
+    """The branch of each example with its own factors: two products batched over the examples.
+
+    Laid out as dot_general lays out ``x·W`` (or ``W·x``): x's free axes, then W's free
+    axes ascending (the other way round when W is the left operand).
+    """
+    lay = lora.layout
+    dt = lora.w.dtype
+    a_sel, b_sel, on = _per_example(lora)  # (B, *in, r), (B, r, *out)
+    a_side = (a_sel, {w: 1 + i for i, w in enumerate(lay.in_axes)}, a_sel.ndim - 1)
+    b_side = (b_sel, {w: 2 + i for i, w in enumerate(lay.out_axes)}, 1)
+    (f_arr, f_map, _), (s_arr, _, s_r) = (a_side, b_side) if forward else (b_side, a_side)
+    free = lay.out_axes if forward else lay.in_axes  # W's axes left in the output, in factor order
+    precision = params.get("precision")
+    contract = (tuple(xc), tuple(f_map[w] for w in wc))
+    u = lax.dot_general(lora.drop(x), f_arr.astype(dt), (contract, ((0,), (0,))),
+                        precision=precision)  # (B, *x_free, r)
+    u = _gated(lora, u, on)
+    v = lax.dot_general(u, s_arr.astype(dt), (((u.ndim - 1,), (s_r,)), ((0,), (0,))),
+                        precision=precision)  # (B, *x_free, *free)
+    n_x = v.ndim - len(free)
+    w_free = [n_x + free.index(w) for w in sorted(free)]
+    x_free = list(range(n_x))
+    return lax.transpose(v, tuple(x_free + w_free if w_is_rhs else w_free + x_free))
+
+
+def _per_example_conv(ctx: Context, eqn, invals):
+    """``conv(x[n], W) + s·f(conv(x[n], a_i))·b_i`` with ``i = index[n]``, ``a_i`` a conv with W's window.
+
+    Each example is convolved with its own ``a_i`` by ``jax.vmap`` over the batch, which
+    XLA runs as one grouped convolution (one group per example, the batch folded into the
+    feature axis): the same FLOPs as one adapter's branch for the whole batch, whatever
+    the bank's size K, plus a relayout of x. Then ``b_i`` is a batched 1x1 product.
+    """
+    x, lora = invals
+    if isinstance(x, Lora):
+        return _fallback(ctx, eqn, invals)
+    lhs_spec, rhs_spec, out_spec = _param(eqn, "dimension_numbers")
+    groups = _param(eqn, "feature_group_count"), _param(eqn, "batch_group_count")
+    if groups != (1, 1) or x.shape[lhs_spec[0]] != lora.index.shape[0]:
+        raise ValueError(
+            f"{lora.path}: per-example adapters need an ungrouped convolution of an input whose batch axis "
+            f"holds one example per adapter index (got x of shape {x.shape} with its batch on axis "
+            f"{lhs_spec[0]}, feature_group_count={groups[0]}, batch_group_count={groups[1]}, "
+            f"{lora.index.shape[0]} adapter indices). Serve this bank with lora_weights, or exclude the "
+            "kernel from the bank's targets."
+        )
+    out_dim, in_dim, *spatial = rhs_spec
+    lay = lora.layout
+    if lay.stack_axes:
+        raise _stacked_use(lora, "conv_general_dilated")
+    if lay.out_axes != (out_dim,) or set(lay.in_axes) != {in_dim, *spatial}:
+        raise _layout_error(lora, "conv_general_dilated", (in_dim, *spatial))
+    base = _bind_base(eqn, [x, lora.w])[0]
+    dt = lora.w.dtype
+    a_sel, b_sel, on = _per_example(lora)  # (B, *in, r), (B, r, out)
+    src = {w: i for i, w in enumerate(lay.in_axes)} | {out_dim: len(lay.in_axes)}
+    to_kernel = tuple(src[i] for i in range(lora.w.ndim))  # a as W's layout, the rank on W's out axis
+    x_batch, batch, feat = lhs_spec[0], out_spec[0], out_spec[1]
+
+    def branch(x_n, a_n):  # one example, as a batch of one, and its adapter's a
+        u = _bind(eqn, [jnp.expand_dims(x_n, x_batch), lax.transpose(a_n.astype(dt), to_kernel)])[0]
+        return lax.squeeze(u, (batch,))
+
+    u = jax.vmap(branch, in_axes=(x_batch, 0), out_axes=batch)(lora.drop(x), a_sel)
+    u = jnp.moveaxis(_gated(lora, u, on, batch), (batch, feat), (0, -1))  # (B, *spatial, r)
+    v = lax.dot_general(u, b_sel.astype(dt), (((u.ndim - 1,), (1,)), ((0,), (0,))),
+                        precision=_param(eqn, "precision"))
+    ctx.record(lora, "conv_general_dilated", True)
+    return [base + jnp.moveaxis(v, (0, v.ndim - 1), (batch, feat)).astype(base.dtype)]
 
 
 def _per_example_gather(ctx: Context, eqn, invals):
@@ -764,8 +882,7 @@ def _per_example_gather(ctx: Context, eqn, invals):
     dt = lora.w.dtype
     a_sel, b_sel, on = _per_example(lora)
     u = jax.vmap(lambda a, t: jnp.take(a, t, axis=0))(a_sel.astype(dt), idx[..., 0])  # (B, ..., r)
-    gate = (on.astype(u.dtype) * jnp.asarray(lora.scale).astype(u.dtype)).reshape((-1,) + (1,) * (u.ndim - 1))
-    v = jax.vmap(jnp.matmul)(lora.nonlinear(u) * gate, b_sel.astype(dt))
+    v = jax.vmap(jnp.matmul)(_gated(lora, u, on), b_sel.astype(dt))
     ctx.record(lora, "gather", True)
     return [base + jnp.moveaxis(v, -1, _param(eqn, "dimension_numbers").offset_dims[0]).astype(base.dtype)]
 
@@ -804,8 +921,7 @@ _PER_EXAMPLE_RULES: dict[str, Callable] = {
     **_RULES,
     "dot_general": _per_example_dot_general,
     "gather": _per_example_gather,
+    "conv_general_dilated": _per_example_conv,
     "ragged_dot_general": _fallback,
-    "conv_general_dilated": _fallback,
-    "reshape": _fallback,
     "shard_map": _fallback,
 }

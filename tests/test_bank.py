@@ -1,11 +1,14 @@
 """A bank of adapters on one base: weighted mixes, one adapter per example, hot swap."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from models import bump
+from flax import nnx
+from models import STACK_CFG, LinenScan, NnxModel, bump, nnx_apply
 
 import jlora
 
@@ -229,21 +232,6 @@ def test_errors():
         jlora.wrap(Net().apply, cfg, "merge")(PARAMS, bank, TOKENS, lora_index=jnp.zeros(4, jnp.int32))
 
 
-def test_per_example_refuses_a_tied_head():
-    class Tied(nn.Module):
-        @nn.compact
-        def __call__(self, tokens):
-            embed = nn.Embed(30, 16, name="embed")
-            return embed.attend(embed(tokens))
-
-    params = Tied().init(jax.random.key(0), TOKENS)
-    cfg = jlora.LoraConfig(rank=2, targets=r".*embedding")
-    bank, bank_cfg = jlora.stack([(jlora.init(jax.random.key(1), params, cfg)[1], cfg)])
-    with pytest.raises(ValueError, match=r"per-example adapters need x·W with the batch as axis 0 of x "
-                                         r".*tied embedding head"):
-        jlora.wrap(Tied().apply, bank_cfg)(params, bank, TOKENS, lora_index=jnp.zeros(4, jnp.int32))
-
-
 # -------------------------------------------------------------------------- adapters that cannot share a bank
 
 
@@ -329,3 +317,222 @@ def test_traced_index_out_of_range_gives_nan_rows_never_another_adapter():
     got = np.asarray(serve(jnp.array([-1, 0, 1, -1])))  # in range: no NaN anywhere, -1 is the base
     np.testing.assert_allclose(got[0], base[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got[2], _alone(1)[2], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------- one adapter per example, wherever an adapter acts
+
+
+class TiedLM(nn.Module):
+    """An embedding table read as rows (lookup) and used transposed as the output head (x·Wᵀ)."""
+
+    @nn.compact
+    def __call__(self, tokens):
+        embed = nn.Embed(30, 16, name="embed")
+        return embed.attend(jax.nn.gelu(nn.Dense(16, name="mix")(embed(tokens))))
+
+
+class ConvNet(nn.Module):
+    """Strided, padded and dilated 2-D convolutions, then a Dense head."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Conv(6, (3, 3), strides=2, padding="SAME", name="c1")(x))
+        h = nn.Conv(5, (2, 2), padding="VALID", kernel_dilation=2, name="c2")(h)
+        return nn.Dense(3, name="head")(h.mean(axis=(1, 2)))
+
+
+def layer_loop(p, x):
+    """An explicit stack of layers: ``w[i]`` in a Python loop (slice, squeeze), ``v[i]`` in a
+    fori_loop (dynamic_slice, squeeze), and ``r`` reshaped to 2-D (its output axes merged)."""
+    h = x
+    for i in range(p["w"].shape[0]):
+        h = jnp.tanh(h @ p["w"][i])
+    h = jax.lax.fori_loop(0, p["v"].shape[0], lambda i, h: jnp.tanh(h @ p["v"][i]), h)
+    return h @ p["r"].reshape(8, 6)
+
+
+def dot_forms(p, z):
+    """One kernel used as x·W and W·x (its input axis contracted), x·Wᵀ and Wᵀ·x (its output axis)."""
+    x, y, w = z[:, :8], z[:, 8:], p["w"]
+
+    def dot(lhs, rhs, contract):
+        return jax.lax.dot_general(lhs, rhs, ((contract[:1], contract[1:]), ((), ())))
+
+    forward = [x @ w, dot(w, x, (0, 1)).T]
+    transposed = [y @ w.T, dot(w, y, (1, 1)).T, dot(y, w, (1, 1))]
+    return jnp.concatenate(forward + transposed, axis=1)
+
+
+def _linen_scan():
+    x = jax.random.normal(jax.random.key(3), (4, 3, 16))
+    wide = jlora.LoraConfig(rank=3, alpha=2.0,
+                            targets=jlora.Rule(pattern=r".*layers/.*kernel", stack_axes=(0,)))
+    return LinenScan().apply, jax.jit(LinenScan().init)(jax.random.key(0), x), [STACK_CFG, wide, STACK_CFG], x
+
+
+def _nnx_stack():
+    apply, state = nnx_apply(NnxModel(nnx.Rngs(0)))
+    cfg = jlora.LoraConfig(rank=2, alpha=4.0, targets=(
+        jlora.Rule(pattern=r"layers/.*/kernel", stack_axes=(0,)), r"attn/.*/kernel", r"conv/kernel",
+        r"embed/embedding"))
+    return apply, state, [cfg] * 3, jax.random.randint(jax.random.key(3), (4, 5), 0, 40)
+
+
+def _conv_net():
+    x = jax.random.normal(jax.random.key(3), (4, 6, 6, 3))
+    cfg = jlora.LoraConfig(rank=2, alpha=4.0, targets=r".*kernel")
+    wide = jlora.LoraConfig(rank=3, alpha=2.0, targets=r".*kernel")
+    return ConvNet().apply, jax.jit(ConvNet().init)(jax.random.key(0), x), [cfg, wide, cfg], x
+
+
+def _tied_lm():
+    tokens = jax.random.randint(jax.random.key(3), (4, 5), 0, 30)
+    cfg = jlora.LoraConfig(rank=2, alpha=4.0, targets=r".*(kernel|embedding)")
+    return TiedLM().apply, jax.jit(TiedLM().init)(jax.random.key(0), tokens), [cfg] * 3, tokens
+
+
+def _layer_loop():
+    shapes = {"w": (3, 8, 8), "v": (2, 8, 8), "r": (8, 2, 3)}
+    rng = np.random.default_rng(0)
+    params = {name: jnp.asarray(rng.standard_normal(shape, np.float32) / 3) for name, shape in shapes.items()}
+    cfg = jlora.LoraConfig(rank=2, alpha=4.0, targets=(jlora.Rule(pattern="w|v", stack_axes=(0,)),
+                                                        jlora.Rule(pattern="r", in_axes=(0,))))
+    return layer_loop, params, [cfg] * 3, jax.random.normal(jax.random.key(3), (4, 8))
+
+
+def _dot_forms():
+    w, z = (jnp.asarray(np.random.default_rng(i).standard_normal(shape, np.float32))
+            for i, shape in enumerate([(8, 4), (4, 12)]))
+    cfg = jlora.LoraConfig(rank=2, alpha=4.0, targets=jlora.Rule(pattern="w", in_axes=(0,)))
+    return dot_forms, {"w": w}, [cfg] * 3, z
+
+
+MODELS = {"linen_scan": _linen_scan, "nnx_stack": _nnx_stack, "conv": _conv_net, "tied_head": _tied_lm,
+          "layer_loop": _layer_loop, "dot_forms": _dot_forms}
+INDEX = [1, -1, 0, 1]  # slot 2 serves no example
+
+
+def _bank(params, configs):
+    """A bank of one adapter per config, each with distinct non-zero factors."""
+    pairs = []
+    for i, cfg in enumerate(configs):
+        rng = np.random.default_rng(i)
+        tr = jlora.init(jax.random.key(i + 1), params, cfg)[1]
+        pairs.append((jax.tree.map(lambda v, rng=rng: v + 0.1 * rng.standard_normal(v.shape, np.float32), tr),
+                      cfg))
+    return jlora.stack(pairs)
+
+
+def _kernels(bank):
+    return {jax.tree_util.keystr(path[:-1], simple=True, separator="/")
+            for path, _ in jax.tree_util.tree_leaves_with_path(bank)}
+
+
+def _each_alone(apply_fn, params, bank, cfg, index, x):
+    """Each example served on its own (a batch of one) with its slot's adapter; the base model for -1."""
+    serve = {-1: functools.partial(jax.jit(apply_fn), params)}
+    for k in set(index) - {-1}:  # one wrap per slot: it compiles once for a batch of one
+        one, one_cfg = jlora.unstack(bank, cfg, k)
+        serve[k] = functools.partial(jlora.wrap(apply_fn, one_cfg, fallback="error"), params, one)
+    return jnp.concatenate([serve[k](x[n:n + 1]) for n, k in enumerate(index)])
+
+
+@functools.cache
+def _served(kind):
+    """A model of ``MODELS``, its params, input, and a bank of three adapters on it with its config."""
+    apply_fn, params, configs, x = MODELS[kind]()
+    return apply_fn, params, x, *_bank(params, configs)
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_per_example_equals_each_example_alone(kind):
+    apply_fn, params, x, bank, cfg = _served(kind)
+    lora_apply = jlora.wrap(apply_fn, cfg, fallback="error")
+    index = jnp.array(INDEX)
+    uses = lora_apply.uses(params, bank, x, lora_index=index)
+    assert all(u.factored for u in uses) and {u.path for u in uses} == _kernels(bank), uses
+    want = _each_alone(apply_fn, params, bank, cfg, INDEX, x)
+    np.testing.assert_allclose(lora_apply(params, bank, x, lora_index=index), want, rtol=1e-5, atol=1e-5)
+    serve = jax.jit(lambda bank, index: lora_apply(params, bank, x, lora_index=index))
+    np.testing.assert_allclose(serve(bank, index), want, rtol=1e-5, atol=1e-5)
+    other = [2, 0, -1, 2]  # another index runs the same compiled step
+    want = _each_alone(apply_fn, params, bank, cfg, other, x)
+    np.testing.assert_allclose(serve(bank, jnp.array(other)), want, rtol=1e-5, atol=1e-5)
+    assert serve._cache_size() == 1
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_per_example_gradients_reach_each_examples_slot_only(kind):
+    apply_fn, params, x, bank, cfg = _served(kind)
+    lora_apply = jlora.wrap(apply_fn, cfg, fallback="error")
+    cotangent = jax.random.normal(jax.random.key(7), jax.eval_shape(apply_fn, params, x).shape)
+    index = jnp.array(INDEX)
+
+    def loss(bank):
+        return jnp.sum(lora_apply(params, bank, x, lora_index=index) * cotangent)
+
+    grads = jax.jit(jax.grad(loss))(bank)
+    for k in range(len(cfg.adapters)):
+        got = jax.tree.map(lambda g, k=k: g[k], grads)
+        rows = np.flatnonzero(np.array(INDEX) == k)
+        if not rows.size:
+            assert not any(jnp.any(g) for g in jax.tree.leaves(got)), f"slot {k} serves no example"
+            continue
+        one, one_cfg = jlora.unstack(bank, cfg, k)
+        alone = jlora.wrap(apply_fn, one_cfg, fallback="error")
+
+        def loss_alone(one, alone=alone, rows=rows):
+            return jnp.sum(alone(params, one, x[rows]) * cotangent[rows])
+
+        want = jax.jit(jax.grad(loss_alone))(one)
+        for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=f"slot {k} {path}")
+
+
+def test_per_example_refuses_layers_applied_side_by_side():
+    params = {"experts": jax.random.normal(jax.random.key(0), (3, 8, 4))}
+    cfg = jlora.LoraConfig(rank=2, targets=jlora.Rule(pattern="experts", stack_axes=(0,)))
+    bank, bank_cfg = _bank(params, [cfg, cfg])
+    one, one_cfg = jlora.unstack(bank, bank_cfg, 1)
+    for spec, x in (("bi,eio->ebo", jnp.ones((4, 8))), ("ebi,eio->ebo", jnp.ones((3, 4, 8)))):
+        def every_expert(p, x, spec=spec):
+            return jnp.einsum(spec, x, p["experts"])
+
+        lora_apply = jlora.wrap(every_expert, bank_cfg)
+        with pytest.raises(ValueError, match=r"experts: per-example adapters \(lora_index\) reach this "
+                                             r"'dot_general' with the kernel's stack axes \(0,\) still in "
+                                             r"place .* Serve this bank with lora_weights"):
+            lora_apply(params, bank, x, lora_index=jnp.array([0, 1, -1, 0]))
+        np.testing.assert_allclose(lora_apply(params, bank, x, lora_weights=jnp.array([0.0, 1.0])),
+                                   jlora.wrap(every_expert, one_cfg)(params, one, x), rtol=1e-5, atol=1e-5)
+
+
+def test_per_example_tied_head_refuses_a_nonlinearity():
+    apply_fn, params, _, tokens = _tied_lm()
+    gelu = jlora.LoraConfig(rank=2, targets=r".*(kernel|embedding)", nonlinearity="gelu")
+    bank, cfg = _bank(params, [gelu, gelu])
+    with pytest.raises(ValueError, match=r"embed/embedding: this dot_general uses the kernel transposed "
+                                         r"\(contracting its output axes, as a tied embedding head does\) "
+                                         r"and the bank's nonlinearity is 'gelu'; nonlinearity: with a "
+                                         r"nonlinearity the adapter defines no transposed map"):
+        jlora.wrap(apply_fn, cfg)(params, bank, tokens, lora_index=jnp.array([0, 1, -1, 0]))
+
+
+def test_per_example_refuses_a_grouped_conv_and_a_batch_off_axis_0():
+    conv = nn.Conv(4, (3,), feature_group_count=2)
+    x = jnp.ones((4, 6, 4))
+    params = conv.init(jax.random.key(0), x)
+    cfg = jlora.LoraConfig(rank=2, targets=r".*kernel")
+    bank, bank_cfg = _bank(params, [cfg, cfg])
+    with pytest.raises(ValueError, match=r"params/kernel: per-example adapters need an ungrouped convolution "
+                                         r".*got x of shape \(4, 6, 4\) with its batch on axis 0, "
+                                         r"feature_group_count=2, batch_group_count=1, 4 adapter "
+                                         r"indices\)\. Serve this bank with lora_weights"):
+        jlora.wrap(conv.apply, bank_cfg)(params, bank, x, lora_index=jnp.array([0, 1, -1, 0]))
+    dense = {"w": jnp.ones((8, 4))}
+    cfg = jlora.LoraConfig(rank=2, targets="w")
+    bank, bank_cfg = _bank(dense, [cfg, cfg])
+    time_major = jlora.wrap(lambda p, x: jnp.einsum("tbi,io->bto", x, p["w"]), bank_cfg)
+    with pytest.raises(ValueError, match=r"w: per-example adapters need x·W \(or x·Wᵀ\) with the batch as "
+                                         r"axis 0 of x, .*got x of shape \(3, 4, 8\)"):
+        time_major(dense, bank, jnp.ones((3, 4, 8)), lora_index=jnp.array([0, 1, -1, 0]))
