@@ -35,8 +35,8 @@ def compile_with_costs(fn, args) -> tuple[object, dict]:
     }
 
 
-def wall_times(runs: dict, repeats: int) -> dict[str, float]:
-    """Median milliseconds of each ``name: (callable, args)``, called round-robin after one warm-up."""
+def wall_samples(runs: dict, repeats: int) -> dict[str, list[float]]:
+    """Milliseconds of each call of each ``name: (callable, args)``, called round-robin after one warm-up."""
     for fn, args in runs.values():
         jax.block_until_ready(fn(*args))
     times = {name: [] for name in runs}
@@ -44,8 +44,13 @@ def wall_times(runs: dict, repeats: int) -> dict[str, float]:
         for name, (fn, args) in runs.items():
             t0 = time.perf_counter()
             jax.block_until_ready(fn(*args))
-            times[name].append(time.perf_counter() - t0)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+            times[name].append(1e3 * (time.perf_counter() - t0))
+    return times
+
+
+def wall_times(runs: dict, repeats: int) -> dict[str, float]:
+    """Median milliseconds of each ``name: (callable, args)``, called round-robin after one warm-up."""
+    return {name: statistics.median(t) for name, t in wall_samples(runs, repeats).items()}
 
 
 def measure_all(steps: dict, repeats: int) -> dict[str, dict]:
