@@ -34,7 +34,8 @@ component by its running size, so rounding in a near-zero component becomes a st
 difference, and a task trained near the edge of stability grows such differences step by
 step. So beside each solo run runs a **control**: the same solo run from a start one float32
 ulp away (``a * (1 + 2**-23)``). Joint vs alone is float32 rounding exactly when it is no
-further apart than alone vs its control.
+further apart than alone vs its control. With ``--lr-ratio 16`` (``b`` at 8e-3) the
+part-of-speech task is such a task: its runs one ulp apart end a quarter of the update apart.
 
 It reports per-task test accuracy (joint vs alone), how far apart the trained adapters are
 (predictions that differ, the L2 distance over the L2 size of the update, max |parameter
@@ -46,8 +47,9 @@ checked equal to separate calls. Every task is tokenised to the same length (a m
 needs one shape), so the single-word tasks pay the tweets' sequence length in both runs.
 
     pip install --no-deps vaderSentiment==3.3.2 textblob==0.20.1
-    python examples/three_tasks.py                # one seed, about 10 minutes on one core
+    python examples/three_tasks.py                # one seed, about 9 minutes on one shared core
     python examples/three_tasks.py --seeds 3      # mean ± sd over three training seeds
+    python examples/three_tasks.py --lr-ratio 16  # LoRA+'s ratio: rounding grows on the pos task
     python examples/three_tasks.py --quick        # a few steps on a few examples (used by the tests)
 """
 
@@ -79,7 +81,9 @@ TASKS = ("tweets", "words", "pos")
 HEAD = jlora.Rule(pattern=r"params/classifier/kernel", rank=3, alpha=3.0)  # rank 3 of (384, 3): full rank
 ONE = jlora.LoraConfig(rank=8, alpha=16.0, targets=(LORA_TARGETS, HEAD))
 BANK = dataclasses.replace(ONE, adapters=TASKS)
-LR, LR_RATIO, WEIGHT_DECAY = 5e-4, 16.0, 0.01  # two_tasks.py's recipe, the same for every adapter
+# two_tasks.py's recipe, the same for every adapter, but lr_ratio 4 (BUILD_NOTES: at 16 the part-of-speech
+# task's training amplifies float32 rounding until runs one ulp apart end far apart; at 4 it does not).
+LR, LR_RATIO, WEIGHT_DECAY = 5e-4, 4.0, 0.01
 POS_GROUPS = {"noun": ("NN", "NNS"), "verb": ("VB", "VBD", "VBG", "VBN", "VBP", "VBZ"),
               "adjective": ("JJ", "JJR", "JJS")}
 POS_INSTALL = "pip install --no-deps textblob==0.20.1"
@@ -149,9 +153,9 @@ def each_adapters_mean_loss(per_example, index, n_adapters: int):
     return onehot.T @ per_example / jnp.maximum(onehot.sum(0), 1)
 
 
-def joint_step(bank_apply):
+def joint_step(bank_apply, lr_ratio: float = LR_RATIO):
     """The bank's step on a mixed batch ``(ids, mask, labels, lora_index)``; returns each task's loss."""
-    tx = jlora.optimizer(BANK, LR, lr_ratio=LR_RATIO, weight_decay=WEIGHT_DECAY)
+    tx = jlora.optimizer(BANK, LR, lr_ratio=lr_ratio, weight_decay=WEIGHT_DECAY)
 
     def step(bank, opt_state, frozen, ids, mask, labels, index):
         def loss_fn(bank):
@@ -167,9 +171,9 @@ def joint_step(bank_apply):
     return step, tx
 
 
-def solo_step(one_apply):
+def solo_step(one_apply, lr_ratio: float = LR_RATIO):
     """One adapter's step on its own batch ``(ids, mask, labels)``: the plain single-adapter recipe."""
-    tx = jlora.optimizer(ONE, LR, lr_ratio=LR_RATIO, weight_decay=WEIGHT_DECAY)
+    tx = jlora.optimizer(ONE, LR, lr_ratio=lr_ratio, weight_decay=WEIGHT_DECAY)
 
     def step(trainable, opt_state, frozen, ids, mask, labels):
         def loss_fn(t):
@@ -220,7 +224,8 @@ def norm(tree) -> float:
 # ------------------------------------------------------------------ one seed
 
 
-def run_seed(model, pretrained, data: dict, *, seed: int, steps: int, per_task: int, chunk: int) -> dict:
+def run_seed(model, pretrained, data: dict, *, seed: int, steps: int, per_task: int, chunk: int,
+             lr_ratio: float = LR_RATIO) -> dict:
     """The joint run, the three solo runs and their nudged controls for one training seed, scored on
     the test sets."""
     keys = seed_keys(seed)  # the head, the adapters' initialisation and the batch order
@@ -237,13 +242,13 @@ def run_seed(model, pretrained, data: dict, *, seed: int, steps: int, per_task: 
     mixed = [(*(jnp.concatenate(parts) for parts in zip(*(own[t][i] for t in TASKS), strict=True)), index)
              for i in range(steps)]
 
-    step, tx = joint_step(bank_apply)
+    step, tx = joint_step(bank_apply, lr_ratio)
     joint_compiled, joint_compile = compile_step(step, bank0, tx.init(bank0), frozen, *mixed[0])
     runs = {"joint": (joint_compiled, bank0, tx.init(bank0), mixed)}
     # The solo runs have the same shapes and settings, so one compiled step serves all three. Beside
     # each, a control: the same solo run from a start nudged by one float32 ulp (``a * (1 + 2**-23)``),
     # which measures how much this task's training amplifies rounding.
-    step, tx = solo_step(one_apply)
+    step, tx = solo_step(one_apply, lr_ratio)
     starts = {task: jlora.unstack(bank0, BANK, task)[0] for task in TASKS}
     solo_compiled, alone_compile = compile_step(step, starts["tweets"], tx.init(starts["tweets"]), frozen,
                                                 *own["tweets"][0])
@@ -323,6 +328,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", type=int, default=1, help="training seeds (head, adapters' init, batch "
                         "order); the data split stays fixed")
     parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--lr-ratio", type=float, default=LR_RATIO, help="b's learning rate over a's "
+                        f"(a's is {LR:g}), the same for every adapter")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "out")
     args = parser.parse_args(argv)
     steps = args.steps or (4 if args.quick else 80)
@@ -341,11 +348,11 @@ def main(argv=None) -> dict:
           f"{max_len} tokens; {steps} steps of {per_task} examples per task; {args.seeds} seed(s)",
           flush=True)
     record = {"steps": steps, "per_task": per_task, "train_per_task": 3 * per_class, "test_per_task": n_test,
-              "max_len": max_len, "lr": LR, "lr_ratio": LR_RATIO, "weight_decay": WEIGHT_DECAY,
+              "max_len": max_len, "lr": LR, "lr_ratio": args.lr_ratio, "weight_decay": WEIGHT_DECAY,
               "platform": jax.devices()[0].platform, "jax": jax.__version__, "seeds": []}
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         record["seeds"].append(run_seed(model, pretrained, data, seed=seed, steps=steps, per_task=per_task,
-                                        chunk=chunk))
+                                        chunk=chunk, lr_ratio=args.lr_ratio))
         (args.out / "three_tasks.json").write_text(json.dumps(record, indent=2) + "\n")
 
     runs = record["seeds"]
