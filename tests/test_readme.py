@@ -188,6 +188,22 @@ def check_bank(ns: dict) -> None:
     assert ns["combined_config"].rank_for(ns["combined_config"].targets[0]) == 8
 
 
+def check_bank_training(ns: dict) -> None:
+    """Each slot moved, and slot "fr" equals one step of that adapter alone on its one example."""
+    config, params, x, y = ns["config"], ns["params"], ns["x"], ns["y"]
+    _, start = jlora.init(ns["key"], params, config)
+    for k in range(3):
+        assert float(jnp.abs(ns["bank"]["params"]["attn"]["query"]["kernel"]["b"][k]).max()) > 0
+    assert ns["fr_config"] == dataclasses.replace(config, adapters=())
+    alone, one_config = jlora.unstack(start, config, "fr")
+    apply = jlora.wrap(ns["model"].apply, one_config)
+    tx = jlora.optimizer(one_config, 1e-3)
+    grads = jax.grad(lambda t: jnp.mean((apply(ns["frozen"], t, x[:1]) - y[:1]) ** 2))(alone)
+    updates, _ = tx.update(grads, tx.init(alone), alone)
+    want = optax.apply_updates(alone, updates)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7), ns["fr"], want)
+
+
 def check_qlora(ns: dict) -> None:
     assert isinstance(ns["qparams"]["params"]["attn"]["query"]["kernel"], jlora.QArray)
     out = ns["lora_apply"](ns["frozen"], ns["trainable"], ns["x"])
@@ -233,6 +249,7 @@ BLOCKS = [
           "resuming with CheckpointManager"),
     Entry("python -m jlora inspect", cli_files, check_cli, "the CLI"),
     Entry("jlora.stack(", bank_names, check_bank, "banks"),
+    Entry('adapters=("fr", "de", "es"))', trained_names, check_bank_training, "training a bank"),
     Entry("jlora.quantize(params", trained_names, check_qlora, "QLoRA"),
     Entry("jlora.shardings(sharded, config)", sharding_names, check_sharding, "sharding"),
 ]
