@@ -82,8 +82,10 @@ def test_names_serve_per_example_and_never_retrace():
     np.testing.assert_array_equal(got, lora_apply(PARAMS, bank, TOKENS, lora_index=jnp.array([2, -1, 0, 1])))
     lora_apply(PARAMS, bank, TOKENS, lora_index=["casual", "casual", None, "terse"])
     lora_apply(PARAMS, bank, TOKENS, lora_weights={"formal": 0.5})
-    lora_apply(PARAMS, bank, TOKENS, lora_weights={"terse": 2.0, "casual": 1.0})
+    lora_apply(PARAMS, bank, TOKENS, lora_weights={"terse": 2.0})
     assert len(traces) == 2  # one trace for lora_index, one for lora_weights: names never retrace
+    lora_apply(PARAMS, bank, TOKENS, lora_weights={"terse": 2.0, "casual": 1.0})
+    assert len(traces) == 3  # how many adapters run is a shape (only the named ones run)
     base = jax.jit(Net().apply)(PARAMS, TOKENS)
     np.testing.assert_allclose(got[1], base[1], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(got[0], _alone(2)[0], rtol=1e-5, atol=1e-5)
