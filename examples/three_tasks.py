@@ -121,16 +121,7 @@ def pos_lexicon() -> tuple[np.ndarray, np.ndarray]:
 def load_pos(n_per_class: int, n_test_per_class: int, seed: int = 0) -> tuple[tweets.Split, tweets.Split]:
     """Brill lexicon entries as a balanced ``(train, test)`` split, labels 0 noun / 1 verb / 2 adjective."""
     words, labels = pos_lexicon()
-    rng = np.random.default_rng(seed)
-    train_idx, test_idx = [], []
-    for c in range(3):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        test_idx.append(idx[:n_test_per_class])
-        train_idx.append(idx[n_test_per_class:n_test_per_class + n_per_class])
-    train_idx, test_idx = (rng.permutation(np.concatenate(train_idx)),
-                           rng.permutation(np.concatenate(test_idx)))
-    return (tweets.Split(words[train_idx], labels[train_idx]),
-            tweets.Split(words[test_idx], labels[test_idx]))
+    return tweets.balanced_split(words, labels, n_per_class, n_test_per_class, seed, names=tuple(POS_GROUPS))
 
 
 def load_tasks(per_class: int, test_per_class: int, max_len: int) -> dict:

@@ -121,17 +121,26 @@ def load_tweets(
     """
     n_test = n_per_class if n_test_per_class is None else n_test_per_class
     texts, labels = read_corpus(min_confidence=min_confidence, clean=clean)
-    texts = np.asarray(texts, dtype=str)
+    return balanced_split(np.asarray(texts, dtype=str), labels, n_per_class, n_test, seed)
+
+
+def balanced_split(texts: np.ndarray, labels: np.ndarray, n_per_class: int, n_test_per_class: int,
+                   seed: int = 0, names=LABELS) -> tuple[Split, Split]:
+    """``n_per_class`` training and ``n_test_per_class`` test items of each class, disjoint, shuffled.
+
+    Deterministic for a given ``seed``; the test items are drawn first, so a larger training
+    split never changes the test set. Raises ``ValueError`` when a class is too small.
+    """
     rng = np.random.default_rng(seed)
     train_idx, test_idx = [], []
-    for label, name in enumerate(LABELS):
+    for label, name in enumerate(names):
         idx = rng.permutation(np.flatnonzero(labels == label))
-        if len(idx) < n_per_class + n_test:
+        if len(idx) < n_per_class + n_test_per_class:
             raise ValueError(
-                f"class {name!r} has {len(idx)} tweets, fewer than {n_per_class} + {n_test} asked"
+                f"class {name!r} has {len(idx)} items, fewer than {n_per_class} + {n_test_per_class} asked"
             )
-        test_idx.append(idx[:n_test])
-        train_idx.append(idx[n_test : n_test + n_per_class])
+        test_idx.append(idx[:n_test_per_class])
+        train_idx.append(idx[n_test_per_class : n_test_per_class + n_per_class])
     train_idx, test_idx = (
         rng.permutation(np.concatenate(train_idx)),
         rng.permutation(np.concatenate(test_idx)),

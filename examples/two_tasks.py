@@ -59,16 +59,7 @@ def load_words(n_per_class: int, n_test_per_class: int, seed: int = 0):
         texts.append(token)
         labels.append(0 if rating <= -1 else 2 if rating >= 1 else 1)
     texts, labels = np.asarray(texts), np.asarray(labels, np.int32)
-    rng = np.random.default_rng(seed)
-    train_idx, test_idx = [], []
-    for c in range(3):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        test_idx.append(idx[:n_test_per_class])
-        train_idx.append(idx[n_test_per_class:n_test_per_class + n_per_class])
-    train_idx, test_idx = (rng.permutation(np.concatenate(train_idx)),
-                           rng.permutation(np.concatenate(test_idx)))
-    return (tweets.Split(texts[train_idx], labels[train_idx]),
-            tweets.Split(texts[test_idx], labels[test_idx]))
+    return tweets.balanced_split(texts, labels, n_per_class, n_test_per_class, seed)
 
 
 def main(argv=None) -> dict:
