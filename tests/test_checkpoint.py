@@ -792,9 +792,13 @@ def _bank_steps(frozen, bank, state, tx, steps):
         out = lora_apply(frozen, bank, BANK_X, lora_index=BANK_INDEX)
         return jnp.sum(jnp.mean(out ** 2, axis=1))  # each adapter has 2 examples: the sum of its 3 means x2
 
-    for _ in range(steps):
+    @jax.jit
+    def step(bank, state):
         updates, state = tx.update(jax.grad(loss)(bank), state, bank, lora_index=BANK_INDEX)
-        bank = optax.apply_updates(bank, updates)
+        return optax.apply_updates(bank, updates), state
+
+    for _ in range(steps):
+        bank, state = step(bank, state)
     return bank, state
 
 

@@ -202,10 +202,14 @@ def _alone(frozen, adapter, rate, ratio, examples, steps):
         logits = lora_apply(frozen, t, BATCH[examples])
         return optax.softmax_cross_entropy_with_integer_labels(logits, LABELS[examples]).mean()
 
+    @jax.jit
+    def step(adapter, state):
+        updates, state = tx.update(jax.grad(loss)(adapter), state, adapter)
+        return optax.apply_updates(adapter, updates), state
+
     state = tx.init(adapter)
     for _ in range(steps):
-        updates, state = tx.update(jax.grad(loss)(adapter), state, adapter)
-        adapter = optax.apply_updates(adapter, updates)
+        adapter, state = step(adapter, state)
     return adapter
 
 
