@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jlora._bank import slots
 from jlora._config import LoraConfig
 from jlora._plan import Plan
 
@@ -223,8 +224,7 @@ def optimizer(
     if len({r == "auto" for r in per_slot["lr_ratio"]}) > 1:
         raise ValueError("optimizer: lr_ratio='auto' for some adapters of a bank and a number for others; "
                          "give every adapter a number, or 'auto' for all.")
-    return _bank(dataclasses.replace(config, adapters=()), len(names), per_slot, max_grad_norm, base,
-                 base_kwargs)
+    return _bank(config, per_slot, max_grad_norm, base, base_kwargs)
 
 
 def _check_ratio(lr_ratio) -> None:
@@ -277,8 +277,9 @@ def _slot_rate(values: list, k):
                                     for v in values])[k]
 
 
-def _bank(config: LoraConfig, size: int, per_slot: dict, max_grad_norm, base, base_kwargs):
-    """``size`` copies of `_one`, vmapped over the bank's leading axis (see `optimizer`)."""
+def _bank(bank_config: LoraConfig, per_slot: dict, max_grad_norm, base, base_kwargs):
+    """One `_one` per adapter of the bank, vmapped over its leading axis (see `optimizer`)."""
+    config, size = dataclasses.replace(bank_config, adapters=()), len(bank_config.adapters)
     ratios = per_slot["lr_ratio"]
 
     def slot(k):
@@ -287,15 +288,17 @@ def _bank(config: LoraConfig, size: int, per_slot: dict, max_grad_norm, base, ba
         return _one(config, lr, ratio, _slot_rate(per_slot["embedding_lr"], k), lr, max_grad_norm, base,
                     base_kwargs)
 
-    slots = jnp.arange(size)
+    every = jnp.arange(size)
 
     def init(params):
         _check_slots(params, size)
-        return jax.vmap(lambda p, k: slot(k).init(p))(params, slots)
+        return jax.vmap(lambda p, k: slot(k).init(p))(params, every)
 
     def update(updates, state, params=None, *, lora_index=None, **extra_args):
         del extra_args
         _check_slots(updates, size)
+        if isinstance(lora_index, list | tuple):  # by name, as the wrapped apply function takes it
+            lora_index = slots(bank_config, lora_index, size, "optimizer: lora_index")
         if lora_index is not None:
             index = jnp.asarray(lora_index)
             if index.ndim != 1 or not jnp.issubdtype(index.dtype, jnp.integer):
@@ -303,10 +306,10 @@ def _bank(config: LoraConfig, size: int, per_slot: dict, max_grad_norm, base, ba
                                  f"(batch,), got shape {index.shape} and dtype {index.dtype}.")
         new_updates, new_state = jax.vmap(lambda u, s, p, k: slot(k).update(u, s, p),
                                           in_axes=(0, 0, None if params is None else 0, 0))(
-            updates, state, params, slots)
+            updates, state, params, every)
         if lora_index is None:
             return new_updates, new_state
-        seen = jnp.any(index[:, None] == slots[None, :], axis=0)  # (K,): the adapters this batch trained
+        seen = jnp.any(index[:, None] == every[None, :], axis=0)  # (K,): the adapters this batch trained
 
         def keep(new, old):
             return jnp.where(seen.reshape((size,) + (1,) * (jnp.ndim(new) - 1)), new, old)

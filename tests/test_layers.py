@@ -18,7 +18,7 @@ LAYERS = {
     "tree helpers": ["_paths", "_trace"],
     "the plan": ["_plan", "_infer"],
     "what the verbs are made of": ["_knobs", "_rewrite", "_sharding"],
-    "verbs": ["_init", "_merge", "_quantize", "_optimizer", "_dylora", "_bank", "_combine", "_summary",
+    "verbs": ["_init", "_merge", "_quantize", "_dylora", "_bank", "_optimizer", "_combine", "_summary",
               "_wrap"],
     "I/O": ["_checkpoint", "_peft", "_cli"],
     "entry points": ["__init__", "__main__"],

@@ -245,6 +245,13 @@ def test_an_adapter_without_examples_in_the_batch_is_left_as_it_was():
     assert float(jnp.abs(trained["params"]["up"]["kernel"]["b"][0]).max()) > 0
     counts = [x for x in jax.tree.leaves(state) if x.dtype == jnp.int32]
     assert counts and all(c.tolist() == [1, 0, 1] for c in counts)
+    grads = jax.tree.map(jnp.ones_like, bank)
+    by_name = tx.update(grads, state0, bank, lora_index=["fr", "es", None])
+    by_slot = tx.update(grads, state0, bank, lora_index=jnp.array([0, 2, -1]))
+    jax.tree.map(np.testing.assert_array_equal, by_name, by_slot)
+    with pytest.raises(ValueError, match=r"optimizer: lora_index: no adapter named 'it' in this bank; its "
+                                         r"names are \['fr', 'de', 'es'\]"):
+        tx.update(grads, state0, bank, lora_index=["it"])
 
 
 def test_bank_optimizer_state_leads_with_the_adapters_and_auto_ratios_apply_per_slot():
