@@ -117,14 +117,13 @@ def init(key: jax.Array, params, config: LoraConfig):
     """
     if not isinstance(key, jax.Array):
         raise TypeError(f"init: key must be a JAX PRNG key (jax.random.key(0)), got {type(key).__name__}.")
-    if config.adapters:
-        return _bank(key, params, config)
-    targets = Plan.of_base(config, params)
+    targets = Plan.of_base(dataclasses.replace(config, adapters=()), params)
     leaves = flatten(params)
     placed = placement(targets, leaves)
+    if config.adapters:
+        return params, _bank(key, targets, leaves, placed, config)
     if config.init != "pissa":
-        make = functools.partial(_fresh, targets=targets, config=config)
-        return params, on_mesh(make, key, targets, leaves, placed) if placed else make(key, leaves)
+        return params, _made(key, targets, leaves, placed, config)
     if placed:
         refuse_partitioned_svd(targets, placed)
     quantized = [path for path, t in targets.items() if t.adapted and is_qarray(leaves[path])]
@@ -148,8 +147,14 @@ def init(key: jax.Array, params, config: LoraConfig):
     return frozen, nest(trainable)
 
 
-def _bank(key: jax.Array, params, config: LoraConfig):
-    """``(params, bank)``: slot ``k`` is ``init(fold_in(key, k), params, config)``'s adapter, for each name.
+def _made(key: jax.Array, targets: Plan, leaves: dict, placed: dict, config: LoraConfig) -> dict:
+    """`_fresh`'s ``trainable``, created under ``jit`` in the shardings that follow the base on a mesh."""
+    make = functools.partial(_fresh, targets=targets, config=config)
+    return on_mesh(make, key, targets, leaves, placed) if placed else make(key, leaves)
+
+
+def _bank(key: jax.Array, targets: Plan, leaves: dict, placed: dict, config: LoraConfig) -> dict:
+    """The bank: slot ``k`` is ``init(fold_in(key, k), params, config)``'s adapter, for each name.
 
     Every slot has the config's rank and scale (nothing is folded into ``b``, unlike
     `jlora.stack`), so training the bank steps each adapter exactly as training it alone.
@@ -159,12 +164,12 @@ def _bank(key: jax.Array, params, config: LoraConfig):
         raise ValueError("init: a bank of adapters (LoraConfig.adapters) shares one frozen base, but "
                          "init='pissa' gives every adapter its own residual base; use "
                          "init='kaiming_uniform'.")
-    one = dataclasses.replace(config, adapters=())
-    full = [p for p, t in Plan.of_base(one, params).items() if t.trained_in_full]
+    full = [p for p, t in targets.items() if t.trained_in_full]
     if full:
         raise ValueError(f"init: {full[0]} is trained in full (LoraConfig.train_in_full), but a bank "
                          f"{list(config.adapters)} holds low-rank adapters only; target it with a low-rank "
                          "rule instead (each adapter then has its own delta of it), or train it outside the "
                          "bank.")
-    slots = [init(jax.random.fold_in(key, k), params, one)[1] for k in range(len(config.adapters))]
-    return params, jax.tree.map(lambda *xs: jnp.stack(xs), *slots)
+    slots = [_made(jax.random.fold_in(key, k), targets, leaves, placed, config)
+             for k in range(len(config.adapters))]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *slots)
