@@ -215,11 +215,10 @@ def optimizer(
     for knob in ("learning_rate", "embedding_lr"):
         for value in per_slot[knob]:
             _check_rate(knob, value)
-    if not names:
-        _check_rate("full_lr", full_lr)
     for ratio in per_slot["lr_ratio"]:
         _check_ratio(ratio)
-    if not names:
+    if not names:  # one adapter; a bank trains nothing in full, so full_lr is its alone
+        _check_rate("full_lr", full_lr)
         return _one(config, learning_rate, lr_ratio, embedding_lr, full_lr, max_grad_norm, base, base_kwargs)
     if len({r == "auto" for r in per_slot["lr_ratio"]}) > 1:
         raise ValueError("optimizer: lr_ratio='auto' for some adapters of a bank and a number for others; "
@@ -230,7 +229,7 @@ def optimizer(
 def _check_ratio(lr_ratio) -> None:
     if lr_ratio == "auto":
         return
-    if isinstance(lr_ratio, str) or isinstance(lr_ratio, bool) or not isinstance(lr_ratio, int | float) \
+    if isinstance(lr_ratio, bool) or not isinstance(lr_ratio, int | float) \
             or not (lr_ratio > 0 and math.isfinite(lr_ratio)):
         raise ValueError(
             f"optimizer: lr_ratio must be a finite number > 0 or 'auto', got {lr_ratio!r}; "
