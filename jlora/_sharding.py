@@ -145,6 +145,30 @@ def _sources_of_specs(specs, leaves: dict[str, Any], targets: dict[str, Target])
     return {path: flat[path] for path in targets}
 
 
+def single_device(device: jax.Device | None = None) -> jax.sharding.Sharding:
+    """The sharding that keeps an array whole on ``device`` (default: this process's first device).
+
+    The one spelling that works on every supported jax: 0.12 deprecates naming
+    ``jax.sharding.SingleDeviceSharding``, and ``make_single_device_sharding`` exists from 0.10.
+
+    >>> single_device().num_devices
+    1
+    """
+    return jax.sharding.make_single_device_sharding(jax.local_devices()[0] if device is None else device)
+
+
+def is_single_device(sharding: Any) -> bool:
+    """Whether ``sharding`` is what `single_device` makes (``False`` for ``None`` or any other sharding).
+
+    >>> is_single_device(single_device()), is_single_device(None)
+    (True, False)
+    """
+    check = getattr(jax.sharding, "is_single_device_sharding", None)  # jax >= 0.12
+    if check is None:  # jax 0.10 and 0.11, where the class name is not deprecated
+        return isinstance(sharding, jax.sharding.SingleDeviceSharding)
+    return isinstance(sharding, jax.sharding.Sharding) and check(sharding)
+
+
 def _sharding_of(leaf):
     """A concrete leaf's sharding; ``None`` for a tracer (``init`` under ``jit``) or a leaf without one."""
     return None if isinstance(leaf, jax.core.Tracer) else getattr(leaf, "sharding", None)
@@ -236,9 +260,8 @@ def restore_shardings(targets: dict[str, Target], leaves: dict[str, Any], stored
     placed = placement(targets, leaves, "restore")
     if placed:
         return follow(targets, placed)
-    single = jax.sharding.SingleDeviceSharding
-    devices = {s for p in targets if isinstance(s := _sharding_of(leaves[p]), single)}
-    one = devices.pop() if len(devices) == 1 else jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    devices = {s for p in targets if is_single_device(s := _sharding_of(leaves[p]))}
+    one = devices.pop() if len(devices) == 1 else single_device()
     return dict.fromkeys(stored, one)
 
 

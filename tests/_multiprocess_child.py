@@ -404,6 +404,7 @@ def single(work: pathlib.Path) -> None:
     import jlora
     from jlora import _cli
     from jlora._paths import flatten, nest
+    from jlora._sharding import single_device
 
     assert len(jax.devices()) == 1, jax.devices()
     expected = np.load(work / "expected.npz")
@@ -413,7 +414,7 @@ def single(work: pathlib.Path) -> None:
     def restore_on_one_device():
         trainable, config = jlora.restore(work / "fsdp" / "adapters", jax.device_put(base, jax.devices()[0]))
         assert {x.sharding for x in jax.tree.leaves(trainable)} == {
-            jax.sharding.SingleDeviceSharding(jax.devices()[0])}
+            single_device(jax.devices()[0])}
         for p, x in flatten(trainable).items():
             np.testing.assert_array_equal(x, want[p], err_msg=p)
         return config

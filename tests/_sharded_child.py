@@ -34,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 import jlora
 from jlora._paths import flatten
+from jlora._sharding import single_device
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 DUMP = pathlib.Path()  # set by `main`, like `ex`: importing this file (pytest collects it) changes nothing
@@ -225,7 +226,7 @@ def check_restore(bases, mesh):
             where = jax.tree.map(lambda x: x.sharding, restored)
             if name == "one device":
                 assert set(jax.tree.leaves(where)) == {
-                    jax.sharding.SingleDeviceSharding(jax.devices()[0])}, where
+                    single_device(jax.devices()[0])}, where
             else:
                 assert where == jlora.shardings(base, DORA), (name, where)
             for path, got in flatten(restored).items():

@@ -15,6 +15,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jlora
+from jlora._sharding import is_single_device, single_device
 
 HERE = pathlib.Path(__file__).parent
 MESH = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))  # the names matter, not the size
@@ -128,6 +129,24 @@ def test_nnx_get_partition_spec_and_sharded_state():
     want = {"up": {"kernel": {"a": P("data", None), "b": P(None, "model")}}}
     assert jlora.shardings(state, CFG, specs=nnx.get_partition_spec(state)) == want
     assert jax.tree.map(lambda s: s.spec, jlora.shardings(state, CFG)) == want
+
+
+def test_single_device_is_made_and_recognised_alike_on_every_jax():
+    device = jax.devices()[0]
+    one = single_device(device)
+    assert one.device_set == {device} and single_device() == one
+    assert is_single_device(one) and is_single_device(jnp.zeros(3).sharding)
+    assert is_single_device(jax.device_put(jnp.zeros(3), device).sharding)
+    assert not is_single_device(NamedSharding(MESH, P()))
+    assert not is_single_device(None) and not is_single_device("cpu:0")
+    assert jax.device_put(jnp.zeros(2), one).sharding == one
+
+
+def test_no_deprecated_sharding_name_in_the_package():
+    package = pathlib.Path(jlora.__file__).parent
+    users = [p.name for p in package.glob("*.py") if "jax.sharding.SingleDeviceSharding" in p.read_text()
+             and p.name != "_sharding.py"]
+    assert not users, f"{users}: make or recognise it with _sharding.single_device / is_single_device"
 
 
 def test_errors_name_the_path_and_the_fix():
