@@ -40,8 +40,10 @@ Flax ``(in, out)`` kernel, torch Conv1D ``(in, out)`` of the Flax port's ``(out,
 Module names: by default a leaf path drops a leading ``params/`` collection and its
 own last component, and joins the rest with ``.``, which is Hugging Face's naming for
 its Flax ports: ``params/bert/encoder/layer/0/attention/self/query/kernel`` ->
-``bert.encoder.layer.0.attention.self.query``. A leaf named ``kernel``, ``embedding``
-or ``scale`` is its module's ``weight``; others keep their name (``bias``).
+``bert.encoder.layer.0.attention.self.query``. A leaf named ``bias`` is its module's
+``bias``; every other leaf, whatever it is called (``kernel``, ``embedding``, ``scale``,
+gemma's and tunix's ``w``), is its module's ``weight``, as in torch. `peft_name` is that
+mapping, and export and import both call it, so whatever one writes the other reads.
 """
 
 from __future__ import annotations
@@ -110,7 +112,6 @@ _IGNORED = {"peft_version", "auto_mapping", "base_model_name_or_path", "revision
             "megatron_config", "megatron_core", "runtime_config", "ensure_weight_tying", "qalora_group_size"}
 # init_lora_weights that also change the base weights: the adapter is relative to weights jlora does not have.
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
-_WEIGHT_LEAVES = ("kernel", "embedding", "scale")
 
 
 # --------------------------------------------------------------------------- names
@@ -130,10 +131,6 @@ def default_module_name(path: str) -> str:
     return ".".join(parts[:-1])
 
 
-def _param_name(path: str) -> str:
-    """The torch parameter a leaf is: ``kernel``/``embedding``/``scale`` -> ``weight``, else its name."""
-    leaf = path.rsplit("/", 1)[-1]
-    return "weight" if leaf in _WEIGHT_LEAVES else leaf
 
 
 def _namer(module_name) -> Callable[[str], str]:
@@ -158,6 +155,21 @@ def _module_of(namer, path: str) -> str:
             f"module_name={{{path!r}: 'model.some.module'}} or a callable that names it."
         )
     return name
+
+
+def peft_name(namer, path: str) -> str:
+    """The PEFT name ``module.param`` of the leaf at ``path``: the module `namer` gives, then the
+    torch parameter — ``bias`` for a leaf named ``bias``, ``weight`` for any other.
+
+    Export writes a leaf trained in full under this name and an adapter under its module;
+    import finds each key's leaf by applying this to every leaf of ``params``.
+
+    >>> peft_name(default_module_name, "params/layers/0/attn/q_einsum/w")
+    'layers.0.attn.q_einsum.weight'
+    >>> peft_name(default_module_name, "params/classifier/bias")
+    'classifier.bias'
+    """
+    return f"{_module_of(namer, path)}.{'bias' if path.rsplit('/', 1)[-1] == 'bias' else 'weight'}"
 
 
 def _pattern_value(patterns: Mapping, name: str, default):
@@ -337,8 +349,7 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
             continue
         if not t.adapted:
             full_modules.add(module)
-            put(f"{module}.{_param_name(path)}", _leaf_to_torch(path, np.asarray(values[path]), is_conv),
-                path)
+            put(peft_name(namer, path), _leaf_to_torch(path, np.asarray(values[path]), is_conv), path)
             continue
         lay = t.layout
         if lay.stack_axes:
@@ -753,9 +764,10 @@ def import_peft(directory, params, *, module_name=None, layouts: LoraConfig | No
     leaves = flatten(params)
     by_name: dict[str, list[str]] = {}  # "module.param" -> leaf paths
     for path in leaves:
-        name = namer(path)
-        if isinstance(name, str) and name:
-            by_name.setdefault(f"{name}.{_param_name(path)}", []).append(path)
+        try:
+            by_name.setdefault(peft_name(namer, path), []).append(path)
+        except ValueError:  # a leaf the mapping leaves unnamed: no key can land on it
+            pass
 
     r, alpha = peft.get("r", 8), float(peft.get("lora_alpha", 8))  # PEFT's defaults
     rank_pattern, alpha_pattern = peft.get("rank_pattern") or {}, peft.get("alpha_pattern") or {}

@@ -27,7 +27,7 @@ from models import LinenScan, LinenZoo, NnxModel, bump, nnx_apply
 from safetensors.numpy import load_file, save_file
 
 import jlora
-from jlora._paths import leaf_paths, nest
+from jlora._paths import flatten, leaf_paths, nest
 from jlora._peft import _pattern_value, default_module_name, export_peft, import_peft
 from jlora._plan import Plan
 
@@ -409,6 +409,56 @@ def test_module_name_override_and_dtype(tmp_path):
     _, back, config2 = import_peft(tmp_path, params, module_name=table)
     assert (config2.dtype == "bfloat16"
             and back["params"]["blocks_0"]["attn"]["q"]["kernel"]["a"].dtype == jnp.bfloat16)
+
+
+def _tunix_like():
+    """tunix's Llama naming: attention einsum kernels are leaves named ``w``, MLP kernels ``kernel``,
+    a norm's scale ``w`` too."""
+    rng = np.random.default_rng(0)
+    shapes = {"attn": {"q_proj": {"w": (8, 2, 4)}, "o_proj": {"w": (2, 4, 8)}},
+              "mlp": {"gate_proj": {"kernel": (8, 16)}, "down_proj": {"kernel": (16, 8)}},
+              "input_layernorm": {"w": (8,)}, "out": {"bias": (8,)}}
+    layer = jax.tree.map(lambda s: rng.normal(size=s), shapes, is_leaf=lambda x: isinstance(x, tuple))
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), {"layers": {"0": layer, "1": layer}})
+    config = jlora.LoraConfig(rank=2, targets=(jlora.Rule(pattern=r".*/q_proj/w", in_axes=(0,)),
+                                               jlora.Rule(pattern=r".*/o_proj/w", in_axes=(0, 1)),
+                                               jlora.Rule(pattern=r".*/(gate|down)_proj/kernel")),
+                              train_in_full=(r".*/input_layernorm/w", r".*/out/bias"))
+    return params, config
+
+
+def test_any_leaf_name_round_trips_bit_exact_with_the_same_module_name(tmp_path):
+    params, config = _tunix_like()
+    _, trainable = _init(params, config)
+
+    def name(path):  # what a user writes for tunix: torch's names, the leaf's own name not needed
+        return "model." + default_module_name(path).replace("attn", "self_attn")
+
+    export_peft(tmp_path, trainable, config, module_name=name)
+    keys = sorted(load_file(tmp_path / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert "base_model.model.model.layers.1.input_layernorm.weight" in keys  # torch's name, not `.w`
+    assert "base_model.model.model.layers.1.out.bias" in keys
+    assert not [k for k in keys if k.endswith(".w")], keys
+    _, back, config2 = import_peft(tmp_path, params, module_name=name, layouts=config)
+    want, got = flatten(trainable), flatten(back)
+    assert sorted(got) == sorted(want)
+    for path, x in want.items():
+        np.testing.assert_array_equal(got[path], x, err_msg=path)
+    merged, merged_back = flatten(jlora.merge(params, trainable, config)), flatten(jlora.merge(params, back,
+                                                                                                config2))
+    for path, w in merged.items():
+        np.testing.assert_array_equal(merged_back[path], w, err_msg=path)
+
+
+def test_unmapped_keys_name_the_fix_that_works(tmp_path):
+    params, config = _tunix_like()
+    _, trainable = _init(params, config)
+    export_peft(tmp_path, trainable, config, module_name=lambda p: "model." + default_module_name(p))
+    with pytest.raises(ValueError, match=r"keys map to no leaf of params(.|\n)*pass module_name \(leaf path "
+                                         r"-> PEFT module name\)"):
+        import_peft(tmp_path, params, layouts=config)
+    import_peft(tmp_path, params, layouts=config, module_name=lambda p: "model." + default_module_name(p))
 
 
 # ------------------------------------------------------------------------ transposed kernels (fan_in_fan_out)
