@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.numpy import load_file
 
 import jlora
 from jlora._paths import flatten
@@ -104,6 +105,40 @@ def test_hf_module_names():
     assert name("params/layers_12/self_attn/q_proj/kernel") == "model.layers.12.self_attn.q_proj"
     assert name("params/layers_0/mlp/down_proj/kernel") == "model.layers.0.mlp.down_proj"
     assert name("params/norm/scale") == "model.norm"
+
+
+def test_peft_on_transformers_and_jlora_agree_on_the_real_model(tmp_path):
+    """PEFT's own adapter on all 210 linear layers (fixture): jlora reads it, computes PEFT's logits and
+    greedy tokens factored, and writes back PEFT's tensors bit for bit."""
+    cfg, params, _ = _real()
+    model = smollm2.Llama(cfg)
+    fixture, expected = np.load(FIXTURES / "logits.npz"), np.load(FIXTURES / "peft" / "expected.npz")
+    tokens, lengths = jnp.asarray(fixture["tokens"]), fixture["lengths"]
+    layouts = jlora.infer_layouts(jlora.LoraConfig(rank=2, targets=llm_sft.TARGETS), model.apply, params,
+                                  tokens, _positions(tokens))
+    frozen, trainable, config = jlora.import_peft(FIXTURES / "peft", params, layouts=layouts,
+                                                  module_name=smollm2.hf_module_name)
+    assert len(flatten(trainable)) == 2 * 210
+    lora_apply = jlora.wrap(model.apply, config)
+    logits = np.asarray(jax.jit(lora_apply)(frozen, trainable, tokens, _positions(tokens))[0])
+    last = np.stack([logits[i, n - 1] for i, n in enumerate(lengths)])
+    np.testing.assert_allclose(last, expected["last"], atol=5e-4, rtol=0)
+    valid = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    top = np.take_along_axis(logits, expected["top_index"], -1)
+    np.testing.assert_allclose(top[valid], expected["top_value"][valid], atol=5e-4, rtol=0)
+    assert np.abs(expected["last"] - fixture["last"]).max() > 0.5  # the adapter moves the logits
+
+    greedy = jax.jit(lambda t, tokens, lengths: smollm2.generate(
+        lambda *a: lora_apply(frozen, t, *a), cfg, tokens, lengths, 8))(trainable, tokens,
+                                                                        jnp.asarray(lengths))
+    # (the fixture's greedy tokens are 8 argmax steps on the PEFT model, none skipped at EOS)
+    np.testing.assert_array_equal(greedy, expected["greedy"])
+
+    jlora.export_peft(tmp_path, trainable, config, module_name=smollm2.hf_module_name)
+    ours, theirs = (load_file(d / "adapter_model.safetensors") for d in (tmp_path, FIXTURES / "peft"))
+    assert sorted(ours) == sorted(theirs)
+    for key, x in theirs.items():
+        np.testing.assert_array_equal(ours[key], x, err_msg=key)
 
 
 # --------------------------------------------------------------------------- the model and generation
