@@ -21,11 +21,12 @@ seeds (adapter init and batch order) and prints mean ± sd.
 
 It prints the table, sample replies before and after, saves the loss curves as a PNG, checks
 that greedy generation through `jlora.wrap` (factored) gives the tokens of the merged model,
-and exports the adapter in PEFT's format (`jlora.export_peft`, Hugging Face module names) for
-transformers/vLLM. Training checkpoints go to an Orbax ``CheckpointManager``; ``--resume``
-continues a killed run from its last checkpoint and ends where an uninterrupted run ends.
+exports the adapter in PEFT's format (`jlora.export_peft`, Hugging Face module names) for
+transformers/vLLM, and writes the merged model as Hugging Face-named safetensors. Training
+checkpoints go to an Orbax ``CheckpointManager``; ``--resume`` continues a killed run from its
+last checkpoint and ends where an uninterrupted run ends.
 
-    python examples/llm_sft.py                    # one seed, zero-shot and LoRA (about 12 min, 2 cores)
+    python examples/llm_sft.py                    # one seed, zero-shot and LoRA (about 7 min, 2 cores)
     python examples/llm_sft.py --methods zero-shot,lora,lora+,full,qlora --seeds 3
     python examples/llm_sft.py --resume           # after a kill: continue from the last checkpoint
     python examples/llm_sft.py --quick            # a few steps on a few tweets (used by the tests)
@@ -385,6 +386,8 @@ def _check_and_export(method, state, model, cfg, params, test_data, tok, s, out)
     size = sum(f.stat().st_size for f in folder.iterdir())
     print(f"PEFT adapter in {folder} ({size / 2**20:.1f} MiB): PeftModel.from_pretrained(model, that folder) "
           "on transformers' model of the same GGUF")
+    smollm2.save_hf(out / f"merged-{method}.safetensors", merged_params)
+    print(f"merged model, Hugging Face names and layout: {out / f'merged-{method}.safetensors'}")
 
 
 def _plot(runs, path: pathlib.Path) -> None:

