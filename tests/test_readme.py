@@ -242,6 +242,7 @@ class Entry:
 
 BLOCKS = [
     Entry("make demo", doc="make targets: dry-run with make -n"),
+    Entry("make llm", doc="make targets: dry-run with make -n"),
     Entry('targets=r".*/(query|value)/kernel")', quickstart_names, check_quickstart, "quick start"),
     Entry("nnx.split(model)", nnx_names, check_nnx, "NNX"),
     Entry('jlora.save("ckpt/sentiment"', trained_names, check_saved, "save / restore"),
