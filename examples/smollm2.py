@@ -159,6 +159,21 @@ def hf_module_name(path: str) -> str:
     return "model." + ".".join(parts)
 
 
+GGUF_NAMES = {"self_attn/q_proj": "attn_q", "self_attn/k_proj": "attn_k", "self_attn/v_proj": "attn_v",
+              "self_attn/o_proj": "attn_output", "mlp/gate_proj": "ffn_gate", "mlp/up_proj": "ffn_up",
+              "mlp/down_proj": "ffn_down"}
+
+
+def gguf_tensor_name(path: str) -> str | None:
+    """llama.cpp's tensor name of a Flax kernel path (``tensor_name`` for `jlora.export_gguf`):
+    ``params/layers_3/self_attn/q_proj/kernel`` -> ``blk.3.attn_q.weight``."""
+    parts = path.split("/")
+    if len(parts) == 5 and parts[1].startswith("layers_") and parts[4] == "kernel":
+        short = GGUF_NAMES.get(f"{parts[2]}/{parts[3]}")
+        return None if short is None else f"blk.{parts[1].removeprefix('layers_')}.{short}.weight"
+    return None
+
+
 def to_hf(params) -> dict[str, np.ndarray]:
     """``params`` under Hugging Face's names and in torch's layout (``(out, in)`` weights), e.g. a
     merged model for transformers, vLLM or llama.cpp's converter: ``model.layers.{i}.self_attn.q_proj.weight``

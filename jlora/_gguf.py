@@ -1,0 +1,375 @@
+"""Exchange adapters with llama.cpp: GGUF LoRA adapter files (``llama-cli -m base.gguf --lora a.gguf``).
+
+A GGUF adapter names each factor after the base GGUF tensor it adapts and stores it in
+the orientation llama.cpp multiplies (``ne`` is GGUF's shape, innermost first; numpy's
+shape is its reverse):
+
+=======================  =============================  =========================
+jlora (Flax)             GGUF tensor                    numpy shape (``ne``)
+=======================  =============================  =========================
+``a (*in, r)``           ``<base>.lora_a``              ``(r, Πin)`` (``Πin, r``)
+``b (r, *out)``          ``<base>.lora_b``              ``(Πout, r)`` (``r, Πout``)
+=======================  =============================  =========================
+
+— PEFT's ``lora_A``/``lora_B`` layouts, named like ``blk.0.attn_q.weight.lora_a``. The
+metadata says ``general.type = "adapter"``, ``adapter.type = "lora"``,
+``general.architecture`` (llama.cpp refuses an adapter whose architecture differs from the
+model's) and ``adapter.lora.alpha``; llama.cpp scales each pair by ``alpha / r``.
+
+llama.cpp's converter permutes the rows of every Llama ``attn_q``/``attn_k`` weight (it
+interleaves each head's two RoPE halves), so an adapter trained on Hugging Face-layout
+weights must have the same rows of ``b`` permuted: `export_gguf` does it for a ``llama``
+base, from the base file's head counts, and `import_gguf` undoes it.
+
+Names: ``tensor_name(path)`` gives the base GGUF tensor of a kernel's leaf path (a callable
+or a dict); the same mapping, applied to every leaf of ``params``, finds each tensor's leaf
+on import, so whatever one writes the other reads.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from jlora._config import LoraConfig, Rule
+from jlora._layout import default_layout
+from jlora._paths import flatten, nest
+from jlora._plan import Plan
+from jlora._variants import refuse
+
+try:  # an optional dependency: pip install gguf (jlora[gguf])
+    import gguf
+except ImportError:  # pragma: no cover - the suite installs it
+    gguf = None
+
+ROPE_PERMUTED = {"llama": {"attn_q": "attention.head_count", "attn_k": "attention.head_count_kv"}}
+
+
+def _need_gguf(who: str) -> None:
+    if gguf is None:
+        raise ImportError(f"{who} needs the 'gguf' package (llama.cpp's reader and writer): pip install gguf")
+
+
+# --------------------------------------------------------------------------- names and rows
+
+
+def _namer(tensor_name, who: str) -> Callable[[str], str | None]:
+    if isinstance(tensor_name, Mapping):
+        table = dict(tensor_name)
+        return table.get
+    if callable(tensor_name):
+        return tensor_name
+    raise TypeError(f"{who}: tensor_name must be a callable (leaf path -> base GGUF tensor name, e.g. "
+                    f"'blk.0.attn_q.weight') or a dict {{path: name}}, got {type(tensor_name).__name__}.")
+
+
+def _rope_heads(reader, name: str) -> int | None:
+    """The head count whose rows llama.cpp permuted in base tensor ``name`` (None: not permuted)."""
+    arch = _field(reader, "general.architecture")
+    kind = re.fullmatch(r"blk\.\d+\.(\w+)\.weight", name)
+    key = ROPE_PERMUTED.get(arch, {}).get(kind[1]) if kind else None
+    return None if key is None else int(_field(reader, f"{arch}.{key}"))
+
+
+def permute_rows(x: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's q/k row order: within each head, row ``i`` of the first half and row ``i`` of
+    the second half become rows ``2i`` and ``2i + 1``.
+
+    >>> permute_rows(np.arange(4)[:, None], 1)[:, 0].tolist()
+    [0, 2, 1, 3]
+    """
+    return x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+
+def unpermute_rows(x: np.ndarray, heads: int) -> np.ndarray:
+    """The inverse of `permute_rows` (Hugging Face's row order).
+
+    >>> x = np.arange(24.0).reshape(12, 2)
+    >>> bool((unpermute_rows(permute_rows(x, 3), 3) == x).all())
+    True
+    """
+    return x.reshape(heads, x.shape[0] // heads // 2, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+
+# --------------------------------------------------------------------------- reading a file
+
+
+def _read(path: Path, who: str):
+    """A `gguf.GGUFReader`, or one ValueError naming the file for anything that is not a GGUF."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{who}: {path} does not exist.")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # noqa: BLE001  (truncated, bit-flipped, lying sizes: the reader raises anything)
+        raise ValueError(f"{who}: {path} is not a readable GGUF file ({type(e).__name__}: {e}); "
+                         "the file is truncated or damaged: copy or write it again.") from None
+
+
+def _field(reader, key: str, want=None):
+    field = reader.fields.get(key)
+    if field is None:
+        raise ValueError(f"{reader.data.filename}: no {key!r} field in the GGUF metadata.")
+    try:
+        value = field.contents()
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{reader.data.filename}: field {key!r} cannot be read ({e}).") from None
+    if want is not None and not isinstance(value, want):
+        raise ValueError(f"{reader.data.filename}: field {key!r} is {value!r}, expected a {want.__name__}.")
+    return value
+
+
+def _tensors(reader) -> dict[str, np.ndarray]:
+    """Every tensor as a float32 numpy array (numpy's shape: ``ne`` reversed), checked for size."""
+    out = {}
+    for t in reader.tensors:
+        if t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
+                                 gguf.GGMLQuantizationType.BF16):
+            raise ValueError(f"{reader.data.filename}: tensor {t.name!r} is {t.tensor_type.name}; an "
+                             "adapter's factors are F32, F16 or BF16.")
+        shape = tuple(int(n) for n in reversed(t.shape))
+        data = np.asarray(t.data)
+        if data.size != int(np.prod(shape)):
+            raise ValueError(f"{reader.data.filename}: tensor {t.name!r} declares shape {shape} but holds "
+                             f"{data.size} values.")
+        if t.tensor_type == gguf.GGMLQuantizationType.BF16:
+            data = gguf.quants.dequantize(data, t.tensor_type)
+        out[t.name] = np.asarray(data, np.float32).reshape(shape)
+    return out
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export_gguf(path, trainable, config: LoraConfig, *, base, tensor_name, frozen=None) -> None:
+    """Write ``trainable`` as a llama.cpp LoRA adapter (a GGUF file) for the base model ``base``.
+
+    ``llama-cli -m BASE --lora PATH`` (or ``Llama(model_path=BASE, lora_path=PATH)``) then
+    applies it. Each adapter becomes ``<name>.lora_a`` ``(r, in)`` and ``<name>.lora_b``
+    ``(out, r)`` where ``name = tensor_name(path)`` is the base GGUF tensor it adapts;
+    the base file is read for its architecture (written as llama.cpp checks it), for each
+    named tensor's shape (checked against the kernel's) and, for a ``llama`` base, the
+    head counts that llama.cpp's q/k row permutation needs. The file is written beside
+    ``path`` and renamed into place: a crash never leaves half a file.
+
+    Args:
+      path: the ``.gguf`` file to write (replaced if it exists).
+      trainable: the adapters, as from `jlora.init` and training.
+      config: their `LoraConfig`. Every adapter must have the same ``alpha/r`` scale
+        (llama.cpp has one ``adapter.lora.alpha`` and divides it by each pair's rank).
+      base: the base model's GGUF file.
+      tensor_name: the base GGUF tensor of each adapted kernel's leaf path: a callable
+        (e.g. ``params/layers_0/self_attn/q_proj/kernel -> 'blk.0.attn_q.weight'``) or a
+        dict ``{path: name}``.
+      frozen: the base parameters; if given, ``trainable`` is checked against them.
+
+    Raises:
+      ValueError: variants llama.cpp has no form for (DoRA, a nonlinearity, DyLoRA, PiSSA),
+        leaves trained in full, stacked (scanned) kernels, input axes that are not the
+        kernel's leading ones, embeddings, scales that differ between adapters, a name the
+        base file lacks or whose shape differs, two kernels named alike; all listed at once.
+      ImportError: the ``gguf`` package is missing.
+    """
+    who = "export_gguf"
+    _need_gguf(who)
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"{who}: expected a jlora.LoraConfig, got {type(config).__name__}.")
+    refuse(config, "export_gguf", who)
+    namer = _namer(tensor_name, who)
+    targets = Plan.of_trainable(config, trainable, who) if frozen is None else Plan.of_base(config, frozen)
+    values = targets.read(trainable)
+    reader = _read(Path(os.fspath(base)).expanduser(), who)
+    arch = _field(reader, "general.architecture", str)
+    base_shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
+
+    errors, owner, tensors, scales = [], {}, {}, {}
+    for p, t in targets.items():
+        if not t.adapted:
+            errors.append(f"{p}: trained in full; a llama.cpp adapter holds LoRA pairs only (merge the "
+                          "model with jlora.merge and convert that instead)")
+            continue
+        lay = t.layout
+        if lay.stack_axes or t.embedding or lay.in_axes != tuple(range(len(lay.in_axes))):
+            why = ("a stack of layers (stack_axes)" if lay.stack_axes else "an embedding table" if t.embedding
+                   else f"in_axes={lay.in_axes}, not its leading axes")
+            errors.append(f"{p}: {why}; llama.cpp adapts one 2-D weight (out, in) per tensor")
+            continue
+        name = namer(p)
+        if not isinstance(name, str) or not name:
+            errors.append(f"{p}: tensor_name gave {name!r}; name its base GGUF tensor, e.g. "
+                          "'blk.0.attn_q.weight'")
+            continue
+        if name in owner:
+            errors.append(f"{owner[name]} and {p} both map to {name!r}; tensor_name must tell them apart")
+            continue
+        owner[name] = p
+        in_size = int(np.prod([t.shape[i] for i in lay.in_axes]))
+        out_size = int(np.prod([t.shape[i] for i in lay.out_axes]))
+        if name not in base_shapes:
+            close = [n for n in base_shapes if n.split(".")[-2:] == name.split(".")[-2:]][:3]
+            like = ", ".join(close) or next(iter(base_shapes))
+            errors.append(f"{p}: {name!r} is no tensor of {base} (e.g. {like})")
+            continue
+        if base_shapes[name] != (out_size, in_size):
+            errors.append(f"{p}: {name!r} is {base_shapes[name]} (out, in) in {base}, the kernel is "
+                          f"({out_size}, {in_size})")
+            continue
+        a, b, _ = (None if x is None else np.asarray(x, np.float32) for x in values[p])
+        big_a, big_b = a.reshape(in_size, t.rank).T, b.reshape(t.rank, out_size).T
+        heads = _rope_heads(reader, name)
+        if heads is not None:
+            big_b = permute_rows(big_b, heads)
+        tensors[f"{name}.lora_a"] = np.ascontiguousarray(big_a)
+        tensors[f"{name}.lora_b"] = np.ascontiguousarray(big_b)
+        scales[p] = (t.scale, t.rank)
+    if len({s for s, _ in scales.values()}) > 1:
+        listed = ", ".join(f"{p}: {s:g}" for p, (s, _) in list(scales.items())[:4])
+        errors.append(f"the adapters' scales differ ({listed}, ...); llama.cpp applies one alpha/r, so "
+                      "export adapters with one rank and alpha (or one scale)")
+    if errors:
+        raise ValueError(f"{who}: cannot write a llama.cpp adapter:\n  " + "\n  ".join(errors))
+    if not tensors:
+        raise ValueError(f"{who}: trainable holds no adapter to write.")
+    scale, rank = next(iter(scales.values()))
+    _write(Path(os.fspath(path)).expanduser(), arch, float(scale * rank), tensors)
+
+
+def _write(path: Path, arch: str, alpha: float, tensors: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, arch)
+        try:
+            writer.add_type(gguf.GGUFType.ADAPTER)
+            writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+            writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+            for name, x in tensors.items():
+                writer.add_tensor(name, x)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# --------------------------------------------------------------------------- import
+
+
+def import_gguf(path, params, *, base, tensor_name, layouts: LoraConfig | None = None):
+    """Read a llama.cpp LoRA adapter (GGUF) as jlora's ``(frozen, trainable, config)``.
+
+    The inverse of `export_gguf`: each ``<name>.lora_a``/``.lora_b`` pair lands on the
+    leaf of ``params`` whose ``tensor_name`` is ``name`` (the q/k row permutation of a
+    ``llama`` base undone), and ``config`` has one rank and ``alpha`` from the file.
+
+    Args:
+      path: the adapter ``.gguf``.
+      params: the Flax base parameters the adapter was trained on.
+      base: the base model's GGUF (its architecture and head counts).
+      tensor_name: as for `export_gguf`.
+      layouts: a `LoraConfig` whose rules give kernels' ``in_axes`` (e.g. from
+        `jlora.infer_layouts`); others take jlora's default split.
+
+    Raises:
+      ValueError: a file that is not a GGUF LoRA adapter (naming the file and the field),
+        an architecture that differs from the base's, tensors that map to no leaf or do not
+        fit it; no other exception escapes for any file content.
+    """
+    who = "import_gguf"
+    _need_gguf(who)
+    path = Path(os.fspath(path)).expanduser()
+    reader = _read(path, who)
+    base_reader = _read(Path(os.fspath(base)).expanduser(), who)
+    for key, want in (("general.type", "adapter"), ("adapter.type", "lora")):
+        if _field(reader, key, str) != want:
+            raise ValueError(f"{who}: {path}: {key} is {_field(reader, key)!r}, not {want!r}; not a LoRA "
+                             "adapter.")
+    arch = _field(reader, "general.architecture", str)
+    base_arch = _field(base_reader, "general.architecture", str)
+    if arch != base_arch:
+        raise ValueError(f"{who}: {path} is for architecture {arch!r}, {base} is {base_arch!r}.")
+    alpha = _field(reader, "adapter.lora.alpha")
+    if not isinstance(alpha, int | float) or not np.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"{who}: {path}: adapter.lora.alpha is {alpha!r}, expected a finite number > 0.")
+    tensors = _tensors(reader)
+    namer = _namer(tensor_name, who)
+    by_name: dict[str, list[str]] = {}
+    for p in flatten(params):
+        name = namer(p)
+        if isinstance(name, str) and name:
+            by_name.setdefault(name, []).append(p)
+
+    errors, pairs = [], {}
+    for key in tensors:
+        m = re.fullmatch(r"(.+)\.lora_([ab])", key)
+        if m is None:
+            errors.append(f"{key}: not a LoRA factor (names end in .lora_a / .lora_b)")
+        else:
+            pairs.setdefault(m[1], {})[m[2]] = tensors[key]
+    leaves = flatten(params)
+    adapters, ranks = {}, set()
+    for name, f in sorted(pairs.items()):
+        paths = by_name.get(name, [])
+        if set(f) != {"a", "b"}:
+            errors.append(f"{name}: has only lora_{''.join(f)}")
+            continue
+        if len(paths) != 1:
+            errors.append(f"{name}: " + (f"the leaves {paths} all map to it; tensor_name must tell them apart"
+                                         if paths else "maps to no leaf of params; pass the tensor_name the "
+                                         "adapter was exported with"))
+            continue
+        big_a, big_b = f["a"], f["b"]
+        if big_a.ndim != 2 or big_b.ndim != 2 or big_a.shape[0] != big_b.shape[1]:
+            errors.append(f"{name}: lora_a {big_a.shape} / lora_b {big_b.shape} are no pair (r, in) / "
+                          "(out, r)")
+            continue
+        heads = _rope_heads(base_reader, name)
+        if heads is not None:
+            if big_b.shape[0] % (2 * heads):
+                errors.append(f"{name}: lora_b has {big_b.shape[0]} rows, not a multiple of 2 x {heads} "
+                              "heads")
+                continue
+            big_b = unpermute_rows(big_b, heads)
+        p = paths[0]
+        shape = tuple(np.shape(leaves[p]))
+        rule = None if layouts is None else layouts.rule_for(p)
+        layout = default_layout(p, len(shape), None if rule is None else rule.in_axes)
+        in_dims, out_dims = [shape[i] for i in layout.in_axes], [shape[i] for i in layout.out_axes]
+        rank = big_a.shape[0]
+        if big_a.shape != (rank, int(np.prod(in_dims))) or big_b.shape != (int(np.prod(out_dims)), rank):
+            errors.append(f"{name} -> {p}: lora_a {big_a.shape} / lora_b {big_b.shape} do not fit the "
+                          f"kernel's {shape} (in_axes={layout.in_axes}); pass "
+                          "layouts=jlora.infer_layouts(...)")
+            continue
+        adapters[p] = (big_a.T.reshape(*in_dims, rank), big_b.T.reshape(rank, *out_dims), layout.in_axes)
+        ranks.add(rank)
+    if len(ranks) > 1:
+        errors.append(f"ranks {sorted(ranks)} differ; a llama.cpp adapter of one alpha scales each by "
+                      "alpha/r, which jlora reads only for one rank")
+    if errors:
+        raise ValueError(f"{who}: cannot read {path}:\n  " + "\n  ".join(errors[:20]))
+    rank = ranks.pop()
+    groups: dict[tuple, list[str]] = {}
+    for p, (_, _, in_axes) in adapters.items():
+        default = default_layout(p, len(np.shape(leaves[p])))
+        groups.setdefault(None if default.in_axes == in_axes else in_axes, []).append(p)
+    rules = tuple(Rule(pattern="|".join(re.escape(p) for p in sorted(ps)), in_axes=in_axes)
+                  for in_axes, ps in sorted(groups.items(), key=lambda kv: kv[0] or ()))
+    config = LoraConfig(rank=rank, alpha=float(alpha), targets=rules)
+    flat = {}
+    for p, (a, b, _) in adapters.items():
+        flat[f"{p}/a"], flat[f"{p}/b"] = jnp.asarray(a), jnp.asarray(b)
+    trainable = nest(flat)
+    return params, trainable, config
