@@ -70,6 +70,7 @@ class LlamaConfig:
     rope_theta: float
     norm_eps: float
     max_len: int
+    scan_layers: bool = False  # one nn.scan over stacked layers (kernels get a leading layer axis)
 
     @property
     def head_dim(self) -> int:
@@ -150,11 +151,14 @@ def load(path: str | Path | None = None, dtype=jnp.float32) -> tuple[LlamaConfig
     return cfg, jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
 
 
-def hf_module_name(path: str) -> str:
+def hf_module_name(path: str, index: tuple[int, ...] = ()) -> str:
     """Hugging Face's module name of a Flax path: ``params/layers_3/self_attn/q_proj/kernel`` ->
-    ``model.layers.3.self_attn.q_proj`` (PEFT's ``module_name`` for `jlora.export_peft`)."""
+    ``model.layers.3.self_attn.q_proj`` (PEFT's ``module_name`` for `jlora.export_peft`); with
+    ``scan_layers``, layer ``index`` of the stacked ``params/layers/self_attn/q_proj/kernel``."""
     parts = path.split("/")[1:-1]
-    if parts[0].startswith("layers_"):
+    if index:
+        parts = [parts[0], *map(str, index), *parts[1:]]
+    elif parts[0].startswith("layers_"):
         parts = ["layers", parts[0].removeprefix("layers_"), *parts[1:]]
     return "model." + ".".join(parts)
 
@@ -346,7 +350,11 @@ class Llama(nn.Module):
         embed = Embed(c, name="embed_tokens")
         x = embed(tokens)
         new_cache = []
-        for i in range(c.n_layers):
+        if c.scan_layers:  # cache: one {"k", "v"} with a leading layer axis, scanned with the layers
+            stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(nn.broadcast, 0), length=c.n_layers)
+            x, new_cache = stack(c, name="layers")(x, positions, cache)
+        for i in range(0 if c.scan_layers else c.n_layers):
             x, layer_cache = Block(c, name=f"layers_{i}")(x, positions, None if cache is None else cache[i])
             new_cache.append(layer_cache)
         if select is not None:
@@ -369,10 +377,21 @@ class Embed(nn.Module):
         return jnp.einsum("BTD,VD->BTV", x, self.embedding.astype(x.dtype))
 
 
-def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype=jnp.float32) -> list[dict]:
-    """An empty KV cache: per layer ``{"k", "v"}`` of shape ``(batch, length, kv_heads, head_dim)``."""
+def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype=jnp.float32) -> list[dict] | dict:
+    """An empty KV cache: per layer ``{"k", "v"}`` of shape ``(batch, length, kv_heads, head_dim)``
+    (with ``scan_layers``, one such dict whose arrays lead with the layer axis)."""
     shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
+    if cfg.scan_layers:
+        return {"k": jnp.zeros((cfg.n_layers, *shape), dtype), "v": jnp.zeros((cfg.n_layers, *shape), dtype)}
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]
+
+
+def scanned(cfg: LlamaConfig, params) -> tuple[LlamaConfig, dict]:
+    """The same model with ``scan_layers``: the 30 layers' parameters stacked under ``params/layers``."""
+    inner = dict(params["params"])
+    layers = [inner.pop(f"layers_{i}") for i in range(cfg.n_layers)]
+    inner["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    return dataclasses.replace(cfg, scan_layers=True), {"params": inner}
 
 
 # --------------------------------------------------------------------------- generation

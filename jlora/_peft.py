@@ -51,6 +51,7 @@ from __future__ import annotations
 import ctypes
 import difflib
 import errno
+import inspect
 import json
 import math
 import os
@@ -117,59 +118,113 @@ _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 # --------------------------------------------------------------------------- names
 
 
-def default_module_name(path: str) -> str:
+_CONTAINERS = ("layers", "layer", "blocks", "block", "h")  # where a scanned stack's layer index goes
+
+
+def default_module_name(path: str, index: tuple[int, ...] = ()) -> str:
     """PEFT's module name for a leaf path: drop ``params/`` and the leaf's own name, join with ``.``.
+
+    ``index`` is a stacked (scanned) kernel's layer: its numbers follow the first component
+    named ``layers``, ``layer``, ``blocks``, ``block`` or ``h`` (else the first component),
+    which is how the unrolled torch model numbers its layers.
 
     >>> default_module_name("params/bert/encoder/layer/0/attention/self/query/kernel")
     'bert.encoder.layer.0.attention.self.query'
     >>> default_module_name("classifier/bias")
     'classifier'
+    >>> default_module_name("params/model/layers/self_attn/q_proj/kernel", (3,))
+    'model.layers.3.self_attn.q_proj'
     """
     parts = path.split("/")
     if parts[0] == "params" and len(parts) > 2:
         parts = parts[1:]
-    return ".".join(parts[:-1])
+    return _with_index(".".join(parts[:-1]), index)
 
 
+def _with_index(name: str, index: tuple[int, ...]) -> str:
+    """``index`` put into a dotted module name after its first layer container (else its first part)."""
+    if not index:
+        return name
+    parts = name.split(".")
+    at = next((i for i, part in enumerate(parts) if part in _CONTAINERS), 0) + 1
+    parts[at:at] = [str(i) for i in index]
+    return ".".join(parts)
 
 
-def _namer(module_name) -> Callable[[str], str]:
+def _takes_index(fn) -> bool:
+    """Whether a ``module_name`` callable takes ``(path, index)`` rather than ``(path)``."""
+    try:
+        inspect.signature(fn).bind("path", ())
+    except TypeError:
+        return False
+    except ValueError:  # no signature (a builtin): call it the old way
+        return False
+    return True
+
+
+def _namer(module_name) -> Callable[[str, tuple[int, ...]], str]:
+    """``module_name`` as one function ``(path, index) -> PEFT module name`` (``index`` is ``()`` for
+    an unstacked kernel)."""
     if module_name is None:
         return default_module_name
     if isinstance(module_name, Mapping):
         table = dict(module_name)
-        return lambda path: table.get(path, default_module_name(path))
+
+        def from_table(path, index):
+            name = table.get(path)
+            if name is None:
+                return default_module_name(path, index)
+            if not isinstance(name, str) or not index:
+                return name
+            return name.format(*index) if "{" in name else _with_index(name, index)
+
+        return from_table
     if callable(module_name):
-        return module_name
+        if _takes_index(module_name):
+            return module_name
+        def one_argument(path, index):
+            name = module_name(path)
+            return _with_index(name, index) if index and isinstance(name, str) else name
+
+        return one_argument
     raise TypeError(
-        f"module_name must be a callable (leaf path -> PEFT module name) or a dict {{path: name}}, "
-        f"got {type(module_name).__name__}."
+        f"module_name must be a callable (leaf path, and for a stacked kernel its layer index -> PEFT module "
+        f"name) or a dict {{path: name}}, got {type(module_name).__name__}."
     )
 
 
-def _module_of(namer, path: str) -> str:
-    name = namer(path)
+def _module_of(namer, path: str, index: tuple[int, ...] = ()) -> str:
+    name = namer(path, index)
     if not isinstance(name, str) or not name:
+        at = f" layer {index}" if index else ""
         raise ValueError(
-            f"no PEFT module name for {path} (the name function gave {name!r}); pass "
+            f"no PEFT module name for {path}{at} (the name function gave {name!r}); pass "
             f"module_name={{{path!r}: 'model.some.module'}} or a callable that names it."
         )
     return name
 
 
-def peft_name(namer, path: str) -> str:
-    """The PEFT name ``module.param`` of the leaf at ``path``: the module `namer` gives, then the
-    torch parameter — ``bias`` for a leaf named ``bias``, ``weight`` for any other.
+def peft_name(namer, path: str, index: tuple[int, ...] = ()) -> str:
+    """The PEFT name ``module.param`` of the leaf at ``path`` (layer ``index`` of a stacked kernel):
+    the module `namer` gives, then the torch parameter — ``bias`` for a leaf named ``bias``,
+    ``weight`` for any other.
 
     Export writes a leaf trained in full under this name and an adapter under its module;
-    import finds each key's leaf by applying this to every leaf of ``params``.
+    import finds each key's leaf by applying this to every leaf (and layer) of ``params``.
 
     >>> peft_name(default_module_name, "params/layers/0/attn/q_einsum/w")
     'layers.0.attn.q_einsum.weight'
     >>> peft_name(default_module_name, "params/classifier/bias")
     'classifier.bias'
     """
-    return f"{_module_of(namer, path)}.{'bias' if path.rsplit('/', 1)[-1] == 'bias' else 'weight'}"
+    return f"{_module_of(namer, path, index)}.{'bias' if path.rsplit('/', 1)[-1] == 'bias' else 'weight'}"
+
+
+def _one_layer(layout, shape) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """``(stack shape, one layer's shape, its in_axes)`` of a kernel: the stack axes taken out."""
+    rest = [i for i in range(len(shape)) if i not in layout.stack_axes]
+    return (tuple(shape[i] for i in layout.stack_axes), tuple(shape[i] for i in rest),
+            tuple(rest.index(i) for i in layout.in_axes))
 
 
 def _pattern_value(patterns: Mapping, name: str, default):
@@ -262,7 +317,10 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
     alpha go to ``r``/``lora_alpha`` or, where they differ, ``rank_pattern``/``alpha_pattern``.
     Leaves trained in full become ``modules_to_save``. A 2-D kernel used transposed
     (``Rule(in_axes=(1,))``, e.g. GPT-2's ``(out, in)`` Conv1D kernels in Flax) exports
-    as it is, and the file says ``fan_in_fan_out: true``.
+    as it is, and the file says ``fan_in_fan_out: true``. A stacked kernel (layers of an
+    ``nn.scan``/``nnx.scan``, ``stack_axes``) becomes one PEFT module per layer, named by
+    ``module_name(path, index)``, as the unrolled torch model has them; `import_peft` with
+    the same ``module_name`` and ``layouts`` stacks them back.
 
     The two files are written into a temporary folder beside ``directory`` and moved
     into place, so a crash never leaves a config beside weights it does not describe:
@@ -281,9 +339,16 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
       trainable: the adapters, as from `jlora.init` and training.
       config: the `LoraConfig` they were made with.
       frozen: the base parameters; if given, ``trainable`` is checked against them.
-      module_name: PEFT module name of a leaf path: a callable, or a dict ``{path: name}``
-        (paths it lacks take the default). Default: drop ``params/`` and the leaf name,
-        join with ``.`` (Hugging Face's Flax naming).
+      module_name: PEFT module name of a leaf path: a callable ``(path, index)``, where
+        ``index`` is the tuple of a stacked kernel's stack indices (``()`` for an
+        unstacked kernel); a callable ``(path)``, whose name for a stacked kernel gets the
+        index inserted as the default does; or a dict ``{path: name}`` (a ``{}`` in a
+        stacked kernel's name takes the index; paths it lacks take the default).
+        Default (`default_module_name`): drop ``params/`` and the leaf name, join with
+        ``.`` (Hugging Face's Flax naming), and put a stacked kernel's index after the
+        first component named ``layers``/``layer``/``blocks``/``block``/``h`` (else after
+        the first component): ``params/model/layers/mlp/up/kernel`` layer 3 ->
+        ``model.layers.3.mlp.up``.
       base_model_name_or_path: written to the config, as PEFT does (e.g. a hub id).
       conv: regexes (``re.fullmatch``) of the kernel paths that are convolution kernels
         ``(*window, in, out)``; their adapters are written as PEFT's Conv layout. Other
@@ -297,9 +362,10 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
 
     Raises:
       ValueError: for what PEFT cannot represent (a nonlinearity, DyLoRA, PiSSA's residual
-        base, scanned kernels, input axes that are not the kernel's leading axes except a
-        2-D ``(out, in)`` kernel), 2-D kernels both transposed and not without
-        ``fan_in_fan_out``, and two leaves that would share a PEFT key.
+        base, input axes that are not the kernel's leading axes (after its stack axes)
+        except a 2-D ``(out, in)`` kernel, a stacked conv kernel), 2-D kernels both
+        transposed and not without ``fan_in_fan_out``, and two leaves (or two layers) that
+        would share a PEFT key, naming both.
       FileExistsError: ``directory`` is a file.
 
     >>> import json, pathlib, tempfile, jax, jax.numpy as jnp
@@ -342,54 +408,57 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
 
     for path, t in targets.items():
         is_conv = any(re.fullmatch(p, path) for p in conv_patterns)
-        try:
-            module = _module_of(namer, path)
-        except ValueError as e:
-            errors.append(str(e))
-            continue
         if not t.adapted:
-            full_modules.add(module)
+            try:
+                full_modules.add(_module_of(namer, path))
+            except ValueError as e:
+                errors.append(str(e))
+                continue
             put(peft_name(namer, path), _leaf_to_torch(path, np.asarray(values[path]), is_conv), path)
             continue
         lay = t.layout
-        if lay.stack_axes:
+        stack, layer_shape, in_axes = _one_layer(lay, t.shape)
+        transposed = len(layer_shape) == 2 and in_axes == (1,)
+        if in_axes != tuple(range(len(in_axes))) and not transposed:
             errors.append(
-                f"{path} is a stack of layers (stack_axes={lay.stack_axes}); PEFT has one module per layer "
-                "and cannot hold a scanned kernel. Export an unrolled (unscanned) model's adapters instead."
+                f"{path} has in_axes={lay.in_axes}, not its leading axes"
+                f"{' after its stack axes' if stack else ''}, so it is no torch Linear weight (in, out) "
+                "flattened; PEFT's factors would not line up with the kernel. Use a kernel whose input axes "
+                "come first (a 2-D (out, in) kernel with in_axes=(1,) exports as it is)."
             )
             continue
-        transposed = len(t.shape) == 2 and lay.in_axes == (1,)
-        if lay.in_axes != tuple(range(len(lay.in_axes))) and not transposed:
-            errors.append(
-                f"{path} has in_axes={lay.in_axes}, not its leading axes, so it is no torch Linear weight "
-                "(in, out) flattened; PEFT's factors would not line up with the kernel. Use a kernel whose "
-                "input axes come first (a 2-D (out, in) kernel with in_axes=(1,) exports as it is)."
-            )
-            continue
-        if len(t.shape) == 2 and not t.embedding:
+        if len(layer_shape) == 2 and not t.embedding:
             linear_2d[path] = transposed
-        if is_conv and (len(t.shape) < 3 or lay.out_axes != (len(t.shape) - 1,)):
+        if is_conv and (stack or len(layer_shape) < 3 or lay.out_axes != (len(t.shape) - 1,)):
             errors.append(f"{path} (shape {t.shape}, in_axes={lay.in_axes}) was marked conv but is no Flax "
                           "conv kernel (*window, in, out) with its input axes first; fix the conv patterns.")
             continue
         a, b, m = (None if x is None else np.asarray(x) for x in values[path])
         r = t.rank
-        if is_conv:  # a (*k, in, r) -> (r, in, *k); b (r, out) -> (out, r, 1, ..); m -> (1, out, 1, ..)
-            n = a.ndim - 1
-            ones = (1,) * (n - 1)
-            big_a, big_b = np.transpose(a, (n, n - 1, *range(n - 1))), b.T.reshape(-1, r, *ones)
-            big_m = None if m is None else m.reshape(1, -1, *ones)
-        else:
-            big_a, big_b = a.reshape(-1, r).T, b.reshape(r, -1).T
-            big_m = None if m is None else m.reshape(-1)
-        linear = ("lora_A.weight", "lora_B.weight")
-        names = ("lora_embedding_A", "lora_embedding_B") if t.embedding else linear
-        put(f"{module}.{names[0]}", big_a, path)
-        put(f"{module}.{names[1]}", big_b, path)
-        if big_m is not None:
-            put(f"{module}.lora_magnitude_vector", big_m, path)
-        ranks[module] = r
-        alphas[module] = t.alpha
+        for index in np.ndindex(*stack):  # one PEFT module per layer of a stacked kernel; () if unstacked
+            try:
+                module = _module_of(namer, path, index)
+            except ValueError as e:
+                errors.append(str(e))
+                continue
+            a_i, b_i, m_i = a[index], b[index], None if m is None else m[index]
+            where = f"{path} layer {index}" if index else path
+            if is_conv:  # a (*k, in, r) -> (r, in, *k); b (r, out) -> (out, r, 1, ..); m -> (1, out, 1, ..)
+                n = a_i.ndim - 1
+                ones = (1,) * (n - 1)
+                big_a, big_b = np.transpose(a_i, (n, n - 1, *range(n - 1))), b_i.T.reshape(-1, r, *ones)
+                big_m = None if m_i is None else m_i.reshape(1, -1, *ones)
+            else:
+                big_a, big_b = a_i.reshape(-1, r).T, b_i.reshape(r, -1).T
+                big_m = None if m_i is None else m_i.reshape(-1)
+            linear = ("lora_A.weight", "lora_B.weight")
+            names = ("lora_embedding_A", "lora_embedding_B") if t.embedding else linear
+            put(f"{module}.{names[0]}", big_a, where)
+            put(f"{module}.{names[1]}", big_b, where)
+            if big_m is not None:
+                put(f"{module}.lora_magnitude_vector", big_m, where)
+            ranks[module] = r
+            alphas[module] = t.alpha
     if not errors:
         shared = sorted(full_modules & set(ranks))
         if shared:
@@ -711,11 +780,13 @@ def import_peft(directory, params, *, module_name=None, layouts: LoraConfig | No
       directory: a folder written by ``PeftModel.save_pretrained`` (or `export_peft`).
       params: the Flax base parameters (Linen variables or NNX state), already
         converted from the torch base model.
-      module_name: as for `export_peft`: leaf path -> PEFT module name.
+      module_name: as for `export_peft` (the same mapping reads back what it wrote).
       layouts: a `LoraConfig` whose rules say which axes of each kernel are its input
-        (``Rule(in_axes=...)``), e.g. the one `jlora.infer_layouts` returns; only the
-        ``in_axes`` of rules that match a kernel are read, and they win over the file's
-        ``fan_in_fan_out`` (PEFT sets that flag per module from the module's type, so
+        (``Rule(in_axes=...)``) and which are stack axes (``stack_axes``: a scanned
+        kernel, whose layers are read from one PEFT module each, named by
+        ``module_name(path, index)``), e.g. the one `jlora.infer_layouts` returns; only the
+        ``in_axes``/``stack_axes`` of rules that match a kernel are read; ``in_axes`` win over
+        the file's ``fan_in_fan_out`` (PEFT sets that flag per module from the module's type, so
         one model may mix Conv1D and Linear). Where they leave ``in_axes`` unset a
         Linear adapter takes jlora's default layout, or ``in_axes=(1,)`` for a 2-D
         kernel when the file says ``fan_in_fan_out: true`` (torch Conv1D weights
@@ -762,12 +833,15 @@ def import_peft(directory, params, *, module_name=None, layouts: LoraConfig | No
     peft = _read_config(directory)
     tensors = _read_tensors(directory)
     leaves = flatten(params)
-    by_name: dict[str, list[str]] = {}  # "module.param" -> leaf paths
-    for path in leaves:
-        try:
-            by_name.setdefault(peft_name(namer, path), []).append(path)
-        except ValueError:  # a leaf the mapping leaves unnamed: no key can land on it
-            pass
+    by_name: dict[str, list[tuple[str, tuple[int, ...]]]] = {}  # "module.param" -> (leaf path, layer)
+    for path, leaf in leaves.items():
+        rule = None if layouts is None else layouts.rule_for(path)
+        stack = tuple(np.shape(leaf)[i] for i in rule.stack_axes) if rule is not None else ()
+        for index in np.ndindex(*stack):  # a stacked (scanned) kernel: one PEFT module per layer
+            try:
+                by_name.setdefault(peft_name(namer, path, index), []).append((path, index))
+            except ValueError:  # a leaf the mapping leaves unnamed: no key can land on it
+                pass
 
     r, alpha = peft.get("r", 8), float(peft.get("lora_alpha", 8))  # PEFT's defaults
     rank_pattern, alpha_pattern = peft.get("rank_pattern") or {}, peft.get("alpha_pattern") or {}
@@ -791,16 +865,17 @@ def import_peft(directory, params, *, module_name=None, layouts: LoraConfig | No
         else:
             full[rest] = tensors[key]
 
-    def leaf_for(name: str, keys: list[str]) -> str | None:
-        paths = by_name.get(name, [])
-        if len(paths) > 1:
-            errors.append(f"{PREFIX}{name}: the leaves {paths} all map to {name!r}; tell them apart with "
+    def leaf_for(name: str, keys: list[str]) -> tuple[str, tuple[int, ...]] | None:
+        found = by_name.get(name, [])
+        if len(found) > 1:
+            listed = [f"{p} layer {i}" if i else p for p, i in found]
+            errors.append(f"{PREFIX}{name}: the leaves {listed} all map to {name!r}; tell them apart with "
                           "module_name")
-        elif not paths:
+        elif not found:
             unmapped.extend(keys)
-        return paths[0] if len(paths) == 1 else None
+        return found[0] if len(found) == 1 else None
 
-    adapters, groups = {}, {}
+    adapters, groups, layers = {}, {}, {}
     for module, f in factors.items():
         key = PREFIX + module
         if "a" not in f or "b" not in f:
@@ -814,9 +889,10 @@ def import_peft(directory, params, *, module_name=None, layouts: LoraConfig | No
             errors.append(f"{key}: DoRA on an embedding; jlora implements DoRA for Linear and Conv kernels "
                           "only")
             continue
-        path = leaf_for(f"{module}.weight", module_keys[module])
-        if path is None:
+        found = leaf_for(f"{module}.weight", module_keys[module])
+        if found is None:
             continue
+        path, index = found
         if f["a"].ndim < 2:
             errors.append(f"{key}: lora_A has shape {f['a'].shape}; PEFT's factors have a rank axis and an "
                           "input axis")
@@ -830,28 +906,52 @@ def import_peft(directory, params, *, module_name=None, layouts: LoraConfig | No
         embedding = any(k.endswith("lora_embedding_A") for k in module_keys[module])
         rule = None if layouts is None else layouts.rule_for(path)
         in_axes = None if rule is None else rule.in_axes
-        if rule is not None and rule.stack_axes:
-            errors.append(f"{key} -> {path}: layouts give stack_axes={rule.stack_axes}; a PEFT module is one "
-                          "layer, import into an unrolled (unscanned) model's params")
-            continue
+        stack_axes = () if rule is None else tuple(rule.stack_axes)
+        if stack_axes:  # one layer of a stacked kernel: its shape and input axes without the stack axes
+            layout = default_layout(path, len(shape), in_axes, stack_axes)
+            _, shape, in_axes = _one_layer(layout, shape)
         if in_axes is None and transposed and len(shape) == 2 and f["a"].ndim == 2 and not embedding:
             in_axes = (1,)  # torch Conv1D (in, out) -> Flax kernel (out, in)
         adapter, error = _adapter_from_torch(path, shape, f, rank, in_axes)
         if error:
-            errors.append(f"{key} -> {path}: {error}")
+            errors.append(f"{key} -> {path}{f' layer {index}' if index else ''}: {error}")
+            continue
+        group = (rank, float(_pattern_value(alpha_pattern, module, alpha)))
+        if stack_axes:
+            layers.setdefault(path, {})[index] = (adapter, group)
             continue
         adapters[path] = adapter
         default = default_layout(path, len(shape))
         if in_axes is not None and default_layout(path, len(shape), in_axes) == default:
             in_axes = None  # the default: no need to spell it out
-        groups.setdefault((rank, float(_pattern_value(alpha_pattern, module, alpha)), in_axes),
-                          []).append(path)
+        groups.setdefault((*group, in_axes, ()), []).append(path)
+    for path, got in layers.items():  # stack each stacked kernel's layers back into its layout
+        rule = layouts.rule_for(path)
+        stack = tuple(np.shape(leaves[path])[i] for i in rule.stack_axes)
+        missing = [i for i in np.ndindex(*stack) if i not in got]
+        kinds = {g for _, g in got.values()}
+        if missing:
+            more = " ..." if len(missing) > 5 else ""
+            errors.append(f"{path}: the file has {len(got)} of its {len(missing) + len(got)} layers; missing "
+                          f"layers {missing[:5]}{more} (their PEFT modules, e.g. "
+                          f"{_module_of(namer, path, missing[0])})")
+            continue
+        if len(kinds) > 1:
+            errors.append(f"{path}: its layers have different ranks/alphas {sorted(kinds)}; one stacked "
+                          "kernel takes one rank and alpha")
+            continue
+        first = got[next(iter(np.ndindex(*stack)))][0]
+        adapters[path] = {factor: np.stack([got[i][0][factor] for i in np.ndindex(*stack)]).reshape(
+            *stack, *first[factor].shape) for factor in first}
+        layout = default_layout(path, len(np.shape(leaves[path])), rule.in_axes, rule.stack_axes)
+        groups.setdefault((*kinds.pop(), layout.in_axes, layout.stack_axes), []).append(path)
 
     trained = {}
     for name, value in full.items():
-        path = leaf_for(name, [PREFIX + name])
-        if path is None:
+        found = leaf_for(name, [PREFIX + name])
+        if found is None:
             continue
+        path, _ = found
         leaf = leaves[path]
         got = _leaf_from_torch(path, tuple(np.shape(leaf)), value)
         if isinstance(got, str):
@@ -873,9 +973,10 @@ def import_peft(directory, params, *, module_name=None, layouts: LoraConfig | No
     dtype = one if one is not None and jnp.issubdtype(one, jnp.floating) else np.float32
     dtype = jax.dtypes.canonicalize_dtype(dtype)  # float64 factors are float32 unless jax_enable_x64
     rules = tuple(
-        Rule(pattern="|".join(re.escape(p) for p in sorted(paths)),
-             rank=None if rank == r else rank, alpha=None if a == alpha else a, in_axes=in_axes)
-        for (rank, a, in_axes), paths in sorted(groups.items(), key=lambda kv: (kv[0][:2], kv[0][2] or ()))
+        Rule(pattern="|".join(re.escape(p) for p in sorted(paths)), rank=None if rank == r else rank,
+             alpha=None if a == alpha else a, in_axes=in_axes, stack_axes=stack_axes)
+        for (rank, a, in_axes, stack_axes), paths in sorted(
+            groups.items(), key=lambda kv: (kv[0][:2], kv[0][2] or (), kv[0][3]))
     )
     config = LoraConfig(
         rank=r, alpha=alpha, targets=rules, rslora=bool(peft.get("use_rslora", False)), dora=use_dora,

@@ -160,6 +160,30 @@ def test_peft_on_transformers_and_jlora_agree_on_the_real_model(tmp_path):
         np.testing.assert_array_equal(ours[key], x, err_msg=key)
 
 
+def test_a_scanned_llama_reads_and_writes_peft_per_layer_and_gives_peft_logits(tmp_path):
+    """The same model with its 30 layers in one nn.scan (kernels stacked on axis 0): PEFT's adapter for
+    the unrolled torch model imports layer by layer, gives PEFT's logits, and exports PEFT's tensors back."""
+    cfg, params = smollm2.scanned(*_real()[:2])
+    model = smollm2.Llama(cfg)
+    fixture, expected = np.load(FIXTURES / "logits.npz"), np.load(FIXTURES / "peft" / "expected.npz")
+    tokens, lengths = jnp.asarray(fixture["tokens"]), fixture["lengths"]
+    layouts = jlora.infer_layouts(jlora.LoraConfig(rank=2, targets=r".*/(self_attn|mlp)/\w+_proj/kernel"),
+                                  model.apply, params, tokens, _positions(tokens))
+    assert layouts.rule_for("params/layers/self_attn/q_proj/kernel").stack_axes == (0,)
+    frozen, trainable, config = jlora.import_peft(FIXTURES / "peft", params, layouts=layouts,
+                                                  module_name=smollm2.hf_module_name)
+    assert flatten(trainable)["params/layers/mlp/down_proj/kernel/a"].shape == (30, 1536, 2)
+    logits = np.asarray(jax.jit(jlora.wrap(model.apply, config))(frozen, trainable, tokens,
+                                                                 _positions(tokens))[0])
+    last = np.stack([logits[i, n - 1] for i, n in enumerate(lengths)])
+    np.testing.assert_allclose(last, expected["last"], atol=5e-4, rtol=0)
+    jlora.export_peft(tmp_path, trainable, config, module_name=smollm2.hf_module_name)
+    ours, theirs = (load_file(d / "adapter_model.safetensors") for d in (tmp_path, FIXTURES / "peft"))
+    assert sorted(ours) == sorted(theirs)
+    for key, x in theirs.items():
+        np.testing.assert_array_equal(ours[key], x, err_msg=key)
+
+
 def test_a_gguf_adapter_applied_as_llama_cpp_does_equals_jlora_merge_on_the_real_gguf(tmp_path):
     """PEFT's fixture adapter (all 210 layers), exported for llama.cpp: base GGUF tensor + alpha/r·B·A,
     computed on the dequantized GGUF as llama.cpp does, is jlora's merged weight in llama.cpp's layout."""

@@ -519,9 +519,10 @@ def test_gpt2_import_layouts_win_over_fan_in_fan_out_and_are_checked():
         import_peft(folder, params, layouts=wrong)
     with pytest.raises(TypeError, match=r"layouts must be a jlora\.LoraConfig .*got dict"):
         import_peft(folder, params, layouts={"c_proj": (1,)})
+    # layouts that call an unrolled kernel a stack: its rows become layers, whose names the file lacks
     stacked = jlora.LoraConfig(targets=jlora.Rule(pattern=r".*c_fc/kernel", stack_axes=(0,)))
-    with pytest.raises(ValueError, match=r"mlp/c_fc/kernel: layouts give stack_axes=\(0,\); "
-                                         r"a PEFT module is one layer"):
+    with pytest.raises(ValueError, match=r"4 adapter keys map to no leaf of params: .*h\.0\.mlp\.c_fc\.lora_A"
+                                         r"(.|\n)*e\.g\. transformer\.h\.\d+\.0\.mlp\.c_fc\.weight"):
         import_peft(folder, params, layouts=stacked)
 
 
@@ -620,13 +621,73 @@ def test_export_refuses_variants_peft_lacks(kwargs, match, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_export_refuses_scanned_kernels(tmp_path):
+SCANNED = jlora.LoraConfig(rank=2, targets=jlora.Rule(pattern=r".*/kernel", stack_axes=(0,)))
+
+
+def _scanned_and_unrolled():
+    """LinenScan's params and adapters (3 layers stacked on axis 0), and the same values unrolled into
+    ``layers_0`` .. ``layers_2`` as an unscanned model holds them."""
     params = _random(jax.eval_shape(LinenScan().init, jax.random.key(0), jnp.ones((2, 16))))
-    config = jlora.LoraConfig(rank=2, targets=jlora.Rule(pattern=r".*/kernel", stack_axes=(0,)))
-    _, trainable = _init(params, config)
-    with pytest.raises(ValueError, match=r"params/layers/up/kernel is a stack of layers "
-                                         r"\(stack_axes=\(0,\)\)"):
-        export_peft(tmp_path, trainable, config)
+    _, trainable = _init(params, SCANNED)
+    layer = lambda tree, i: jax.tree.map(lambda x: x[i], tree["params"]["layers"])  # noqa: E731
+    unrolled = {"params": {f"layers_{i}": layer(params, i) for i in range(3)}}
+    unrolled_trainable = {"params": {f"layers_{i}": layer(trainable, i) for i in range(3)}}
+    return params, trainable, unrolled, unrolled_trainable
+
+
+def test_a_scanned_stack_exports_one_module_per_layer_as_the_unrolled_model_does(tmp_path):
+    params, trainable, unrolled, unrolled_trainable = _scanned_and_unrolled()
+    export_peft(tmp_path / "scanned", trainable, SCANNED)
+    export_peft(tmp_path / "unrolled", unrolled_trainable, jlora.LoraConfig(rank=2, targets=r".*/kernel"),
+                module_name=lambda p: default_module_name(p).replace("layers_", "layers."))
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "scanned" / name).read_bytes() == (tmp_path / "unrolled" / name).read_bytes(), name
+    keys = sorted(load_file(tmp_path / "scanned" / "adapter_model.safetensors"))
+    assert keys[:2] == [f"base_model.model.layers.0.down.lora_{x}.weight" for x in "AB"]
+    assert len(keys) == 3 * 2 * 2
+    frozen, back, config = import_peft(tmp_path / "scanned", params, layouts=SCANNED)
+    for path, x in flatten(trainable).items():
+        np.testing.assert_array_equal(flatten(back)[path], x, err_msg=path)
+    assert config.rule_for("params/layers/up/kernel").stack_axes == (0,)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16)), jnp.float32)
+    np.testing.assert_allclose(jlora.wrap(LinenScan().apply, config)(frozen, back, x),
+                               jlora.wrap(LinenScan().apply, SCANNED)(params, trainable, x), rtol=1e-6)
+
+
+@pytest.mark.parametrize("module_name", [
+    lambda path, index: f"model.blocks.{index[0]}.{path.split('/')[-2]}" if index else None,
+    {"params/layers/up/kernel": "model.blocks.{}.up", "params/layers/down/kernel": "model.blocks.{}.down"},
+    lambda path: f"model.blocks.{path.split('/')[-2]}",  # one argument: the index follows 'blocks'
+], ids=["path-and-index", "dict-with-placeholder", "one-argument"])
+def test_module_name_names_each_layer_and_reads_back(module_name, tmp_path):
+    params, trainable, _, _ = _scanned_and_unrolled()
+    export_peft(tmp_path, trainable, SCANNED, module_name=module_name)
+    keys = load_file(tmp_path / "adapter_model.safetensors")
+    assert "base_model.model.model.blocks.2.up.lora_B.weight" in keys and len(keys) == 12
+    _, back, _ = import_peft(tmp_path, params, layouts=SCANNED, module_name=module_name)
+    for path, x in flatten(trainable).items():
+        np.testing.assert_array_equal(flatten(back)[path], x, err_msg=path)
+
+
+def test_a_mapping_that_sends_two_layers_to_one_module_is_refused_naming_both(tmp_path):
+    _, trainable, _, _ = _scanned_and_unrolled()
+    with pytest.raises(ValueError, match=r"params/layers/down/kernel layer \(0,\) and "
+                                         r"params/layers/down/kernel layer \(1,\) both map to the PEFT key "
+                                         r"'base_model\.model\.blocks\.down\.lora_A\.weight'"):
+        export_peft(tmp_path, trainable, SCANNED,
+                    module_name=lambda path, index: f"blocks.{path.split('/')[-2]}")
+    assert not list(tmp_path.iterdir())
+
+
+def test_import_names_the_layers_a_file_lacks(tmp_path):
+    params, trainable, _, _ = _scanned_and_unrolled()
+    export_peft(tmp_path, trainable, SCANNED)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    save_file({k: v for k, v in tensors.items() if ".2.up." not in k}, tmp_path / "adapter_model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"params/layers/up/kernel: the file has 2 of its 3 layers; missing "
+                                         r"layers \[\(2,\)\] \(their PEFT modules, e\.g\. layers\.2\.up\)"):
+        import_peft(tmp_path, params, layouts=SCANNED)
 
 
 @pytest.mark.parametrize("config,kwargs,match", [
