@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from jlora._checkpoint import read_metadata, restore, save
+from jlora._gguf import export_gguf
 from jlora._merge import merge
 from jlora._paths import flatten, nest
 from jlora._peft import export_peft, import_peft
@@ -27,8 +28,11 @@ from jlora._sharding import single_device
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    """An error's message on one line: a list under a heading joined with '; '."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    return lines[0] + (" " + "; ".join(lines[1:]) if len(lines) > 1 else "")
 
 
 def _nest_keys(flat: dict, path: str) -> dict:
@@ -108,16 +112,41 @@ def _merge(args) -> None:
     print(f"merged {args.adapter} into {args.base}: {args.out}")
 
 
+def _names(path: str | None, what: str) -> dict | None:
+    """A JSON file ``{leaf path: name}``: the mapping a command takes from the shell."""
+    if path is None:
+        return None
+    p = pathlib.Path(path).expanduser()
+    try:
+        names = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable JSON file of {what} ({_first_line(e)}).") from None
+    if not isinstance(names, dict) or not all(isinstance(x, str) for kv in names.items() for x in kv):
+        raise ValueError(f"{path}: expected a JSON object of strings {{\"leaf/path/kernel\": "
+                         f"\"{what}\", ...}}.")
+    return names
+
+
 def _export(args) -> None:
     base = _load_params(args.base)
     trainable, config = restore(args.adapter, base)
-    export_peft(args.out, trainable, config, frozen=base, conv=tuple(args.conv))
+    export_peft(args.out, trainable, config, frozen=base, conv=tuple(args.conv),
+                module_name=_names(args.module_names, "PEFT module name"))
     print(f"PEFT adapter written: {args.out}")
+
+
+def _export_gguf(args) -> None:
+    names = _names(args.tensor_names, "base GGUF tensor name")
+    base = _load_params(args.base)
+    trainable, config = restore(args.adapter, base)
+    export_gguf(args.out, trainable, config, base=args.gguf, tensor_name=names, frozen=base)
+    print(f"llama.cpp adapter written: {args.out}")
 
 
 def _import(args) -> None:
     base = _load_params(args.base)
-    frozen, trainable, config = import_peft(args.peft, base)
+    frozen, trainable, config = import_peft(args.peft, base,
+                                            module_name=_names(args.module_names, "PEFT module name"))
     save(args.out, trainable, config, frozen=frozen)
     print(f"jlora adapter written: {args.out}")
 
@@ -140,11 +169,22 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("base")
     s.add_argument("out")
     s.add_argument("--conv", action="append", default=[], help="regex of kernels that are convolutions")
+    s.add_argument("--module-names", help="JSON file {leaf path: PEFT module name}; a '{}' in a stacked "
+                                          "(scanned) kernel's name takes its layer index")
     s.set_defaults(run=_export)
+    s = sub.add_parser("export-gguf", help="write a jlora adapter as a llama.cpp LoRA adapter (GGUF)")
+    s.add_argument("adapter")
+    s.add_argument("base")
+    s.add_argument("gguf", help="the base model's GGUF file (its architecture, tensor names and shapes)")
+    s.add_argument("out", help="the adapter .gguf to write")
+    s.add_argument("--tensor-names", required=True,
+                   help="JSON file {leaf path: base GGUF tensor name, e.g. 'blk.0.attn_q.weight'}")
+    s.set_defaults(run=_export_gguf)
     s = sub.add_parser("import-peft", help="read a PEFT adapter into a jlora checkpoint")
     s.add_argument("peft", help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
     s.add_argument("base")
     s.add_argument("out")
+    s.add_argument("--module-names", help="JSON file {leaf path: PEFT module name}")
     s.set_defaults(run=_import)
     return p
 

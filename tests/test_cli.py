@@ -269,3 +269,75 @@ def test_fuzzed_files_give_one_line_or_success(setup, capsys, data):
         base.write_bytes(original_base)
         meta.write_bytes(original_meta)
         (tmp / "out.safetensors").unlink(missing_ok=True)
+
+
+def _base_gguf(params, path: Path) -> Path:
+    """A base GGUF holding the setup model's two kernels as llama.cpp names and lays them out."""
+    import gguf  # noqa: PLC0415  (jlora[gguf]: optional)
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for name, kernel in (("blk.0.ffn_up.weight", "layers_0"), ("blk.0.ffn_down.weight", "layers_2")):
+        writer.add_tensor(name, np.ascontiguousarray(np.asarray(params["params"][kernel]["kernel"]).T))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_export_gguf_writes_what_import_gguf_reads(setup, capsys):
+    pytest.importorskip("gguf")
+    model, x, params, trainable, cfg, tmp, base = setup
+    names = {"params/layers_0/kernel": "blk.0.ffn_up.weight",
+             "params/layers_2/kernel": "blk.0.ffn_down.weight"}
+    (tmp / "names.json").write_text(json.dumps(names))
+    gguf_base = _base_gguf(params, tmp / "base.gguf")
+    argv = ["export-gguf", str(tmp / "adapter"), str(base), str(gguf_base), str(tmp / "a.gguf"),
+            "--tensor-names", str(tmp / "names.json")]
+    assert main(argv) == 0 and "llama.cpp adapter written" in capsys.readouterr().out
+    _, back, config = jlora.import_gguf(tmp / "a.gguf", params, base=gguf_base, tensor_name=names)
+    for path, value in flatten(trainable).items():
+        np.testing.assert_array_equal(flatten(back)[path], value, err_msg=path)
+    assert config.alpha == 4.0 and config.rank == 2
+
+
+@pytest.mark.parametrize("names, match", [
+    ({"params/layers_0/kernel": "blk.0.ffn_up.weight"}, r"params/layers_2/kernel: tensor_name gave None"),
+    ({"params/layers_0/kernel": "blk.0.ffn_up.weight", "params/layers_2/kernel": "blk.9.ffn_down.weight"},
+     r"params/layers_2/kernel: 'blk\.9\.ffn_down\.weight' is no tensor of"),
+    ("not json", r"names\.json: not a readable JSON file of base GGUF tensor name"),
+    (["a"], r"names\.json: expected a JSON object of strings"),
+    (None, r"base\.gguf is not a readable GGUF file"),
+])
+def test_export_gguf_failures_are_one_line_and_write_nothing(setup, capsys, names, match):
+    pytest.importorskip("gguf")
+    model, x, params, trainable, cfg, tmp, base = setup
+    gguf_base = _base_gguf(params, tmp / "base.gguf")
+    if names is None:  # a damaged base file
+        gguf_base.write_bytes(gguf_base.read_bytes()[:40])
+        names = {"params/layers_0/kernel": "blk.0.ffn_up.weight",
+                 "params/layers_2/kernel": "blk.0.ffn_down.weight"}
+    (tmp / "names.json").write_text(names if isinstance(names, str) else json.dumps(names))
+    argv = ["export-gguf", str(tmp / "adapter"), str(base), str(gguf_base), str(tmp / "a.gguf"),
+            "--tensor-names", str(tmp / "names.json")]
+    line = _one_line_error(argv, capsys, "export-gguf")
+    assert re.search(match, line), line
+    assert not (tmp / "a.gguf").exists()
+
+
+def test_export_peft_of_a_scanned_stack_takes_a_names_file(tmp_path, capsys):
+    from models import LinenScan  # noqa: PLC0415
+
+    x = jnp.ones((2, 16))
+    params = LinenScan().init(jax.random.key(0), x)
+    cfg = jlora.infer_layouts(jlora.LoraConfig(rank=2, targets=r".*/kernel"), LinenScan().apply, params, x)
+    frozen, trainable = jlora.init(jax.random.key(1), params, cfg)
+    base = tmp_path / "base.safetensors"
+    save_file({k: np.asarray(v) for k, v in flatten(params).items()}, str(base))
+    save(tmp_path / "adapter", bump(trainable), cfg, frozen=frozen)
+    names = {"params/layers/up/kernel": "model.layers.{}.mlp.up_proj"}
+    (tmp_path / "names.json").write_text(json.dumps(names))
+    assert main(["export-peft", str(tmp_path / "adapter"), str(base), str(tmp_path / "peft"),
+                 "--module-names", str(tmp_path / "names.json")]) == 0
+    keys = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["target_modules"]
+    assert "model.layers.2.mlp.up_proj" in keys and "layers.2.down" in keys  # the rest take the default
