@@ -100,6 +100,7 @@ bench: install
 	$(BIN)/python benchmarks/bank.py
 	$(BIN)/python benchmarks/quant.py
 	$(BIN)/python benchmarks/compile.py
+	$(BIN)/python benchmarks/llm.py
 
 lint: install
 	$(BIN)/ruff check jlora tests benchmarks examples

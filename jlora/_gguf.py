@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 
 from jlora._config import LoraConfig, Rule
+from jlora._foreign import name_mapping, write_file
 from jlora._layout import default_layout
 from jlora._paths import flatten, nest
 from jlora._plan import Plan
@@ -59,14 +59,11 @@ def _need_gguf(who: str) -> None:
 # --------------------------------------------------------------------------- names and rows
 
 
-def _namer(tensor_name, who: str) -> Callable[[str], str | None]:
-    if isinstance(tensor_name, Mapping):
-        table = dict(tensor_name)
-        return table.get
-    if callable(tensor_name):
-        return tensor_name
-    raise TypeError(f"{who}: tensor_name must be a callable (leaf path -> base GGUF tensor name, e.g. "
-                    f"'blk.0.attn_q.weight') or a dict {{path: name}}, got {type(tensor_name).__name__}.")
+def _namer(tensor_name, who: str) -> Callable[[str, tuple[int, ...]], str | None]:
+    if tensor_name is None:
+        raise TypeError(f"{who}: tensor_name is required: a callable (leaf path -> base GGUF tensor name, "
+                        "e.g. 'blk.0.attn_q.weight') or a dict {path: name}.")
+    return name_mapping(tensor_name, None, "tensor_name", "base GGUF tensor name, e.g. 'blk.0.attn_q.weight'")
 
 
 def _rope_heads(reader, name: str) -> int | None:
@@ -199,7 +196,7 @@ def export_gguf(path, trainable, config: LoraConfig, *, base, tensor_name, froze
                    else f"in_axes={lay.in_axes}, not its leading axes")
             errors.append(f"{p}: {why}; llama.cpp adapts one 2-D weight (out, in) per tensor")
             continue
-        name = namer(p)
+        name = namer(p, ())
         if not isinstance(name, str) or not name:
             errors.append(f"{p}: tensor_name gave {name!r}; name its base GGUF tensor, e.g. "
                           "'blk.0.attn_q.weight'")
@@ -240,10 +237,7 @@ def export_gguf(path, trainable, config: LoraConfig, *, base, tensor_name, froze
 
 
 def _write(path: Path, arch: str, alpha: float, tensors: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    def write(tmp: str) -> None:
         writer = gguf.GGUFWriter(tmp, arch)
         try:
             writer.add_type(gguf.GGUFType.ADAPTER)
@@ -256,12 +250,8 @@ def _write(path: Path, arch: str, alpha: float, tensors: dict[str, np.ndarray]) 
             writer.write_tensors_to_file()
         finally:
             writer.close()
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    write_file(path, write)
 
 
 # --------------------------------------------------------------------------- import
@@ -307,7 +297,7 @@ def import_gguf(path, params, *, base, tensor_name, layouts: LoraConfig | None =
     namer = _namer(tensor_name, who)
     by_name: dict[str, list[str]] = {}
     for p in flatten(params):
-        name = namer(p)
+        name = namer(p, ())
         if isinstance(name, str) and name:
             by_name.setdefault(name, []).append(p)
 

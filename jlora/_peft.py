@@ -48,17 +48,10 @@ mapping, and export and import both call it, so whatever one writes the other re
 
 from __future__ import annotations
 
-import ctypes
 import difflib
-import errno
-import inspect
 import json
 import math
-import os
 import re
-import shutil
-import sys
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -69,6 +62,7 @@ import safetensors.numpy
 from jax.experimental import multihost_utils
 
 from jlora._config import LoraConfig, Rule
+from jlora._foreign import name_mapping, one_layer, user_path, with_index, write_folder
 from jlora._layout import default_layout
 from jlora._paths import flatten, nest
 from jlora._plan import Plan
@@ -118,9 +112,6 @@ _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 # --------------------------------------------------------------------------- names
 
 
-_CONTAINERS = ("layers", "layer", "blocks", "block", "h")  # where a scanned stack's layer index goes
-
-
 def default_module_name(path: str, index: tuple[int, ...] = ()) -> str:
     """PEFT's module name for a leaf path: drop ``params/`` and the leaf's own name, join with ``.``.
 
@@ -138,59 +129,12 @@ def default_module_name(path: str, index: tuple[int, ...] = ()) -> str:
     parts = path.split("/")
     if parts[0] == "params" and len(parts) > 2:
         parts = parts[1:]
-    return _with_index(".".join(parts[:-1]), index)
-
-
-def _with_index(name: str, index: tuple[int, ...]) -> str:
-    """``index`` put into a dotted module name after its first layer container (else its first part)."""
-    if not index:
-        return name
-    parts = name.split(".")
-    at = next((i for i, part in enumerate(parts) if part in _CONTAINERS), 0) + 1
-    parts[at:at] = [str(i) for i in index]
-    return ".".join(parts)
-
-
-def _takes_index(fn) -> bool:
-    """Whether a ``module_name`` callable takes ``(path, index)`` rather than ``(path)``."""
-    try:
-        inspect.signature(fn).bind("path", ())
-    except TypeError:
-        return False
-    except ValueError:  # no signature (a builtin): call it the old way
-        return False
-    return True
+    return with_index(".".join(parts[:-1]), index)
 
 
 def _namer(module_name) -> Callable[[str, tuple[int, ...]], str]:
-    """``module_name`` as one function ``(path, index) -> PEFT module name`` (``index`` is ``()`` for
-    an unstacked kernel)."""
-    if module_name is None:
-        return default_module_name
-    if isinstance(module_name, Mapping):
-        table = dict(module_name)
-
-        def from_table(path, index):
-            name = table.get(path)
-            if name is None:
-                return default_module_name(path, index)
-            if not isinstance(name, str) or not index:
-                return name
-            return name.format(*index) if "{" in name else _with_index(name, index)
-
-        return from_table
-    if callable(module_name):
-        if _takes_index(module_name):
-            return module_name
-        def one_argument(path, index):
-            name = module_name(path)
-            return _with_index(name, index) if index and isinstance(name, str) else name
-
-        return one_argument
-    raise TypeError(
-        f"module_name must be a callable (leaf path, and for a stacked kernel its layer index -> PEFT module "
-        f"name) or a dict {{path: name}}, got {type(module_name).__name__}."
-    )
+    """``module_name`` as one function ``(path, index) -> PEFT module name``."""
+    return name_mapping(module_name, default_module_name, "module_name", "PEFT module name")
 
 
 def _module_of(namer, path: str, index: tuple[int, ...] = ()) -> str:
@@ -218,13 +162,6 @@ def peft_name(namer, path: str, index: tuple[int, ...] = ()) -> str:
     'classifier.bias'
     """
     return f"{_module_of(namer, path, index)}.{'bias' if path.rsplit('/', 1)[-1] == 'bias' else 'weight'}"
-
-
-def _one_layer(layout, shape) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """``(stack shape, one layer's shape, its in_axes)`` of a kernel: the stack axes taken out."""
-    rest = [i for i in range(len(shape)) if i not in layout.stack_axes]
-    return (tuple(shape[i] for i in layout.stack_axes), tuple(shape[i] for i in rest),
-            tuple(rest.index(i) for i in layout.in_axes))
 
 
 def _pattern_value(patterns: Mapping, name: str, default):
@@ -417,7 +354,7 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
             put(peft_name(namer, path), _leaf_to_torch(path, np.asarray(values[path]), is_conv), path)
             continue
         lay = t.layout
-        stack, layer_shape, in_axes = _one_layer(lay, t.shape)
+        stack, layer_shape, in_axes = one_layer(lay, t.shape)
         transposed = len(layer_shape) == 2 and in_axes == (1,)
         if in_axes != tuple(range(len(in_axes))) and not transposed:
             errors.append(
@@ -496,110 +433,10 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
         lora_dropout=float(config.dropout),
         fan_in_fan_out=fan_in_fan_out,
     )
-    _write_pair(_user_path(directory), {
+    write_folder(user_path(directory), {
         WEIGHTS_FILE: safetensors.numpy.save(tensors, metadata={"format": "pt"}),
         CONFIG_FILE: (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode(),
-    })
-
-
-# --------------------------------------------------------------------------- files
-
-
-def _user_path(directory) -> Path:
-    """A folder argument as an absolute path: str or PathLike, ``~`` expanded, symlinks followed."""
-    if not isinstance(directory, str | os.PathLike):
-        raise TypeError(f"expected a folder path (str or pathlib.Path), got {type(directory).__name__}.")
-    return Path(os.path.realpath(Path(directory).expanduser()))
-
-
-_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system cannot."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):  # no glibc 2.28+ (musl, old systems)
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # the file system cannot swap
-        return False
-    raise OSError(code, os.strerror(code), str(b))
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not every system opens folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_pair(directory: Path, files: dict[str, bytes]) -> None:
-    """Put ``files`` (name -> bytes, in replace order) into ``directory`` as one change where the system can.
-
-    They are written and synced in a temporary folder beside ``directory`` (same file system),
-    then: a missing or empty ``directory`` is replaced by that folder in one rename; an
-    existing one gets its other entries carried over (files hard-linked, folders moved back
-    after) and is swapped with it in one step (`_exchange`); where no swap exists the files
-    are replaced one by one, in the order given.
-    """
-    if directory.exists() and not directory.is_dir():
-        raise FileExistsError(f"export_peft: {directory} is a file; give a folder path (it is created if "
-                              "missing).")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
-    try:
-        for name, data in files.items():
-            with open(tmp / name, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        os.chmod(tmp, directory.stat().st_mode & 0o7777 if directory.exists() else 0o755)
-        _fsync_dir(tmp)
-        try:
-            os.rename(tmp, directory)  # POSIX: atomic onto a missing or empty folder
-            _fsync_dir(directory.parent)
-            return
-        except OSError:
-            pass
-        moved = []
-        for entry in directory.iterdir():
-            if entry.name in files:
-                continue
-            if entry.is_file() and not entry.is_symlink():
-                try:
-                    os.link(entry, tmp / entry.name)
-                except OSError:
-                    shutil.copy2(entry, tmp / entry.name)
-            else:
-                moved.append(entry.name)
-        if _exchange(tmp, directory):
-            for name in moved:  # tmp now holds the old folder
-                try:
-                    os.rename(tmp / name, directory / name)
-                except OSError as e:
-                    kept, tmp = tmp, None  # never delete what could not be moved back
-                    raise OSError(f"export_peft: wrote the new adapter to {directory}, but could not move "
-                                  f"{name} "
-                                  f"back into it ({e}); it is in {kept}: move it by hand.") from e
-        else:
-            for name in files:
-                os.replace(tmp / name, directory / name)
-        _fsync_dir(directory.parent)
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+    }, "export_peft")
 
 
 # --------------------------------------------------------------------------- import
@@ -825,7 +662,7 @@ def import_peft(directory, params, *, module_name=None, layouts: LoraConfig | No
     >>> jax.tree.map(jnp.shape, back)
     {'params': {'encoder': {'query': {'kernel': {'a': (6, 2), 'b': (2, 4)}}}}}
     """
-    directory = _user_path(directory)
+    directory = user_path(directory)
     if layouts is not None and not isinstance(layouts, LoraConfig):
         raise TypeError("import_peft: layouts must be a jlora.LoraConfig (e.g. from jlora.infer_layouts), "
                         f"got {type(layouts).__name__}.")
@@ -909,7 +746,7 @@ def import_peft(directory, params, *, module_name=None, layouts: LoraConfig | No
         stack_axes = () if rule is None else tuple(rule.stack_axes)
         if stack_axes:  # one layer of a stacked kernel: its shape and input axes without the stack axes
             layout = default_layout(path, len(shape), in_axes, stack_axes)
-            _, shape, in_axes = _one_layer(layout, shape)
+            _, shape, in_axes = one_layer(layout, shape)
         if in_axes is None and transposed and len(shape) == 2 and f["a"].ndim == 2 and not embedding:
             in_axes = (1,)  # torch Conv1D (in, out) -> Flax kernel (out, in)
         adapter, error = _adapter_from_torch(path, shape, f, rank, in_axes)

@@ -20,7 +20,7 @@ LAYERS = {
     "what the verbs are made of": ["_knobs", "_rewrite", "_sharding"],
     "verbs": ["_init", "_merge", "_quantize", "_dylora", "_bank", "_optimizer", "_combine", "_summary",
               "_wrap"],
-    "I/O": ["_checkpoint", "_peft", "_gguf", "_cli"],
+    "I/O": ["_checkpoint", "_foreign", "_peft", "_gguf", "_cli"],
     "entry points": ["__init__", "__main__"],
 }
 ORDER = [m for modules in LAYERS.values() for m in modules]

@@ -1030,7 +1030,7 @@ def _rank_in(folder) -> int:
 @pytest.mark.parametrize("swap", [True, False], ids=["exchange", "file-by-file"])
 def test_export_replaces_an_older_adapter_and_keeps_other_files(swap, tmp_path, monkeypatch):
     if not swap:  # a system without renameat2(RENAME_EXCHANGE)
-        monkeypatch.setattr("jlora._peft._exchange", lambda a, b: False)
+        monkeypatch.setattr("jlora._foreign.exchange", lambda a, b: False)
     params, (old, old_cfg), (new, new_cfg) = _two_adapters()
     target = tmp_path / "adapter"
     export_peft(target, old, old_cfg)
@@ -1056,7 +1056,8 @@ def test_a_failed_export_leaves_the_old_pair_and_nothing_else(fail_at, tmp_path,
     def crash(*args):
         raise OSError("disk gone")
 
-    monkeypatch.setattr("jlora._peft._exchange" if fail_at == "_exchange" else "jlora._peft.os.fsync", crash)
+    monkeypatch.setattr("jlora._foreign.exchange" if fail_at == "_exchange" else "jlora._foreign.os.fsync",
+                        crash)
     with pytest.raises(OSError, match="disk gone"):
         export_peft(target, new, new_cfg)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
@@ -1079,7 +1080,7 @@ def test_export_never_deletes_a_subfolder_it_could_not_move_back(tmp_path, monke
             raise OSError("busy")
         return rename(src, dst)
 
-    monkeypatch.setattr("jlora._peft.os.rename", failing)
+    monkeypatch.setattr("jlora._foreign.os.rename", failing)
     with pytest.raises(OSError, match=r"wrote the new adapter to .*adapter, but could not move other back "
                                       r"into it \(busy\); it is in .*\.adapter\..*\.tmp: move it by hand"):
         export_peft(target, new, new_cfg)
