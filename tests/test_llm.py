@@ -126,6 +126,14 @@ def test_hf_module_names():
     assert name("params/norm/scale") == "model.norm"
 
 
+def _exports_peft_fixture_bit_for_bit(folder, trainable, config):
+    jlora.export_peft(folder, trainable, config, module_name=smollm2.hf_module_name)
+    ours, theirs = (load_file(d / "adapter_model.safetensors") for d in (folder, FIXTURES / "peft"))
+    assert sorted(ours) == sorted(theirs)
+    for key, x in theirs.items():
+        np.testing.assert_array_equal(ours[key], x, err_msg=key)
+
+
 def test_peft_on_transformers_and_jlora_agree_on_the_real_model(tmp_path):
     """PEFT's own adapter on all 210 linear layers (fixture): jlora reads it, computes PEFT's logits and
     greedy tokens factored, and writes back PEFT's tensors bit for bit."""
@@ -153,11 +161,7 @@ def test_peft_on_transformers_and_jlora_agree_on_the_real_model(tmp_path):
     # (the fixture's greedy tokens are 8 argmax steps on the PEFT model, none skipped at EOS)
     np.testing.assert_array_equal(greedy, expected["greedy"])
 
-    jlora.export_peft(tmp_path, trainable, config, module_name=smollm2.hf_module_name)
-    ours, theirs = (load_file(d / "adapter_model.safetensors") for d in (tmp_path, FIXTURES / "peft"))
-    assert sorted(ours) == sorted(theirs)
-    for key, x in theirs.items():
-        np.testing.assert_array_equal(ours[key], x, err_msg=key)
+    _exports_peft_fixture_bit_for_bit(tmp_path, trainable, config)
 
 
 def test_a_scanned_llama_reads_and_writes_peft_per_layer_and_gives_peft_logits(tmp_path):
@@ -177,11 +181,7 @@ def test_a_scanned_llama_reads_and_writes_peft_per_layer_and_gives_peft_logits(t
                                                                  _positions(tokens))[0])
     last = np.stack([logits[i, n - 1] for i, n in enumerate(lengths)])
     np.testing.assert_allclose(last, expected["last"], atol=5e-4, rtol=0)
-    jlora.export_peft(tmp_path, trainable, config, module_name=smollm2.hf_module_name)
-    ours, theirs = (load_file(d / "adapter_model.safetensors") for d in (tmp_path, FIXTURES / "peft"))
-    assert sorted(ours) == sorted(theirs)
-    for key, x in theirs.items():
-        np.testing.assert_array_equal(ours[key], x, err_msg=key)
+    _exports_peft_fixture_bit_for_bit(tmp_path, trainable, config)
 
 
 def test_a_gguf_adapter_applied_as_llama_cpp_does_equals_jlora_merge_on_the_real_gguf(tmp_path):
