@@ -1,6 +1,9 @@
 import jax
 import pytest
 
+# The fixture scripts run in their own torch environment (each says how); the suite reads what they wrote.
+collect_ignore_glob = ["fixtures/*.py"]
+
 # Strict numerics: a float32 delta silently promoting a bf16 kernel, or an
 # accidental broadcast, fails the test instead of passing unnoticed. Tests that
 # run third-party code which relies on implicit promotion (optax's Adam bias
