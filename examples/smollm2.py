@@ -71,6 +71,8 @@ class LlamaConfig:
     norm_eps: float
     max_len: int
     scan_layers: bool = False  # one nn.scan over stacked layers (kernels get a leading layer axis)
+    n_experts: int = 0  # > 0: a Mixtral-style mixture of experts in place of each MLP
+    experts_per_token: int = 2
 
     @property
     def head_dim(self) -> int:
@@ -178,20 +180,63 @@ def gguf_tensor_name(path: str) -> str | None:
     return None
 
 
+def _hf_name(path: str) -> str:
+    """The Hugging Face name of a leaf: ``kernel``/``scale``/``embedding`` are the module's
+    ``weight``; the experts' stacked leaves keep their own names (``experts.gate_up_proj``)."""
+    leaf = path.rsplit("/", 1)[-1]
+    return f"{hf_module_name(path)}.{'weight' if leaf in ('kernel', 'scale', 'embedding') else leaf}"
+
+
+def _hf_layout(path: str, x: np.ndarray) -> np.ndarray:
+    """A leaf in torch's layout: kernels ``(out, in)``, expert stacks ``(E, out, in)``."""
+    if path.endswith("/kernel"):
+        n_in = 2 if "/o_proj/" in path else 1  # o_proj's (heads, head_dim) are its input axes
+        return x.reshape(int(np.prod(x.shape[:n_in])), -1).T
+    if "/experts/" in path:
+        return np.swapaxes(x, -1, -2)
+    return x
+
+
 def to_hf(params) -> dict[str, np.ndarray]:
     """``params`` under Hugging Face's names and in torch's layout (``(out, in)`` weights), e.g. a
     merged model for transformers, vLLM or llama.cpp's converter: ``model.layers.{i}.self_attn.q_proj.weight``
-    ``(heads·head_dim, d)``, ..., ``model.embed_tokens.weight``, ``model.norm.weight`` (the head is tied)."""
+    ``(heads·head_dim, d)``, ..., ``model.embed_tokens.weight``, ``model.norm.weight`` (the head is tied);
+    with experts, ``model.layers.{i}.mlp.gate.weight`` ``(E, d)`` and ``mlp.experts.gate_up_proj``
+    ``(E, 2·d_ff, d)`` / ``mlp.experts.down_proj`` ``(E, d, d_ff)``, as transformers' Mixtral has them."""
     out = {}
     for keys, x in jax.tree_util.tree_leaves_with_path(params):
         path = jax.tree_util.keystr(keys, simple=True, separator="/")
-        x = np.asarray(x, np.float32)
-        name = hf_module_name(path) + ".weight"
-        if path.endswith("/kernel"):
-            n_in = 2 if "/o_proj/" in path else 1  # o_proj's (heads, head_dim) are its input axes
-            x = x.reshape(int(np.prod(x.shape[:n_in])), -1).T
-        out[name] = np.ascontiguousarray(x)
+        out[_hf_name(path)] = np.ascontiguousarray(_hf_layout(path, np.asarray(x, np.float32)))
     return out
+
+
+def from_hf(cfg: LlamaConfig, tensors: dict[str, np.ndarray], dtype=jnp.float32) -> dict:
+    """`to_hf`'s inverse: ``Llama(cfg)``'s parameters from a Hugging Face state dict (e.g. a
+    transformers Llama or Mixtral checkpoint's safetensors). A missing or misshapen tensor is
+    an error naming it. (For ``scan_layers``, load the unscanned model and stack it with `scanned`.)"""
+    if cfg.scan_layers:
+        raise ValueError("from_hf: load with scan_layers=False, then stack the layers with "
+                         "scanned(cfg, params)")
+    shapes = jax.eval_shape(lambda: Llama(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32),
+                                                    jnp.zeros((1, 1), jnp.int32)))
+    wanted = {}
+    for keys, leaf in jax.tree_util.tree_leaves_with_path(shapes):
+        path = jax.tree_util.keystr(keys, simple=True, separator="/")
+        name = _hf_name(path)
+        if name not in tensors:
+            raise ValueError(f"from_hf: no tensor {name!r} for {path}; the state dict has e.g. "
+                             f"{sorted(tensors)[:3]}")
+        want = _hf_layout(path, np.zeros(leaf.shape, np.float32)).shape
+        x = np.asarray(tensors[name], np.float32)
+        if x.shape != want:
+            raise ValueError(f"from_hf: {name} has shape {x.shape}, {path} needs {want} in torch's layout")
+        if path.endswith("/kernel"):
+            x = x.T.reshape(leaf.shape)
+        elif "/experts/" in path:
+            x = np.swapaxes(x, -1, -2)
+        wanted[path] = jnp.asarray(x, dtype)
+    return jax.tree_util.tree_map_with_path(
+        lambda keys, _: wanted[jax.tree_util.keystr(keys, simple=True, separator="/")], shapes)
 
 
 def save_hf(path: str | Path, params) -> None:
@@ -319,6 +364,44 @@ class MLP(nn.Module):
         return Proj("BTF,FD->BTD", (f, d), name="down_proj")(jax.nn.silu(gate) * up)
 
 
+class Experts(nn.Module):
+    """``n_experts`` SwiGLU MLPs as two stacked parameters, transformers' fused layout with the
+    input axis first: ``gate_up_proj`` ``(E, d, 2·d_ff)`` (gate, then up) and ``down_proj``
+    ``(E, d_ff, d)``. Every expert runs on every token (an einsum with the experts as its batch
+    axis) and ``weights`` ``(B, T, E)``, zero off each token's top k, mixes them: exact and
+    static-shaped, for small models; large ones dispatch tokens (``ragged_dot``) instead."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, weights):
+        e, d, f = self.cfg.n_experts, self.cfg.d_model, self.cfg.d_ff
+        init = nn.initializers.lecun_normal(batch_axis=(0,))
+        gate_up = self.param("gate_up_proj", init, (e, d, 2 * f), x.dtype)
+        down = self.param("down_proj", init, (e, f, d), x.dtype)
+        h = jnp.einsum("EBTD,EDF->EBTF", jnp.broadcast_to(x, (e, *x.shape)), gate_up)
+        gate, up = jnp.split(h, 2, axis=-1)
+        y = jnp.einsum("EBTF,EFD->EBTD", jax.nn.silu(gate) * up, down)
+        return jnp.einsum("EBTD,BTE->BTD", y, weights.astype(y.dtype))
+
+
+class MoE(nn.Module):
+    """Mixtral's sparse MLP: a router (``gate``, ``(d, E)``) picks each token's top
+    ``experts_per_token`` experts by softmax probability, renormalised to sum to one."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.cfg
+        router = Proj("BTD,DE->BTE", (c.d_model, c.n_experts), name="gate")
+        probs = jax.nn.softmax(router(x).astype(jnp.float32))
+        top, chosen = jax.lax.top_k(probs, c.experts_per_token)
+        top = top / top.sum(-1, keepdims=True)
+        weights = jnp.einsum("BTK,BTKE->BTE", top, jax.nn.one_hot(chosen, c.n_experts, dtype=top.dtype))
+        return Experts(c, name="experts")(x, weights)
+
+
 class Block(nn.Module):
     cfg: LlamaConfig
 
@@ -327,7 +410,8 @@ class Block(nn.Module):
         h, cache = SelfAttention(self.cfg, name="self_attn")(
             RMSNorm(self.cfg.norm_eps, name="input_layernorm")(x), positions, cache)
         x = x + h
-        x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg.norm_eps, name="post_attention_layernorm")(x))
+        mlp = MoE if self.cfg.n_experts else MLP
+        x = x + mlp(self.cfg, name="mlp")(RMSNorm(self.cfg.norm_eps, name="post_attention_layernorm")(x))
         return x, cache
 
 

@@ -131,7 +131,7 @@ def _export(args) -> None:
     base = _load_params(args.base)
     trainable, config = restore(args.adapter, base)
     export_peft(args.out, trainable, config, frozen=base, conv=tuple(args.conv),
-                module_name=_names(args.module_names, "PEFT module name"))
+                module_name=_names(args.module_names, "PEFT module name"), experts=tuple(args.experts))
     print(f"PEFT adapter written: {args.out}")
 
 
@@ -171,6 +171,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--conv", action="append", default=[], help="regex of kernels that are convolutions")
     s.add_argument("--module-names", help="JSON file {leaf path: PEFT module name}; a '{}' in a stacked "
                                           "(scanned) kernel's name takes its layer index")
+    s.add_argument("--experts", action="append", default=[],
+                   help="regex of a kernel whose last stack axis holds experts, written as PEFT's "
+                        "target_parameters (one per torch parameter, in the order the torch module "
+                        "defines them)")
     s.set_defaults(run=_export)
     s = sub.add_parser("export-gguf", help="write a jlora adapter as a llama.cpp LoRA adapter (GGUF)")
     s.add_argument("adapter")

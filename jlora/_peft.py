@@ -22,6 +22,14 @@ full ``…/bias``         ``M.bias``                                  flattened 
 full embedding, scale   ``M.weight``                                as is
 ======================  ==========================================  ==============================
 
+Experts (``export_peft(..., experts=...)``, PEFT's ``target_parameters``): a kernel stacking
+``E`` experts, ``a (E, *in, r)`` and ``b (E, r, *out)``, adapts transformers' fused expert
+parameter ``M.P`` ``(E, out, in)`` through PEFT's ``ParamWrapper``: ``M.lora_A.weight``
+``(r·E, in)`` holds ``aₑᵀ`` in rows ``e·r + k``, ``M.lora_B.weight`` ``(out, r·E)`` holds
+``bₑᵀ`` in columns ``k·E + e``. Two adapted parameters of one module nest, the first the torch
+module defines innermost, so its keys read ``M.base_layer.lora_A.weight`` (one ``base_layer.``
+per wrapper outside it).
+
 The scale is PEFT's ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``), with
 per-module ranks and alphas in ``rank_pattern`` / ``alpha_pattern``, exactly as jlora's
 ``alpha / r`` per `Rule`.
@@ -96,7 +104,7 @@ _PEFT_DEFAULTS = {
 }
 # Fields import reads.
 _READ = {"peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora",
-         "lora_dropout", "init_lora_weights", "fan_in_fan_out"}
+         "lora_dropout", "init_lora_weights", "fan_in_fan_out", "target_parameters"}
 # Fields that do not change what the saved tensors mean: bookkeeping, which modules PEFT
 # adapts or saves whole (the file's keys say that), initialisation, and trained biases
 # (`bias`: they are saved as plain tensors and read like modules_to_save).
@@ -192,6 +200,94 @@ def _number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
 
+# --------------------------------------------------------------------------- experts
+
+
+def _expert_patterns(experts) -> list[tuple[str, str | None]]:
+    """``experts`` as ``[(regex, torch parameter name, or None for the leaf's own)]``, in order."""
+    if isinstance(experts, str):
+        items = [(experts, None)]
+    elif isinstance(experts, Mapping):
+        items = list(experts.items())
+    elif isinstance(experts, Sequence):
+        items = [(pattern, None) for pattern in experts]
+    else:
+        raise TypeError(f"experts must be a regex, a sequence of regexes or a dict {{regex: torch parameter "
+                        f"name}}, got {type(experts).__name__}.")
+    for pattern, name in items:
+        named = name is None or isinstance(name, str) and name.isidentifier()
+        if not isinstance(pattern, str) or not named:
+            raise TypeError(f"experts: {pattern!r}: {name!r} is no (regex, parameter name) pair; give "
+                            "regexes and names such as {r'.*/experts/wi': 'gate_up_proj'}.")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"experts: {pattern!r} is not a valid regex ({e}).") from None
+    return items
+
+
+def _expert_slots(namer, patterns, kernels: Mapping[str, tuple[int, ...]]):
+    """Where each expert kernel's layers go in PEFT's file.
+
+    ``kernels`` maps an expert kernel's path to its layer stack shape (its stack axes
+    but the last, the experts'). Returns ``({(path, layer): (key module, torch parameter)},
+    errors)``. PEFT wraps the parameters it adapts on one module one inside the other, in
+    the order the torch module defines them (the first innermost), and each wrapper's keys
+    gain one ``base_layer.`` per wrapper outside it; that order is the order of ``patterns``.
+    """
+    on_module: dict[str, list[tuple[int, str, str, tuple[int, ...]]]] = {}
+    errors = []
+    for path, layers in kernels.items():
+        order, name = next((k, n or path.rsplit("/", 1)[-1]) for k, (pattern, n) in enumerate(patterns)
+                           if re.fullmatch(pattern, path))
+        for index in np.ndindex(*layers):
+            try:
+                module = _module_of(namer, path, index)
+            except ValueError as e:
+                errors.append(str(e))
+                continue
+            on_module.setdefault(module, []).append((order, f"{module}.{name}", path, index))
+    slots = {}
+    for module, params in on_module.items():
+        params.sort()
+        for (k, name, path, index), (k2, name2, path2, index2) in zip(params, params[1:], strict=False):
+            at, at2 = (f"{p} layer {i}" if i else p for p, i in ((path, index), (path2, index2)))
+            if name == name2:
+                errors.append(f"{at} and {at2} both map to the torch parameter {name!r}; tell them apart "
+                              "with module_name or experts")
+            elif k == k2:
+                errors.append(f"{at} and {at2} ({name}, {name2}) are parameters of one torch module "
+                              f"matched by one experts pattern {patterns[k][0]!r}; give one pattern per "
+                              "parameter, in the order the torch module defines them (PEFT's keys follow "
+                              "that order)")
+        for j, (_, name, path, index) in enumerate(params):
+            slots[path, index] = (module + ".base_layer" * (len(params) - 1 - j), name)
+    return slots, errors
+
+
+def _experts_to_torch(a: np.ndarray, b: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """PEFT's ``lora_A (r·E, in)`` (row ``e·r + k``) and ``lora_B (out, r·E)`` (column ``k·E + e``)
+    of per-expert factors ``a (E, *in, r)``, ``b (E, r, *out)`` (PEFT 0.21's ``ParamWrapper``)."""
+    n = a.shape[0]
+    big_a = np.swapaxes(a.reshape(n, -1, r), 1, 2).reshape(n * r, -1)
+    return big_a, np.transpose(b.reshape(n, r, -1), (2, 1, 0)).reshape(-1, r * n)
+
+
+def _experts_from_torch(big_a, big_b, n: int, in_dims, out_dims) -> tuple[dict, int | str]:
+    """`_experts_to_torch`'s inverse for ``n`` experts: ``({"a", "b"}, rank)``, or ``({}, why)``."""
+    if big_a.ndim != 2 or big_b.ndim != 2 or big_a.shape[0] % n or big_a.shape[0] != big_b.shape[1]:
+        return {}, (f"lora_A {big_a.shape} / lora_B {big_b.shape} are no expert factors (r·E, in) / "
+                    f"(out, r·E) for {n} experts")
+    r = big_a.shape[0] // n
+    if big_a.shape[1] != math.prod(in_dims) or big_b.shape[0] != math.prod(out_dims):
+        return {}, (f"lora_A {big_a.shape} / lora_B {big_b.shape} do not fit {n} experts of "
+                    f"{math.prod(in_dims)} inputs and {math.prod(out_dims)} outputs (expected "
+                    f"({r * n}, {math.prod(in_dims)}) / ({math.prod(out_dims)}, {r * n}))")
+    a = np.swapaxes(big_a.reshape(n, r, -1), 1, 2).reshape(n, *in_dims, r)
+    b = np.transpose(big_b.reshape(-1, r, n), (2, 1, 0)).reshape(n, r, *out_dims)
+    return {"a": a, "b": b}, r
+
+
 # --------------------------------------------------------------------------- layouts
 
 
@@ -245,7 +341,8 @@ def _refuse_unexportable(config: LoraConfig) -> None:
 
 def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module_name=None,
                 base_model_name_or_path: str | None = None, conv: str | Sequence[str] = (),
-                fan_in_fan_out: bool | None = None) -> None:
+                fan_in_fan_out: bool | None = None,
+                experts: str | Sequence[str] | Mapping[str, str] = ()) -> None:
     """Write ``trainable`` as a PEFT LoRA adapter: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
     ``PeftModel.from_pretrained(torch_model, directory)`` then loads it onto the torch
@@ -257,7 +354,8 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
     as it is, and the file says ``fan_in_fan_out: true``. A stacked kernel (layers of an
     ``nn.scan``/``nnx.scan``, ``stack_axes``) becomes one PEFT module per layer, named by
     ``module_name(path, index)``, as the unrolled torch model has them; `import_peft` with
-    the same ``module_name`` and ``layouts`` stacks them back.
+    the same ``module_name`` and ``layouts`` stacks them back. An expert kernel (``experts``)
+    becomes one PEFT ``target_parameters`` entry per layer, its experts in one pair of factors.
 
     The two files are written into a temporary folder beside ``directory`` and moved
     into place, so a crash never leaves a config beside weights it does not describe:
@@ -296,13 +394,29 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
         type (with a warning where it disagrees), so the factors load right either way;
         pass it when the Flax layout does not tell (e.g. a port that keeps torch
         Linear's ``(out, in)`` kernels, or a mix of both).
+      experts: the kernels that stack experts, for transformers' fused expert parameters
+        (Mixtral, Qwen3-MoE, GPT-OSS: ``mlp.experts.gate_up_proj`` ``(E, 2·ffn, d)``,
+        ``mlp.experts.down_proj``), which PEFT adapts with ``target_parameters``: regexes
+        (``re.fullmatch``) of their paths, or a dict ``{regex: torch parameter name}`` where
+        the leaf is not named as the torch parameter. The last stack axis of each is the
+        experts' (``stack_axes``, as `jlora.infer_layouts` finds for a batched einsum or
+        ``ragged_dot``); any before it are layers, named by ``module_name`` as above. The
+        torch parameter is ``module_name(path, layer)`` + ``.`` + the name. Per expert ``e``,
+        PEFT's ``lora_A`` ``(r·E, in)`` holds ``aₑᵀ`` in rows ``e·r … e·r + r − 1`` and
+        ``lora_B`` ``(out, r·E)`` holds ``bₑᵀ`` in columns ``e, E + e, …``. PEFT nests the
+        wrappers of two parameters of one module in the order the torch module defines
+        them, which its keys show (``experts.base_layer.lora_A`` is the first), so list one
+        pattern per parameter in that order: ``(r".*/gate_up_proj", r".*/down_proj")``.
+        PEFT refuses dropout on parameters, so a file with experts says ``lora_dropout: 0``
+        (dropout only acts in training).
 
     Raises:
       ValueError: for what PEFT cannot represent (a nonlinearity, DyLoRA, PiSSA's residual
         base, input axes that are not the kernel's leading axes (after its stack axes)
         except a 2-D ``(out, in)`` kernel, a stacked conv kernel), 2-D kernels both
-        transposed and not without ``fan_in_fan_out``, and two leaves (or two layers) that
-        would share a PEFT key, naming both.
+        transposed and not without ``fan_in_fan_out``, two leaves (or two layers) that
+        would share a PEFT key, naming both, and expert kernels that PEFT cannot adapt
+        (no stack axis, not 2-D per expert, DoRA, ``fan_in_fan_out``).
       FileExistsError: ``directory`` is a file.
 
     >>> import json, pathlib, tempfile, jax, jax.numpy as jnp
@@ -321,6 +435,7 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
     _refuse_unexportable(config)
     namer = _namer(module_name)
     conv_patterns = (conv,) if isinstance(conv, str) else tuple(conv)
+    expert_patterns = _expert_patterns(experts)
     if frozen is None:
         targets = Plan.of_trainable(config, trainable, "export_peft")
     else:
@@ -334,6 +449,7 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
     owner: dict[str, str] = {}  # PEFT key -> leaf path, to catch two leaves on one key
     ranks, alphas, full_modules, errors = {}, {}, set(), []
     linear_2d: dict[str, bool] = {}  # 2-D Linear adapter path -> used transposed (in_axes=(1,))
+    expert_kernels: dict[str, tuple[int, ...]] = {}  # expert kernel path -> its layer stack shape
 
     def put(key: str, value, path: str) -> None:
         key = PREFIX + key
@@ -355,6 +471,17 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
             continue
         lay = t.layout
         stack, layer_shape, in_axes = one_layer(lay, t.shape)
+        if any(re.fullmatch(pattern, path) for pattern, _ in expert_patterns):
+            why = ("it has no stack axis for its experts (stack_axes, as jlora.infer_layouts finds)"
+                   if not stack
+                   else f"one expert's kernel is {layer_shape}, and PEFT's expert parameters are (E, out, in)"
+                   if len(layer_shape) != 2 else "DoRA is not defined on PEFT's parameter targets"
+                   if config.dora else "it is a conv kernel" if is_conv else "")
+            if why:
+                errors.append(f"{path} (shape {t.shape}) is no expert kernel PEFT can adapt: {why}")
+            else:
+                expert_kernels[path] = stack[:-1]
+            continue
         transposed = len(layer_shape) == 2 and in_axes == (1,)
         if in_axes != tuple(range(len(in_axes))) and not transposed:
             errors.append(
@@ -396,6 +523,24 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
                 put(f"{module}.lora_magnitude_vector", big_m, where)
             ranks[module] = r
             alphas[module] = t.alpha
+    slots, slot_errors = _expert_slots(namer, expert_patterns, expert_kernels)
+    errors += slot_errors
+    for (path, index), (module, param) in slots.items():
+        t = targets[path]
+        a, b = (np.asarray(x) for x in values[path][:2])
+        big_a, big_b = _experts_to_torch(a[index], b[index], t.rank)
+        where = f"{path} layer {index}" if index else path
+        put(f"{module}.lora_A.weight", big_a, where)
+        put(f"{module}.lora_B.weight", big_b, where)
+        ranks[param], alphas[param] = t.rank, t.alpha  # PEFT's patterns match the parameter's name
+    if slots and fan_in_fan_out:
+        errors.append("fan_in_fan_out=True with expert kernels: PEFT refuses fan_in_fan_out on parameter "
+                      "targets; export the Conv1D modules' adapters separately")
+    if not errors:
+        clash = sorted({param.rsplit(".", 1)[0] for _, param in slots.values()} & (set(ranks) | full_modules))
+        if clash:
+            errors.append(f"modules {clash} hold adapted expert parameters and are also adapted or "
+                          "trained in full as modules; PEFT wraps a module one way. Drop one of them.")
     if not errors:
         shared = sorted(full_modules & set(ranks))
         if shared:
@@ -413,6 +558,9 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
         )
     elif fan_in_fan_out is None:
         fan_in_fan_out = any(linear_2d.values())
+        if fan_in_fan_out and expert_kernels:
+            errors.append("the 2-D kernels are used transposed (fan_in_fan_out), which PEFT refuses beside "
+                          "expert parameters; export the experts' adapters and the others separately")
     elif not isinstance(fan_in_fan_out, bool):
         raise TypeError(f"export_peft: fan_in_fan_out must be True, False or None, got {fan_in_fan_out!r}.")
     if errors:
@@ -426,11 +574,12 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
         lora_alpha=_number(config.alpha),
         rank_pattern=_patterns(ranks, config.rank, "rank_pattern"),
         alpha_pattern={k: _number(v) for k, v in _patterns(alphas, config.alpha, "alpha_pattern").items()},
-        target_modules=sorted(ranks),
+        target_modules=sorted(set(ranks) - {param for _, param in slots.values()}),
+        target_parameters=sorted(param for _, param in slots.values()) or None,
         modules_to_save=sorted(full_modules) or None,
         use_rslora=config.rslora,
         use_dora=config.dora,
-        lora_dropout=float(config.dropout),
+        lora_dropout=0.0 if slots else float(config.dropout),
         fan_in_fan_out=fan_in_fan_out,
     )
     write_folder(user_path(directory), {
@@ -501,6 +650,8 @@ def _check_fields(path: Path, cfg: dict) -> None:
         "fan_in_fan_out": (lambda x: isinstance(x, bool), "true or false"),
         "lora_dropout": (lambda x: _is_number(x) and 0 <= x < 1, "a rate in [0, 1)"),
         "init_lora_weights": (lambda x: isinstance(x, bool | str), "true, false or a scheme name"),
+        "target_parameters": (lambda x: isinstance(x, list) and all(isinstance(n, str) for n in x),
+                              "a list of parameter names"),
     }
     for field, (ok, want) in checks.items():  # r and lora_alpha may be left out (PEFT's 8), never null
         if field in cfg and (cfg[field] is not None or field in ("r", "lora_alpha")) and not ok(cfg[field]):
@@ -605,7 +756,8 @@ def _adapter_from_torch(path: str, shape, f: dict, rank: int, in_axes) -> tuple[
     return out, None
 
 
-def import_peft(directory, params, *, module_name=None, layouts: LoraConfig | None = None):
+def import_peft(directory, params, *, module_name=None, layouts: LoraConfig | None = None,
+                experts: str | Sequence[str] | Mapping[str, str] = ()):
     """Read a PEFT LoRA adapter folder as jlora's ``(frozen, trainable, config)``.
 
     Every tensor of ``adapter_model.safetensors`` is placed on the leaf of ``params``
@@ -630,6 +782,9 @@ def import_peft(directory, params, *, module_name=None, layouts: LoraConfig | No
         ``(in, out)``, Flax kernels ``(out, in)``). Factor shapes that fit neither are
         an error; a square kernel's layout is taken as given (``wrap`` checks it
         against the model's ops).
+      experts: as for `export_peft`: the kernels whose last stack axis (from ``layouts``)
+        holds the experts of a PEFT ``target_parameters`` entry, one pattern per torch
+        parameter in the order the torch module defines them.
 
     Returns:
       ``(frozen, trainable, config)``: ``frozen`` is ``params``; ``trainable`` holds the
@@ -667,18 +822,30 @@ def import_peft(directory, params, *, module_name=None, layouts: LoraConfig | No
         raise TypeError("import_peft: layouts must be a jlora.LoraConfig (e.g. from jlora.infer_layouts), "
                         f"got {type(layouts).__name__}.")
     namer = _namer(module_name)
+    expert_patterns = _expert_patterns(experts)
     peft = _read_config(directory)
     tensors = _read_tensors(directory)
     leaves = flatten(params)
     by_name: dict[str, list[tuple[str, tuple[int, ...]]]] = {}  # "module.param" -> (leaf path, layer)
+    expert_kernels, errors = {}, []  # expert kernel path -> its layer stack shape
     for path, leaf in leaves.items():
         rule = None if layouts is None else layouts.rule_for(path)
         stack = tuple(np.shape(leaf)[i] for i in rule.stack_axes) if rule is not None else ()
+        if any(re.fullmatch(pattern, path) for pattern, _ in expert_patterns):
+            if stack:
+                expert_kernels[path] = stack[:-1]
+            else:
+                errors.append(f"{path}: an experts pattern matches it, but layouts give it no stack axis for "
+                              "its experts; pass layouts=jlora.infer_layouts(...) or a Rule with stack_axes")
+            continue
         for index in np.ndindex(*stack):  # a stacked (scanned) kernel: one PEFT module per layer
             try:
                 by_name.setdefault(peft_name(namer, path, index), []).append((path, index))
             except ValueError:  # a leaf the mapping leaves unnamed: no key can land on it
                 pass
+    slots, slot_errors = _expert_slots(namer, expert_patterns, expert_kernels)
+    errors += slot_errors
+    expert_at = {module: (param, path, index) for (path, index), (module, param) in slots.items()}
 
     r, alpha = peft.get("r", 8), float(peft.get("lora_alpha", 8))  # PEFT's defaults
     rank_pattern, alpha_pattern = peft.get("rank_pattern") or {}, peft.get("alpha_pattern") or {}
@@ -687,7 +854,7 @@ def import_peft(directory, params, *, module_name=None, layouts: LoraConfig | No
     factors: dict[str, dict[str, np.ndarray]] = {}  # module -> {"a", "b", "m"}
     module_keys: dict[str, list[str]] = {}
     full: dict[str, np.ndarray] = {}
-    unmapped, errors = [], []
+    unmapped = []
     for key in sorted(tensors):
         if not key.startswith(PREFIX):
             errors.append(f"{key}: not a PEFT LoRA key (they start with {PREFIX!r})")
@@ -721,6 +888,27 @@ def import_peft(directory, params, *, module_name=None, layouts: LoraConfig | No
         if ("m" in f) != use_dora:
             has = "a" if "m" in f else "no"
             errors.append(f"{key}: {has} lora_magnitude_vector, but use_dora={use_dora}")
+            continue
+        if module in expert_at:
+            param, path, index = expert_at[module]
+            if use_dora:
+                errors.append(f"{key}: DoRA on the expert parameter {param}; PEFT does not define it there")
+                continue
+            full_shape = tuple(np.shape(leaves[path]))
+            rule = layouts.rule_for(path)
+            (*_, n), shape, in_axes = one_layer(
+                default_layout(path, len(full_shape), rule.in_axes, rule.stack_axes), full_shape)
+            in_dims = tuple(shape[i] for i in in_axes)
+            out_dims = tuple(d for i, d in enumerate(shape) if i not in in_axes)
+            adapter, rank = _experts_from_torch(f["a"], f["b"], n, in_dims, out_dims)
+            want = _pattern_value(rank_pattern, param, r)
+            if isinstance(rank, str) or rank != want:
+                why = (rank if isinstance(rank, str)
+                       else f"its factors have rank {rank}, r/rank_pattern give {want}")
+                errors.append(f"{key} -> {path}{f' layer {index}' if index else ''} ({param}): {why}")
+                continue
+            group = (rank, float(_pattern_value(alpha_pattern, param, alpha)))
+            layers.setdefault(path, {})[index] = (adapter, group)
             continue
         if use_dora and any(k.endswith("lora_embedding_A") for k in module_keys[module]):
             errors.append(f"{key}: DoRA on an embedding; jlora implements DoRA for Linear and Conv kernels "
@@ -764,7 +952,7 @@ def import_peft(directory, params, *, module_name=None, layouts: LoraConfig | No
         groups.setdefault((*group, in_axes, ()), []).append(path)
     for path, got in layers.items():  # stack each stacked kernel's layers back into its layout
         rule = layouts.rule_for(path)
-        stack = tuple(np.shape(leaves[path])[i] for i in rule.stack_axes)
+        stack = expert_kernels.get(path, tuple(np.shape(leaves[path])[i] for i in rule.stack_axes))
         missing = [i for i in np.ndindex(*stack) if i not in got]
         kinds = {g for _, g in got.values()}
         if missing:
@@ -801,7 +989,10 @@ def import_peft(directory, params, *, module_name=None, layouts: LoraConfig | No
         errors.insert(0, f"{len(unmapped)} adapter keys map to no leaf of params: "
                          f"{', '.join(sorted(unmapped))}. "
                          f"Names params gives (module.param), e.g. {', '.join(close)}; pass module_name "
-                         "(leaf path -> PEFT module name) to match the torch model's names")
+                         "(leaf path -> PEFT module name) to match the torch model's names"
+                         + (f"; the file adapts the parameters {peft['target_parameters'][:4]}: pass experts="
+                            "(one regex per expert kernel, in the torch module's parameter order) and layouts"
+                            if peft.get("target_parameters") and not slots else ""))
     if errors:
         raise ValueError(f"import_peft: cannot read {directory}:\n  " + "\n  ".join(errors))
 

@@ -341,3 +341,32 @@ def test_export_peft_of_a_scanned_stack_takes_a_names_file(tmp_path, capsys):
                  "--module-names", str(tmp_path / "names.json")]) == 0
     keys = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["target_modules"]
     assert "model.layers.2.mlp.up_proj" in keys and "layers.2.down" in keys  # the rest take the default
+
+
+def test_export_peft_writes_expert_stacks_as_target_parameters(tmp_path, capsys):
+    class Experts(nn.Module):  # an expert stack consumed by a batched einsum, as in a MoE layer
+        @nn.compact
+        def __call__(self, x):
+            w = self.param("gate_up_proj", nn.initializers.normal(), (3, 4, 6))
+            return jnp.einsum("ETD,EDF->ETF", jnp.broadcast_to(x, (3, *x.shape)), w)
+
+    x = jnp.ones((5, 4))
+    params = Experts().init(jax.random.key(0), x)
+    cfg = jlora.infer_layouts(jlora.LoraConfig(rank=2, targets=r".*gate_up_proj"), Experts().apply, params, x)
+    frozen, trainable = jlora.init(jax.random.key(1), params, cfg)
+    base = tmp_path / "base.safetensors"
+    save_file({k: np.asarray(v) for k, v in flatten(params).items()}, str(base))
+    save(tmp_path / "adapter", bump(trainable), cfg, frozen=frozen)
+    for name, experts in (("model.mlp.experts", ["--experts", ".*gate_up_proj"]),
+                          ("model.mlp.experts.{}.gate_up_proj", [])):  # without: one Linear per expert
+        (tmp_path / "names.json").write_text(json.dumps({"params/gate_up_proj": name}))
+        assert main(["export-peft", str(tmp_path / "adapter"), str(base), str(tmp_path / "peft"),
+                     "--module-names", str(tmp_path / "names.json"), *experts]) == 0
+        config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+        if experts:
+            assert config["target_parameters"] == ["model.mlp.experts.gate_up_proj"]
+            assert config["target_modules"] == []
+        else:
+            assert config["target_parameters"] is None
+            assert config["target_modules"] == [f"model.mlp.experts.{e}.gate_up_proj" for e in range(3)]
+

@@ -1112,6 +1112,149 @@ def test_export_and_import_take_relative_home_and_pathlib_paths(tmp_path, monkey
     assert os.path.isdir(tmp_path / "rel")
 
 
+# --------------------------------------------------------------------------- experts (target_parameters)
+
+MOE = pathlib.Path(__file__).parent / "fixtures" / "moe"
+EXPERTS = (r".*/experts/gate_up_proj", r".*/experts/down_proj")  # MixtralExperts defines them in this order
+MOE_TARGETS = r".*/(experts/.*|self_attn/(q_proj|v_proj)/kernel)"
+
+
+@functools.cache
+def _moe():
+    """The fixtures' Mixtral in Flax (`smollm2.Llama` with experts), its inputs and layouts."""
+    import smollm2
+    cfg = smollm2.LlamaConfig(vocab=64, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=12,
+                              rope_theta=1e4, norm_eps=1e-5, max_len=32, n_experts=4, experts_per_token=2)
+    params = smollm2.from_hf(cfg, load_file(MOE / "base.safetensors"))
+    ids = jnp.asarray(load_file(MOE / "inputs.safetensors")["input_ids"], jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
+    layouts = jlora.infer_layouts(jlora.LoraConfig(rank=2, targets=MOE_TARGETS), smollm2.Llama(cfg).apply,
+                                  params, ids, pos)
+    return smollm2, cfg, params, ids, pos, layouts
+
+
+def test_moe_model_equals_transformers_mixtral():
+    smollm2, cfg, params, ids, pos, layouts = _moe()
+    logits, _ = smollm2.Llama(cfg).apply(params, ids, pos)
+    base = load_file(MOE / "base_outputs.safetensors")["logits"]
+    np.testing.assert_allclose(logits, base, rtol=0, atol=1e-5)
+    expert_rules = [r for r in layouts.targets if "experts" in r.pattern]
+    assert [r.stack_axes for r in expert_rules] == [(0,)]  # the experts' einsum batch axis
+
+
+@pytest.mark.parametrize("name", ["experts", "experts_attention"])
+@pytest.mark.parametrize("jit", [False, True])
+def test_moe_import_reproduces_peft_logits_factored_and_merged(name, jit):
+    smollm2, cfg, params, ids, pos, layouts = _moe()
+    frozen, trainable, config = import_peft(MOE / name, params, module_name=smollm2.hf_module_name,
+                                            layouts=layouts, experts=EXPERTS)
+    expected = load_file(MOE / name / "expected.safetensors")
+    apply = jlora.wrap(smollm2.Llama(cfg).apply, config)
+    apply = jax.jit(apply) if jit else apply
+    logits, _ = apply(frozen, trainable, ids, pos)
+    np.testing.assert_allclose(logits, expected["logits"], rtol=0, atol=2e-5)
+    merged, _ = smollm2.Llama(cfg).apply(jlora.merge(frozen, trainable, config), ids, pos)
+    np.testing.assert_allclose(merged, expected["merged_logits"], rtol=0, atol=2e-5)
+    base = load_file(MOE / "base_outputs.safetensors")["logits"]
+    assert np.max(np.abs(expected["logits"] - base)) > 0.5  # every delta is visible
+    gate_up = trainable["params"]["layers_0"]["mlp"]["experts"]["gate_up_proj"]
+    rank = 2 if name == "experts" else 4
+    assert gate_up["a"].shape == (4, 16, rank) and gate_up["b"].shape == (4, rank, 24)
+    if name == "experts_attention":  # rank_pattern {"mlp.experts.down_proj": 3}, rsLoRA
+        assert trainable["params"]["layers_1"]["mlp"]["experts"]["down_proj"]["a"].shape == (4, 12, 3)
+        assert config.rslora
+
+
+def test_moe_expert_factors_by_hand():
+    """PEFT's layout, read off its ParamWrapper: lora_A rows e·r + k, lora_B columns k·E + e."""
+    smollm2, cfg, params, ids, pos, layouts = _moe()
+    _, trainable, config = import_peft(MOE / "experts", params, module_name=smollm2.hf_module_name,
+                                       layouts=layouts, experts=EXPERTS)
+    tensors = load_file(MOE / "experts" / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.mlp.experts.lora_{}.weight"  # the outer wrapper: down_proj
+    big_a, big_b = tensors[key.format("A")], tensors[key.format("B")]
+    ad = trainable["params"]["layers_1"]["mlp"]["experts"]["down_proj"]
+    E, r = 4, 2
+    for e in range(E):
+        a_e = big_a[e * r:(e + 1) * r]  # (r, in)
+        b_e = big_b[:, [k * E + e for k in range(r)]]  # (out, r)
+        np.testing.assert_array_equal(ad["a"][e], a_e.T)
+        np.testing.assert_array_equal(ad["b"][e], b_e.T)
+    merged = jlora.merge(params, trainable, config)
+    delta = merged["params"]["layers_1"]["mlp"]["experts"]["down_proj"] - params["params"]["layers_1"]["mlp"][
+        "experts"]["down_proj"]
+    np.testing.assert_allclose(delta[2], (6 / 2) * (big_b[:, [2, 6]] @ big_a[4:6]).T, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["experts", "experts_attention"])
+def test_moe_export_of_import_reproduces_peft_files(name, tmp_path):
+    smollm2, cfg, params, ids, pos, layouts = _moe()
+    _, trainable, config = import_peft(MOE / name, params, module_name=smollm2.hf_module_name,
+                                       layouts=layouts, experts=EXPERTS)
+    export_peft(tmp_path, trainable, config, module_name=smollm2.hf_module_name, experts=EXPERTS)
+    got, want = (load_file(d / "adapter_model.safetensors") for d in (tmp_path, MOE / name))
+    assert sorted(got) == sorted(want)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    ours, peft = (json.loads((d / "adapter_config.json").read_text()) for d in (tmp_path, MOE / name))
+    params_written = ours["target_parameters"]
+    assert all(any(p.endswith("." + t) for t in peft["target_parameters"]) for p in params_written)
+    assert len(params_written) == 2 * cfg.n_layers and ours["lora_dropout"] == 0.0
+    for p in params_written:  # the ranks PEFT resolves for each parameter are the same
+        rank = _pattern_value(ours["rank_pattern"], p, ours["r"])
+        assert rank == _pattern_value(peft["rank_pattern"], p, peft["r"])
+
+
+def test_moe_scanned_stack_writes_the_unrolled_file_and_reads_back(tmp_path):
+    smollm2, cfg, params, ids, pos, layouts = _moe()
+    config = jlora.LoraConfig(rank=2, alpha=4.0, targets=layouts.targets)
+    frozen, trainable = jlora.init(jax.random.key(0), params, config)
+    trainable = bump(trainable, 0.3)
+    export_peft(tmp_path / "flat", trainable, config, module_name=smollm2.hf_module_name, experts=EXPERTS)
+
+    scfg, sparams = smollm2.scanned(cfg, params)
+    slay = jlora.infer_layouts(jlora.LoraConfig(rank=2, alpha=4.0, targets=MOE_TARGETS),
+                               smollm2.Llama(scfg).apply, sparams, ids, pos)
+    assert {r.stack_axes for r in slay.targets if "experts" in r.pattern} == {(0, 1)}  # layers, experts
+    _, strain = smollm2.scanned(cfg, trainable)
+    export_peft(tmp_path / "scan", strain, slay, module_name=smollm2.hf_module_name, experts=EXPERTS)
+    flat, scan = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("flat", "scan"))
+    assert sorted(flat) == sorted(scan)
+    for key in flat:
+        np.testing.assert_array_equal(flat[key], scan[key], err_msg=key)
+
+    _, back, bcfg = import_peft(tmp_path / "scan", sparams, module_name=smollm2.hf_module_name, layouts=slay,
+                                experts=EXPERTS)
+    jax.tree.map(np.testing.assert_array_equal, back, strain)
+    want, _ = jlora.wrap(smollm2.Llama(cfg).apply, config)(frozen, trainable, ids, pos)
+    got, _ = jlora.wrap(smollm2.Llama(scfg).apply, bcfg)(sparams, back, ids, pos)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_moe_refusals_name_the_kernels_and_the_fix(tmp_path):
+    smollm2, cfg, params, ids, pos, layouts = _moe()
+    config = jlora.LoraConfig(rank=2, targets=layouts.targets)
+    _, trainable = jlora.init(jax.random.key(0), params, config)
+    with pytest.raises(ValueError, match=r"params/layers_0/mlp/experts/down_proj and params/layers_0/mlp/"
+                                         r"experts/gate_up_proj .* matched by one experts pattern "
+                                         r"'\.\*/experts/\.\*'; give one pattern per parameter"):
+        export_peft(tmp_path / "x", trainable, config, module_name=smollm2.hf_module_name,
+                    experts=r".*/experts/.*")
+    no_stack = jlora.LoraConfig(rank=2, targets=r".*/experts/.*")  # layouts unknown: no expert axis
+    _, plain = jlora.init(jax.random.key(0), params, no_stack)
+    with pytest.raises(ValueError, match=r"params/layers_0/mlp/experts/down_proj \(shape \(4, 12, 16\)\) is "
+                                         r"no expert kernel PEFT can adapt: it has no stack axis"):
+        export_peft(tmp_path / "y", plain, no_stack, module_name=smollm2.hf_module_name, experts=EXPERTS)
+    with pytest.raises(ValueError, match=r"map to no leaf of params.*the file adapts the parameters "
+                                         r"\['mlp\.experts\.gate_up_proj'.*pass experts="):
+        import_peft(MOE / "experts", params, module_name=smollm2.hf_module_name, layouts=layouts)
+    with pytest.raises(ValueError, match=r"experts pattern matches it, but layouts give it no stack axis"):
+        import_peft(MOE / "experts", params, module_name=smollm2.hf_module_name, experts=EXPERTS)
+    with pytest.raises(TypeError, match=r"experts must be a regex"):
+        export_peft(tmp_path / "z", trainable, config, experts=3)
+    assert not any((tmp_path / d).exists() for d in "xyz")
+
+
 # --------------------------------------------------------------------------- live, with torch and peft
 
 
@@ -1207,3 +1350,24 @@ def test_live_gpt2_conv1d_through_peft(tmp_path):
     frozen2, trainable2, config2 = import_peft(tmp_path / "peft", params)
     np.testing.assert_allclose(jlora.wrap(GPT2LM().apply, config2)(frozen2, trainable2, ids), want,
                                rtol=0, atol=1e-6)
+
+
+def test_live_moe_through_peft(tmp_path):
+    """A jlora adapter on a Mixtral's experts and attention loads into PEFT and computes the same."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    smollm2, cfg, params, ids, pos, layouts = _moe()
+    config = jlora.LoraConfig(rank=3, alpha=5.0, targets=layouts.targets)
+    frozen, trainable = jlora.init(jax.random.key(1), params, config)
+    trainable = bump(trainable, 0.3)
+    want, _ = jlora.wrap(smollm2.Llama(cfg).apply, config)(frozen, trainable, ids, pos)
+    export_peft(tmp_path, trainable, config, module_name=smollm2.hf_module_name, experts=EXPERTS)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig.from_json_file(MOE / "config.json"))
+    state = {k: torch.from_numpy(np.array(v)) for k, v in smollm2.to_hf(params).items()}
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    peft_model = peft.PeftModel.from_pretrained(model.eval(), tmp_path).eval()
+    with torch.no_grad():
+        got = peft_model(torch.tensor(np.asarray(ids), dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
