@@ -170,14 +170,21 @@ GGUF_NAMES = {"self_attn/q_proj": "attn_q", "self_attn/k_proj": "attn_k", "self_
               "mlp/down_proj": "ffn_down"}
 
 
-def gguf_tensor_name(path: str) -> str | None:
+def gguf_tensor_name(path: str, index: tuple[int, ...] = ()) -> str | None:
     """llama.cpp's tensor name of a Flax kernel path (``tensor_name`` for `jlora.export_gguf`):
-    ``params/layers_3/self_attn/q_proj/kernel`` -> ``blk.3.attn_q.weight``."""
+    ``params/layers_3/self_attn/q_proj/kernel`` -> ``blk.3.attn_q.weight``; with ``scan_layers``,
+    layer ``index`` of the stacked ``params/layers/self_attn/q_proj/kernel``."""
     parts = path.split("/")
-    if len(parts) == 5 and parts[1].startswith("layers_") and parts[4] == "kernel":
-        short = GGUF_NAMES.get(f"{parts[2]}/{parts[3]}")
-        return None if short is None else f"blk.{parts[1].removeprefix('layers_')}.{short}.weight"
-    return None
+    if len(parts) != 5 or parts[4] != "kernel":
+        return None
+    if index and parts[1] == "layers":
+        layer = ".".join(map(str, index))
+    elif not index and parts[1].startswith("layers_"):
+        layer = parts[1].removeprefix("layers_")
+    else:
+        return None
+    short = GGUF_NAMES.get(f"{parts[2]}/{parts[3]}")
+    return None if short is None else f"blk.{layer}.{short}.weight"
 
 
 def _hf_name(path: str) -> str:

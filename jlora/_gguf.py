@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora._config import LoraConfig, Rule
-from jlora._foreign import name_mapping, write_file
+from jlora._foreign import name_mapping, one_layer, write_file
 from jlora._layout import default_layout
 from jlora._paths import flatten, nest
 from jlora._plan import Plan
@@ -162,13 +162,15 @@ def export_gguf(path, trainable, config: LoraConfig, *, base, tensor_name, froze
       base: the base model's GGUF file.
       tensor_name: the base GGUF tensor of each adapted kernel's leaf path: a callable
         (e.g. ``params/layers_0/self_attn/q_proj/kernel -> 'blk.0.attn_q.weight'``) or a
-        dict ``{path: name}``.
+        dict ``{path: name}``. A stacked (scanned) kernel writes one tensor per layer: the
+        callable may take ``(path, index)``, ``index`` the layer's stack indices (``()``
+        when unstacked), and a ``{}`` in a dict's name takes the index.
       frozen: the base parameters; if given, ``trainable`` is checked against them.
 
     Raises:
       ValueError: variants llama.cpp has no form for (DoRA, a nonlinearity, DyLoRA, PiSSA),
-        leaves trained in full, stacked (scanned) kernels, input axes that are not the
-        kernel's leading ones, embeddings, scales that differ between adapters, a name the
+        leaves trained in full, input axes that are not the kernel's leading ones (after
+        its stack axes), embeddings, scales that differ between adapters, a name the
         base file lacks or whose shape differs, two kernels named alike; all listed at once.
       ImportError: the ``gguf`` package is missing.
     """
@@ -190,39 +192,43 @@ def export_gguf(path, trainable, config: LoraConfig, *, base, tensor_name, froze
             errors.append(f"{p}: trained in full; a llama.cpp adapter holds LoRA pairs only (merge the "
                           "model with jlora.merge and convert that instead)")
             continue
-        lay = t.layout
-        if lay.stack_axes or t.embedding or lay.in_axes != tuple(range(len(lay.in_axes))):
-            why = ("a stack of layers (stack_axes)" if lay.stack_axes else "an embedding table" if t.embedding
-                   else f"in_axes={lay.in_axes}, not its leading axes")
+        stack, layer_shape, in_axes = one_layer(t.layout, t.shape)
+        if t.embedding or in_axes != tuple(range(len(in_axes))):
+            after = " after its stack axes" if stack else ""
+            why = ("an embedding table" if t.embedding else
+                   f"in_axes={t.layout.in_axes}, not its leading axes{after}")
             errors.append(f"{p}: {why}; llama.cpp adapts one 2-D weight (out, in) per tensor")
             continue
-        name = namer(p, ())
-        if not isinstance(name, str) or not name:
-            errors.append(f"{p}: tensor_name gave {name!r}; name its base GGUF tensor, e.g. "
-                          "'blk.0.attn_q.weight'")
-            continue
-        if name in owner:
-            errors.append(f"{owner[name]} and {p} both map to {name!r}; tensor_name must tell them apart")
-            continue
-        owner[name] = p
-        in_size = int(np.prod([t.shape[i] for i in lay.in_axes]))
-        out_size = int(np.prod([t.shape[i] for i in lay.out_axes]))
-        if name not in base_shapes:
-            close = [n for n in base_shapes if n.split(".")[-2:] == name.split(".")[-2:]][:3]
-            like = ", ".join(close) or next(iter(base_shapes))
-            errors.append(f"{p}: {name!r} is no tensor of {base} (e.g. {like})")
-            continue
-        if base_shapes[name] != (out_size, in_size):
-            errors.append(f"{p}: {name!r} is {base_shapes[name]} (out, in) in {base}, the kernel is "
-                          f"({out_size}, {in_size})")
-            continue
-        a, b, _ = (None if x is None else np.asarray(x, np.float32) for x in values[p])
-        big_a, big_b = a.reshape(in_size, t.rank).T, b.reshape(t.rank, out_size).T
-        heads = _rope_heads(reader, name)
-        if heads is not None:
-            big_b = permute_rows(big_b, heads)
-        tensors[f"{name}.lora_a"] = np.ascontiguousarray(big_a)
-        tensors[f"{name}.lora_b"] = np.ascontiguousarray(big_b)
+        in_size = int(np.prod(layer_shape[:len(in_axes)]))
+        out_size = int(np.prod(layer_shape[len(in_axes):]))
+        a_all, b_all, _ = (None if x is None else np.asarray(x, np.float32) for x in values[p])
+        for index in np.ndindex(*stack):  # a stacked (scanned) kernel: one base tensor per layer
+            where = f"{p} layer {index}" if index else p
+            name = namer(p, index)
+            if not isinstance(name, str) or not name:
+                errors.append(f"{where}: tensor_name gave {name!r}; name its base GGUF tensor, e.g. "
+                              "'blk.0.attn_q.weight'")
+                continue
+            if name in owner:
+                errors.append(f"{owner[name]} and {where} both map to {name!r}; tensor_name must tell them "
+                              "apart")
+                continue
+            owner[name] = where
+            if name not in base_shapes:
+                close = [n for n in base_shapes if n.split(".")[-2:] == name.split(".")[-2:]][:3]
+                like = ", ".join(close) or next(iter(base_shapes))
+                errors.append(f"{where}: {name!r} is no tensor of {base} (e.g. {like})")
+                continue
+            if base_shapes[name] != (out_size, in_size):
+                errors.append(f"{where}: {name!r} is {base_shapes[name]} (out, in) in {base}, the kernel is "
+                              f"({out_size}, {in_size})")
+                continue
+            big_a, big_b = a_all[index].reshape(in_size, t.rank).T, b_all[index].reshape(t.rank, out_size).T
+            heads = _rope_heads(reader, name)
+            if heads is not None:
+                big_b = permute_rows(big_b, heads)
+            tensors[f"{name}.lora_a"] = np.ascontiguousarray(big_a)
+            tensors[f"{name}.lora_b"] = np.ascontiguousarray(big_b)
         scales[p] = (t.scale, t.rank)
     if len({s for s, _ in scales.values()}) > 1:
         listed = ", ".join(f"{p}: {s:g}" for p, (s, _) in list(scales.items())[:4])
@@ -269,8 +275,9 @@ def import_gguf(path, params, *, base, tensor_name, layouts: LoraConfig | None =
       params: the Flax base parameters the adapter was trained on.
       base: the base model's GGUF (its architecture and head counts).
       tensor_name: as for `export_gguf`.
-      layouts: a `LoraConfig` whose rules give kernels' ``in_axes`` (e.g. from
-        `jlora.infer_layouts`); others take jlora's default split.
+      layouts: a `LoraConfig` whose rules give kernels' ``in_axes`` and ``stack_axes``
+        (e.g. from `jlora.infer_layouts`); others take jlora's default split. A scanned
+        kernel's layers are read from one base tensor each, named ``tensor_name(path, index)``.
 
     Raises:
       ValueError: a file that is not a GGUF LoRA adapter (naming the file and the field),
@@ -295,11 +302,15 @@ def import_gguf(path, params, *, base, tensor_name, layouts: LoraConfig | None =
         raise ValueError(f"{who}: {path}: adapter.lora.alpha is {alpha!r}, expected a finite number > 0.")
     tensors = _tensors(reader)
     namer = _namer(tensor_name, who)
-    by_name: dict[str, list[str]] = {}
-    for p in flatten(params):
-        name = namer(p, ())
-        if isinstance(name, str) and name:
-            by_name.setdefault(name, []).append(p)
+    leaves = flatten(params)
+    by_name: dict[str, list[tuple[str, tuple[int, ...]]]] = {}  # base tensor -> (leaf, layer)
+    for p, leaf in leaves.items():
+        rule = None if layouts is None else layouts.rule_for(p)
+        stack = tuple(np.shape(leaf)[i] for i in rule.stack_axes) if rule is not None else ()
+        for index in np.ndindex(*stack):
+            name = namer(p, index)
+            if isinstance(name, str) and name:
+                by_name.setdefault(name, []).append((p, index))
 
     errors, pairs = [], {}
     for key in tensors:
@@ -308,17 +319,19 @@ def import_gguf(path, params, *, base, tensor_name, layouts: LoraConfig | None =
             errors.append(f"{key}: not a LoRA factor (names end in .lora_a / .lora_b)")
         else:
             pairs.setdefault(m[1], {})[m[2]] = tensors[key]
-    leaves = flatten(params)
-    adapters, ranks = {}, set()
+    layers: dict[str, dict[tuple[int, ...], tuple]] = {}  # leaf -> layer -> (a, b)
+    ranks = set()
     for name, f in sorted(pairs.items()):
-        paths = by_name.get(name, [])
+        found = by_name.get(name, [])
         if set(f) != {"a", "b"}:
             errors.append(f"{name}: has only lora_{''.join(f)}")
             continue
-        if len(paths) != 1:
-            errors.append(f"{name}: " + (f"the leaves {paths} all map to it; tensor_name must tell them apart"
-                                         if paths else "maps to no leaf of params; pass the tensor_name the "
-                                         "adapter was exported with"))
+        if len(found) != 1:
+            listed = [f"{p} layer {i}" if i else p for p, i in found]
+            errors.append(f"{name}: " + (f"the leaves {listed} all map to it; tensor_name must tell them "
+                                         "apart" if found else "maps to no leaf of params; pass the "
+                                         "tensor_name the adapter was exported with (and layouts= for a "
+                                         "scanned stack)"))
             continue
         big_a, big_b = f["a"], f["b"]
         if big_a.ndim != 2 or big_b.ndim != 2 or big_a.shape[0] != big_b.shape[1]:
@@ -332,31 +345,55 @@ def import_gguf(path, params, *, base, tensor_name, layouts: LoraConfig | None =
                               "heads")
                 continue
             big_b = unpermute_rows(big_b, heads)
-        p = paths[0]
+        p, index = found[0]
         shape = tuple(np.shape(leaves[p]))
         rule = None if layouts is None else layouts.rule_for(p)
-        layout = default_layout(p, len(shape), None if rule is None else rule.in_axes)
-        in_dims, out_dims = [shape[i] for i in layout.in_axes], [shape[i] for i in layout.out_axes]
+        layout = default_layout(p, len(shape), None if rule is None else rule.in_axes,
+                                () if rule is None else rule.stack_axes)
+        _, layer_shape, in_axes = one_layer(layout, shape)
+        in_dims = [layer_shape[i] for i in in_axes]
+        out_dims = [d for i, d in enumerate(layer_shape) if i not in in_axes]
         rank = big_a.shape[0]
         if big_a.shape != (rank, int(np.prod(in_dims))) or big_b.shape != (int(np.prod(out_dims)), rank):
-            errors.append(f"{name} -> {p}: lora_a {big_a.shape} / lora_b {big_b.shape} do not fit the "
-                          f"kernel's {shape} (in_axes={layout.in_axes}); pass "
+            errors.append(f"{name} -> {p}{f' layer {index}' if index else ''}: lora_a {big_a.shape} / lora_b "
+                          f"{big_b.shape} do not fit the kernel's {shape} (in_axes={layout.in_axes}); pass "
                           "layouts=jlora.infer_layouts(...)")
             continue
-        adapters[p] = (big_a.T.reshape(*in_dims, rank), big_b.T.reshape(rank, *out_dims), layout.in_axes)
+        layers.setdefault(p, {})[index] = (big_a.T.reshape(*in_dims, rank),
+                                           big_b.T.reshape(rank, *out_dims))
         ranks.add(rank)
     if len(ranks) > 1:
         errors.append(f"ranks {sorted(ranks)} differ; a llama.cpp adapter of one alpha scales each by "
                       "alpha/r, which jlora reads only for one rank")
+    adapters = {}
+    for p, got in layers.items():  # a stacked kernel's layers back into its layout
+        rule = None if layouts is None else layouts.rule_for(p)
+        stack = tuple(np.shape(leaves[p])[i] for i in rule.stack_axes) if rule is not None else ()
+        missing = [i for i in np.ndindex(*stack) if i not in got]
+        if missing:
+            name = namer(p, missing[0])
+            errors.append(f"{p}: the file has {len(got)} of its {len(got) + len(missing)} layers; missing "
+                          f"layers {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+                          f"{f' (the first would be {name!r})' if isinstance(name, str) else ''}")
+            continue
+        order = list(np.ndindex(*stack))
+        a = np.stack([got[i][0] for i in order]).reshape(*stack, *got[order[0]][0].shape)
+        b = np.stack([got[i][1] for i in order]).reshape(*stack, *got[order[0]][1].shape)
+        layout = default_layout(p, np.ndim(leaves[p]), None if rule is None else rule.in_axes,
+                                () if rule is None else rule.stack_axes)
+        adapters[p] = (a, b, layout)
     if errors:
         raise ValueError(f"{who}: cannot read {path}:\n  " + "\n  ".join(errors[:20]))
     rank = ranks.pop()
     groups: dict[tuple, list[str]] = {}
-    for p, (_, _, in_axes) in adapters.items():
-        default = default_layout(p, len(np.shape(leaves[p])))
-        groups.setdefault(None if default.in_axes == in_axes else in_axes, []).append(p)
-    rules = tuple(Rule(pattern="|".join(re.escape(p) for p in sorted(ps)), in_axes=in_axes)
-                  for in_axes, ps in sorted(groups.items(), key=lambda kv: kv[0] or ()))
+    for p, (_, _, layout) in adapters.items():
+        default = default_layout(p, np.ndim(leaves[p]))
+        in_axes = None if (default.in_axes, ()) == (layout.in_axes, layout.stack_axes) else layout.in_axes
+        groups.setdefault((in_axes, layout.stack_axes), []).append(p)
+    rules = tuple(Rule(pattern="|".join(re.escape(p) for p in sorted(ps)), in_axes=in_axes,
+                       stack_axes=stack)
+                  for (in_axes, stack), ps in sorted(groups.items(),
+                                                     key=lambda kv: (kv[0][0] or (), kv[0][1])))
     config = LoraConfig(rank=rank, alpha=float(alpha), targets=rules)
     flat = {}
     for p, (a, b, _) in adapters.items():

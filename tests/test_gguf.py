@@ -138,6 +138,45 @@ def test_rows_are_not_permuted_for_other_architectures(setup):
     assert gguf.GGUFReader(tmp / "adapter.gguf").fields["general.architecture"].contents() == "qwen2"
 
 
+def test_a_scanned_stack_writes_the_unrolled_file_and_reads_back(setup):
+    """Layers stacked on axis 0 (nn.scan): one base tensor per layer, named by tensor_name(path, index)."""
+    params, trainable, base, tmp = setup
+    jlora.export_gguf(tmp / "flat.gguf", trainable, CONFIG, base=base, tensor_name=tensor_name)
+    layers = [params["params"][f"layers_{i}"] for i in range(2)]
+    stacked = {"params": {"layers": jax.tree.map(lambda *x: jnp.stack(x), *layers)}}
+    stacked_trainable = {"params": {"layers": jax.tree.map(
+        lambda *x: jnp.stack(x), *[trainable["params"][f"layers_{i}"] for i in range(2)])}}
+    scanned = jlora.LoraConfig(rank=2, alpha=4.0, targets=tuple(
+        jlora.Rule(pattern=rf".*/{m}/kernel", in_axes=tuple(1 + i for i in IN_AXES.get(m, (0,))),
+                   stack_axes=(0,)) for m in SHAPES))
+
+    def stacked_name(path, index):
+        module = path.split("/")[2]
+        return f"blk.{index[0]}.{NAMES[module]}.weight"
+
+    jlora.export_gguf(tmp / "scan.gguf", stacked_trainable, scanned, base=base, tensor_name=stacked_name)
+    flat, scan = ({t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp / f).tensors}
+                  for f in ("flat.gguf", "scan.gguf"))
+    assert sorted(flat) == sorted(scan) and len(flat) == 2 * 2 * len(SHAPES)
+    for name, x in flat.items():
+        np.testing.assert_array_equal(scan[name], x, err_msg=name)
+    _, back, config = jlora.import_gguf(tmp / "scan.gguf", stacked, base=base, tensor_name=stacked_name,
+                                        layouts=scanned)
+    jax.tree.map(np.testing.assert_array_equal, back, stacked_trainable)
+    assert {r.stack_axes for r in config.targets} == {(0,)}
+    merged = flatten(jlora.merge(stacked, back, config))
+    for i in range(2):
+        for p, w in flatten(jlora.merge(params, trainable, CONFIG)).items():
+            if f"layers_{i}/" in p:
+                np.testing.assert_allclose(merged[p.replace(f"layers_{i}", "layers")][i], w, rtol=1e-6,
+                                           atol=1e-6)
+    with pytest.raises(ValueError, match=r"blk\.1\.attn_q\.weight: maps to no leaf of params.*\n.*"
+                                         r"params/layers/q_proj/kernel: the file has 1 of its 2 layers; "
+                                         r"missing layers \[\(1,\)\]"):
+        jlora.import_gguf(tmp / "scan.gguf", stacked, base=base, layouts=scanned, tensor_name=lambda p, i: (
+            None if i == (1,) and "q_proj" in p else stacked_name(p, i)))
+
+
 def test_permutation_inverts():
     x = np.arange(48.0).reshape(24, 2)
     for heads in (1, 3, 6):

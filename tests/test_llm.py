@@ -124,6 +124,12 @@ def test_hf_module_names():
     assert name("params/layers_12/self_attn/q_proj/kernel") == "model.layers.12.self_attn.q_proj"
     assert name("params/layers_0/mlp/down_proj/kernel") == "model.layers.0.mlp.down_proj"
     assert name("params/norm/scale") == "model.norm"
+    assert name("params/layers/mlp/experts/gate_up_proj", (3,)) == "model.layers.3.mlp.experts"
+    gguf_name = smollm2.gguf_tensor_name
+    assert gguf_name("params/layers_7/self_attn/k_proj/kernel") == "blk.7.attn_k.weight"
+    assert gguf_name("params/layers/mlp/up_proj/kernel", (29,)) == "blk.29.ffn_up.weight"
+    assert gguf_name("params/layers_7/self_attn/k_proj/kernel", (1,)) is None  # unstacked: no index
+    assert gguf_name("params/embed_tokens/embedding") is None
 
 
 def _exports_peft_fixture_bit_for_bit(folder, trainable, config):
@@ -182,6 +188,13 @@ def test_a_scanned_llama_reads_and_writes_peft_per_layer_and_gives_peft_logits(t
     last = np.stack([logits[i, n - 1] for i, n in enumerate(lengths)])
     np.testing.assert_allclose(last, expected["last"], atol=5e-4, rtol=0)
     _exports_peft_fixture_bit_for_bit(tmp_path, trainable, config)
+    # and for llama.cpp: one base tensor per layer, read back into the stack bit for bit
+    jlora.export_gguf(tmp_path / "a.gguf", trainable, config, base=smollm2.gguf_path(),
+                      tensor_name=smollm2.gguf_tensor_name)
+    assert len(gguf.GGUFReader(tmp_path / "a.gguf").tensors) == 2 * 210
+    _, back, _ = jlora.import_gguf(tmp_path / "a.gguf", params, base=smollm2.gguf_path(),
+                                   tensor_name=smollm2.gguf_tensor_name, layouts=config)
+    jax.tree.map(np.testing.assert_array_equal, back, trainable)
 
 
 def test_a_gguf_adapter_applied_as_llama_cpp_does_equals_jlora_merge_on_the_real_gguf(tmp_path):
@@ -376,3 +389,123 @@ def test_the_example_runs_end_to_end_in_its_quick_mode(tmp_path):
     for name in ("llm_sft_loss.png", "results.json", "merged-lora.safetensors",
                  "peft-lora/adapter_config.json"):
         assert (tmp_path / name).stat().st_size > 0, name
+
+
+# --------------------------------------------------------------------------- live, with torch
+
+
+def test_live_transformers_and_peft_on_the_same_gguf(tmp_path):
+    """With torch, transformers and PEFT importable (never in CI; the fixtures above stand in):
+    transformers' tokenizer and model read the same GGUF and agree with the example's, and a jlora
+    adapter on all 210 linear layers, exported, loads into PEFT and gives jlora's logits and
+    greedy tokens."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    cfg, params, tok = _real()
+    folder = smollm2.gguf_path().parent
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=smollm2.GGUF_FILE)
+    strings = json.loads((FIXTURES / "tokens.json").read_text())["strings"]
+    assert [tok.encode(s).ids for s in strings] == [hf_tok(s, add_special_tokens=False)["input_ids"]
+                                                     for s in strings]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=smollm2.GGUF_FILE,
+                                                          dtype=torch.float32).eval()
+    prompt = tok.encode(smollm2.chat([{"role": "user", "content": "Name a primary colour."}])).ids
+    tokens = jnp.asarray([prompt], jnp.int32)
+    with torch.no_grad():
+        want = hf(input_ids=torch.tensor([prompt])).logits.numpy()
+    got = np.asarray(jax.jit(smollm2.Llama(cfg).apply)(params, tokens, _positions(tokens))[0])
+    np.testing.assert_allclose(got, want, atol=5e-4, rtol=0)
+
+    layouts = jlora.infer_layouts(ALL_LINEAR, smollm2.Llama(cfg).apply, params, tokens, _positions(tokens))
+    frozen, trainable = jlora.init(jax.random.key(3), params, layouts)
+    trainable = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(jax.random.key(4), x.shape), trainable)
+    apply = jax.jit(jlora.wrap(smollm2.Llama(cfg).apply, layouts))
+    mine = np.asarray(apply(frozen, trainable, tokens, _positions(tokens))[0])
+    jlora.export_peft(tmp_path, trainable, layouts, module_name=smollm2.hf_module_name)
+    lora = peft.PeftModel.from_pretrained(hf, tmp_path).eval()
+    with torch.no_grad():
+        theirs = lora(input_ids=torch.tensor([prompt])).logits.numpy()
+        seq = list(prompt)
+        for _ in range(6):  # greedy by hand, EOS or not
+            seq.append(int(lora(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+    np.testing.assert_allclose(mine, theirs, atol=5e-4, rtol=0)
+    assert np.max(np.abs(mine - got)) > 0.1  # the adapter is visible
+    greedy = smollm2.generate(lambda *a: apply(frozen, trainable, *a), cfg, tokens,
+                              jnp.asarray([len(prompt)]), 6)
+    assert np.asarray(greedy)[0].tolist() == seq[len(prompt):]
+
+
+@pytest.mark.standard_promotion  # optax's adam
+def test_live_llama_cpp_applies_the_exported_gguf_adapter(tmp_path):
+    """With llama-cpp-python importable (never in CI): llama.cpp runs the Q4_1 base GGUF with jlora's
+    adapter file. An adapter trained to answer "Bananas are yellow and sweet." makes llama.cpp
+    generate jlora's merged model's greedy tokens; on PEFT's random fixture adapter (b tripled),
+    the change llama.cpp sees in the logits follows jlora's (correlation > 0.99; a file whose
+    attn_q/attn_k rows were left unpermuted measured 0.92 on 2026-12-07)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    optax = pytest.importorskip("optax")
+    cfg, params, tok = _real()
+    model = smollm2.Llama(cfg)
+    prompt = tok.encode(smollm2.chat([{"role": "user", "content": "Write one sentence about the sea."}])).ids
+    answer = tok.encode("Bananas are yellow and sweet.<|im_end|>").ids
+    seq = jnp.asarray([prompt + answer], jnp.int32)
+    config = jlora.infer_layouts(jlora.LoraConfig(rank=4, alpha=8.0, targets=llm_sft.TARGETS), model.apply,
+                                 params, seq, _positions(seq))
+    frozen, trainable = jlora.init(jax.random.key(0), params, config)
+    apply = jlora.wrap(model.apply, config)
+    select = jnp.arange(len(prompt) - 1, seq.shape[1] - 1)[None]
+
+    def loss(t):
+        logits, _ = apply(frozen, t, seq, _positions(seq), select=select)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, seq[:, len(prompt):]).mean()
+
+    tx = optax.adam(3e-3)
+
+    @jax.jit
+    def step(t, state):
+        grads = jax.grad(loss)(t)
+        updates, state = tx.update(grads, state, t)
+        return optax.apply_updates(t, updates), state
+
+    state = tx.init(trainable)
+    for _ in range(15):
+        trainable, state = step(trainable, state)
+    jlora.export_gguf(tmp_path / "a.gguf", trainable, config, base=smollm2.gguf_path(),
+                      tensor_name=smollm2.gguf_tensor_name)
+
+    def llama(adapter=None, **kw):
+        return llama_cpp.Llama(model_path=str(smollm2.gguf_path()), n_ctx=256, n_threads=2, verbose=False,
+                               **({"lora_path": str(adapter)} if adapter else {}), **kw)
+
+    n, tokens = 8, jnp.asarray([prompt], jnp.int32)
+
+    def greedy_jlora(p):
+        return np.asarray(smollm2.generate(lambda *a: model.apply(p, *a), cfg, tokens,
+                                           jnp.asarray([len(prompt)]), n))[0].tolist()
+
+    theirs = []
+    for t in llama(tmp_path / "a.gguf").generate(prompt, temp=0.0, top_k=1, reset=True):
+        theirs.append(int(t))
+        if len(theirs) == n:
+            break
+    mine = greedy_jlora(jlora.merge(frozen, trainable, config))
+    assert tok.decode(mine).startswith("Bananas are yellow")
+    assert theirs == mine and mine != greedy_jlora(params)
+
+    _, fixture, fcfg = jlora.import_peft(FIXTURES / "peft", params, layouts=config,
+                                         module_name=smollm2.hf_module_name)
+    fixture = jax.tree_util.tree_map_with_path(lambda k, x: 3 * x if k[-1].key == "b" else x, fixture)
+    jlora.export_gguf(tmp_path / "f.gguf", fixture, fcfg, base=smollm2.gguf_path(),
+                      tensor_name=smollm2.gguf_tensor_name)
+
+    def scores(adapter=None):
+        m = llama(adapter, logits_all=True)
+        m.eval(prompt)
+        return np.asarray(m.scores[:len(prompt)])
+
+    ptokens = jnp.asarray([prompt], jnp.int32)
+    base = np.asarray(model.apply(params, ptokens, _positions(ptokens))[0])[0]
+    merged = np.asarray(model.apply(jlora.merge(frozen, fixture, fcfg), ptokens, _positions(ptokens))[0])[0]
+    theirs, ours = scores(tmp_path / "f.gguf") - scores(), merged - base
+    assert np.corrcoef(theirs.ravel(), ours.ravel())[0, 1] > 0.99
