@@ -22,7 +22,8 @@ def test_tweet_sentiment_quick(tmp_path):
     import tweet_sentiment
 
     record = tweet_sentiment.main(["--quick", "--out", str(tmp_path)])
-    for name in ("full fine-tune", "LoRA", "LoRA+"):
+    plus = "LoRA+ (ratio 2)"  # the default ratio
+    for name in ("full fine-tune", "LoRA", plus):
         curve = record["curves"][name]
         assert np.mean(curve[-4:]) < np.mean(curve[:4]), (name, curve)
     assert record["merged_same_predictions"] and record["restored_identical"]
@@ -32,8 +33,8 @@ def test_tweet_sentiment_quick(tmp_path):
     probe = record["probe"][0]
     assert (probe["steps"] > record["steps"]
             and probe["train_loss"] < np.mean(record["curves"]["linear probe"][:4]))
-    assert record["rows"]["LoRA+"]["per_seed"] == [record["rows"]["LoRA+"]["accuracy"]]
-    assert 0 < record["comparisons"]["LoRA+"]["mean_loss_ratio"][0] < 2
+    assert record["rows"][plus]["per_seed"] == [record["rows"][plus]["accuracy"]]
+    assert 0 < record["comparisons"][plus]["mean_loss_ratio"][0] < 2
 
 
 @pytest.mark.skipif(
