@@ -325,16 +325,22 @@ def test_export_gguf_failures_are_one_line_and_write_nothing(setup, capsys, name
     assert not (tmp / "a.gguf").exists()
 
 
-def test_export_peft_of_a_scanned_stack_takes_a_names_file(tmp_path, capsys):
-    from models import LinenScan  # noqa: PLC0415
-
-    x = jnp.ones((2, 16))
-    params = LinenScan().init(jax.random.key(0), x)
-    cfg = jlora.infer_layouts(jlora.LoraConfig(rank=2, targets=r".*/kernel"), LinenScan().apply, params, x)
+def _saved_with_layouts(tmp_path, model, x, targets):
+    """``model``'s parameters as base.safetensors and a bumped adapter with inferred layouts (stack
+    axes included) saved under ``tmp_path / "adapter"``; returns the base file's path."""
+    params = model.init(jax.random.key(0), x)
+    cfg = jlora.infer_layouts(jlora.LoraConfig(rank=2, targets=targets), model.apply, params, x)
     frozen, trainable = jlora.init(jax.random.key(1), params, cfg)
     base = tmp_path / "base.safetensors"
     save_file({k: np.asarray(v) for k, v in flatten(params).items()}, str(base))
     save(tmp_path / "adapter", bump(trainable), cfg, frozen=frozen)
+    return base
+
+
+def test_export_peft_of_a_scanned_stack_takes_a_names_file(tmp_path, capsys):
+    from models import LinenScan  # noqa: PLC0415
+
+    base = _saved_with_layouts(tmp_path, LinenScan(), jnp.ones((2, 16)), r".*/kernel")
     names = {"params/layers/up/kernel": "model.layers.{}.mlp.up_proj"}
     (tmp_path / "names.json").write_text(json.dumps(names))
     assert main(["export-peft", str(tmp_path / "adapter"), str(base), str(tmp_path / "peft"),
@@ -350,13 +356,7 @@ def test_export_peft_writes_expert_stacks_as_target_parameters(tmp_path, capsys)
             w = self.param("gate_up_proj", nn.initializers.normal(), (3, 4, 6))
             return jnp.einsum("ETD,EDF->ETF", jnp.broadcast_to(x, (3, *x.shape)), w)
 
-    x = jnp.ones((5, 4))
-    params = Experts().init(jax.random.key(0), x)
-    cfg = jlora.infer_layouts(jlora.LoraConfig(rank=2, targets=r".*gate_up_proj"), Experts().apply, params, x)
-    frozen, trainable = jlora.init(jax.random.key(1), params, cfg)
-    base = tmp_path / "base.safetensors"
-    save_file({k: np.asarray(v) for k, v in flatten(params).items()}, str(base))
-    save(tmp_path / "adapter", bump(trainable), cfg, frozen=frozen)
+    base = _saved_with_layouts(tmp_path, Experts(), jnp.ones((5, 4)), r".*gate_up_proj")
     for name, experts in (("model.mlp.experts", ["--experts", ".*gate_up_proj"]),
                           ("model.mlp.experts.{}.gate_up_proj", [])):  # without: one Linear per expert
         (tmp_path / "names.json").write_text(json.dumps({"params/gate_up_proj": name}))

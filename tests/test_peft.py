@@ -954,7 +954,7 @@ _JUNK = st.one_of(st.none(), st.booleans(), st.integers(-3, 10**20), st.floats(a
                                                                  st.floats(-1, 5)), max_size=2))
 _FIELDS = ["peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora",
            "fan_in_fan_out", "lora_dropout", "init_lora_weights", "target_modules", "modules_to_save", "bias",
-           "lora_bias", "use_qalora", "layers_to_transform", "some_future_field"]
+           "lora_bias", "use_qalora", "layers_to_transform", "target_parameters", "some_future_field"]
 
 
 def _fuzz_folder(tmp: pathlib.Path) -> tuple[pathlib.Path, dict]:
@@ -1253,6 +1253,35 @@ def test_moe_refusals_name_the_kernels_and_the_fix(tmp_path):
     with pytest.raises(TypeError, match=r"experts must be a regex"):
         export_peft(tmp_path / "z", trainable, config, experts=3)
     assert not any((tmp_path / d).exists() for d in "xyz")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_fuzz_expert_files_only_documented_errors_escape(tmp_path, data):
+    """PEFT's expert factors with shape lies, dropped keys and junk config fields: one ValueError."""
+    smollm2, cfg, params, ids, pos, layouts = _moe()
+    folder = tmp_path / "experts"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(MOE / "experts", folder)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    for _ in range(data.draw(st.integers(1, 3))):
+        key = data.draw(st.sampled_from(sorted(tensors)))
+        action = data.draw(st.sampled_from(["shape", "drop", "rank"]))
+        if action == "drop":
+            tensors.pop(key, None)
+        elif action == "shape":
+            shape = tuple(data.draw(st.lists(st.integers(0, 40), min_size=1, max_size=3)))
+            tensors[key] = np.ones(shape, np.float32)
+        else:
+            config = json.loads((folder / "adapter_config.json").read_text())
+            config[data.draw(st.sampled_from(["r", "target_parameters", "rank_pattern"]))] = data.draw(_JUNK)
+            (folder / "adapter_config.json").write_text(json.dumps(config))
+    if tensors:
+        save_file(tensors, folder / "adapter_model.safetensors")
+    try:
+        import_peft(folder, params, module_name=smollm2.hf_module_name, layouts=layouts, experts=EXPERTS)
+    except DOCUMENTED as e:
+        assert str(folder) in str(e) or "import_peft" in str(e), e
 
 
 # --------------------------------------------------------------------------- live, with torch and peft
