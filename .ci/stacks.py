@@ -61,7 +61,8 @@ def read_lock(name: str) -> dict[str, str]:
     """``{name: 'name==version'}`` from ``.ci/NAME.lock`` (comments and blank lines skipped)."""
     path = CI / f"{name}.lock"
     if not path.exists():
-        raise SystemExit(f"{path} is missing; make it with `make {'relock-oldest' if name == 'oldest' else 'test-latest'}`")
+        target = "relock-oldest" if name == "oldest" else "test-latest"
+        raise SystemExit(f"{path} is missing; make it with `make {target}`")
     pins = {}
     for line in path.read_text().splitlines():
         line = line.split("#", 1)[0].strip()
@@ -83,13 +84,14 @@ def constraints(name: str) -> list[str]:
     if name == "oldest":
         stale = [f"{lock[n]} (lower bound {pin})" for n, pin in lower_bounds().items() if lock.get(n) != pin]
         if stale:
-            raise SystemExit(f".ci/oldest.lock disagrees with pyproject.toml's lower bounds: {', '.join(stale)}; "
-                             f"run `{fix}` and commit the lock")
+            raise SystemExit(f".ci/oldest.lock disagrees with pyproject.toml's lower bounds: "
+                             f"{', '.join(stale)}; run `{fix}` and commit the lock")
     return sorted(lock.values(), key=str.lower)
 
 
 def write_lock(name: str, python: str) -> None:
-    """Freeze ``python``'s environment (less jlora itself) into ``.ci/NAME.lock``; date it in BUILD_NOTES.md."""
+    """Freeze ``python``'s environment (less jlora itself) into ``.ci/NAME.lock``; date it in
+    BUILD_NOTES.md."""
     frozen = subprocess.run([python, "-m", "pip", "freeze", "--exclude-editable"], check=True,
                             capture_output=True, text=True).stdout.split()
     version = subprocess.run([python, "-c", "import sys; print(sys.version.split()[0])"], check=True,
