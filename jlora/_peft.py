@@ -275,7 +275,8 @@ def _experts_to_torch(a: np.ndarray, b: np.ndarray, r: int) -> tuple[np.ndarray,
 
 def _experts_from_torch(big_a, big_b, n: int, in_dims, out_dims) -> tuple[dict, int | str]:
     """`_experts_to_torch`'s inverse for ``n`` experts: ``({"a", "b"}, rank)``, or ``({}, why)``."""
-    if n < 1 or big_a.ndim != 2 or big_b.ndim != 2 or big_a.shape[0] % n or big_a.shape[0] != big_b.shape[1]:
+    if (n < 1 or big_a.ndim != 2 or big_b.ndim != 2 or not big_a.shape[0] or big_a.shape[0] % n
+            or big_a.shape[0] != big_b.shape[1]):
         return {}, (f"lora_A {big_a.shape} / lora_B {big_b.shape} are no expert factors (r·E, in) / "
                     f"(out, r·E) for {n} experts")
     r = big_a.shape[0] // n
