@@ -194,13 +194,13 @@ def _hf_name(path: str) -> str:
     return f"{hf_module_name(path)}.{'weight' if leaf in ('kernel', 'scale', 'embedding') else leaf}"
 
 
-def _hf_layout(path: str, x: np.ndarray) -> np.ndarray:
-    """A leaf in torch's layout: kernels ``(out, in)``, expert stacks ``(E, out, in)``."""
+def _hf_layout(path: str, x):
+    """A leaf (numpy or jax) in torch's layout: kernels ``(out, in)``, expert stacks ``(E, out, in)``."""
     if path.endswith("/kernel"):
         n_in = 2 if "/o_proj/" in path else 1  # o_proj's (heads, head_dim) are its input axes
         return x.reshape(int(np.prod(x.shape[:n_in])), -1).T
     if "/experts/" in path:
-        return np.swapaxes(x, -1, -2)
+        return x.swapaxes(-1, -2)
     return x
 
 
@@ -233,7 +233,7 @@ def from_hf(cfg: LlamaConfig, tensors: dict[str, np.ndarray], dtype=jnp.float32)
         if name not in tensors:
             raise ValueError(f"from_hf: no tensor {name!r} for {path}; the state dict has e.g. "
                              f"{sorted(tensors)[:3]}")
-        want = _hf_layout(path, np.zeros(leaf.shape, np.float32)).shape
+        want = jax.eval_shape(lambda x, path=path: _hf_layout(path, x), leaf).shape  # no array made
         x = np.asarray(tensors[name], np.float32)
         if x.shape != want:
             raise ValueError(f"from_hf: {name} has shape {x.shape}, {path} needs {want} in torch's layout")

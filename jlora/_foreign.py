@@ -1,4 +1,4 @@
-"""What every foreign format shares: leaf names, one layer of a stack, atomic writes.
+"""What every foreign format shares: leaf names, the layers of a stack, atomic writes.
 
 A format module (`_peft`, `_gguf`) maps each adapted leaf — and, for a stacked (scanned)
 kernel, each of its layers — to a name in the foreign file with one function, used both
@@ -20,6 +20,8 @@ import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
+
+import numpy as np
 
 from jlora._layout import Layout
 
@@ -97,6 +99,23 @@ def one_layer(layout: Layout, shape) -> tuple[tuple[int, ...], tuple[int, ...], 
     rest = [i for i in range(len(shape)) if i not in layout.stack_axes]
     return (tuple(shape[i] for i in layout.stack_axes), tuple(shape[i] for i in rest),
             tuple(rest.index(i) for i in layout.in_axes))
+
+
+def stack_shape(layouts, path: str, shape) -> tuple[int, ...]:
+    """The sizes of the stack axes that ``layouts`` (a `LoraConfig` or None) gives the leaf at ``path``."""
+    rule = None if layouts is None else layouts.rule_for(path)
+    return () if rule is None else tuple(shape[i] for i in rule.stack_axes)
+
+
+def restack(got: Mapping[tuple[int, ...], Mapping[str, np.ndarray]], stack: tuple[int, ...]):
+    """One stacked kernel's per-layer factors ``{layer index: {"a": .., "b": ..}}`` as arrays
+    leading with the ``stack`` axes: ``(factors, [])``, or ``({}, the missing layer indices)``."""
+    order = list(np.ndindex(*stack))
+    missing = [i for i in order if i not in got]
+    if missing:
+        return {}, missing
+    first = got[order[0]]
+    return {k: np.stack([got[i][k] for i in order]).reshape(*stack, *first[k].shape) for k in first}, []
 
 
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora._config import LoraConfig, Rule
-from jlora._foreign import name_mapping, one_layer, write_file
+from jlora._foreign import name_mapping, one_layer, restack, stack_shape, write_file
 from jlora._layout import default_layout
 from jlora._paths import flatten, nest
 from jlora._plan import Plan
@@ -305,9 +305,7 @@ def import_gguf(path, params, *, base, tensor_name, layouts: LoraConfig | None =
     leaves = flatten(params)
     by_name: dict[str, list[tuple[str, tuple[int, ...]]]] = {}  # base tensor -> (leaf, layer)
     for p, leaf in leaves.items():
-        rule = None if layouts is None else layouts.rule_for(p)
-        stack = tuple(np.shape(leaf)[i] for i in rule.stack_axes) if rule is not None else ()
-        for index in np.ndindex(*stack):
+        for index in np.ndindex(*stack_shape(layouts, p, np.shape(leaf))):
             name = namer(p, index)
             if isinstance(name, str) and name:
                 by_name.setdefault(name, []).append((p, index))
@@ -319,7 +317,12 @@ def import_gguf(path, params, *, base, tensor_name, layouts: LoraConfig | None =
             errors.append(f"{key}: not a LoRA factor (names end in .lora_a / .lora_b)")
         else:
             pairs.setdefault(m[1], {})[m[2]] = tensors[key]
-    layers: dict[str, dict[tuple[int, ...], tuple]] = {}  # leaf -> layer -> (a, b)
+    def layout_of(p: str):
+        rule = None if layouts is None else layouts.rule_for(p)
+        return default_layout(p, np.ndim(leaves[p]), None if rule is None else rule.in_axes,
+                              () if rule is None else rule.stack_axes)
+
+    layers: dict[str, dict[tuple[int, ...], dict]] = {}  # leaf -> layer -> {"a", "b"}
     ranks = set()
     for name, f in sorted(pairs.items()):
         found = by_name.get(name, [])
@@ -347,9 +350,7 @@ def import_gguf(path, params, *, base, tensor_name, layouts: LoraConfig | None =
             big_b = unpermute_rows(big_b, heads)
         p, index = found[0]
         shape = tuple(np.shape(leaves[p]))
-        rule = None if layouts is None else layouts.rule_for(p)
-        layout = default_layout(p, len(shape), None if rule is None else rule.in_axes,
-                                () if rule is None else rule.stack_axes)
+        layout = layout_of(p)
         _, layer_shape, in_axes = one_layer(layout, shape)
         in_dims = [layer_shape[i] for i in in_axes]
         out_dims = [d for i, d in enumerate(layer_shape) if i not in in_axes]
@@ -359,29 +360,22 @@ def import_gguf(path, params, *, base, tensor_name, layouts: LoraConfig | None =
                           f"{big_b.shape} do not fit the kernel's {shape} (in_axes={layout.in_axes}); pass "
                           "layouts=jlora.infer_layouts(...)")
             continue
-        layers.setdefault(p, {})[index] = (big_a.T.reshape(*in_dims, rank),
-                                           big_b.T.reshape(rank, *out_dims))
+        layers.setdefault(p, {})[index] = {"a": big_a.T.reshape(*in_dims, rank),
+                                           "b": big_b.T.reshape(rank, *out_dims)}
         ranks.add(rank)
     if len(ranks) > 1:
         errors.append(f"ranks {sorted(ranks)} differ; a llama.cpp adapter of one alpha scales each by "
                       "alpha/r, which jlora reads only for one rank")
     adapters = {}
     for p, got in layers.items():  # a stacked kernel's layers back into its layout
-        rule = None if layouts is None else layouts.rule_for(p)
-        stack = tuple(np.shape(leaves[p])[i] for i in rule.stack_axes) if rule is not None else ()
-        missing = [i for i in np.ndindex(*stack) if i not in got]
+        factors, missing = restack(got, stack_shape(layouts, p, np.shape(leaves[p])))
         if missing:
             name = namer(p, missing[0])
             errors.append(f"{p}: the file has {len(got)} of its {len(got) + len(missing)} layers; missing "
                           f"layers {missing[:5]}{' ...' if len(missing) > 5 else ''}"
                           f"{f' (the first would be {name!r})' if isinstance(name, str) else ''}")
             continue
-        order = list(np.ndindex(*stack))
-        a = np.stack([got[i][0] for i in order]).reshape(*stack, *got[order[0]][0].shape)
-        b = np.stack([got[i][1] for i in order]).reshape(*stack, *got[order[0]][1].shape)
-        layout = default_layout(p, np.ndim(leaves[p]), None if rule is None else rule.in_axes,
-                                () if rule is None else rule.stack_axes)
-        adapters[p] = (a, b, layout)
+        adapters[p] = (factors["a"], factors["b"], layout_of(p))
     if errors:
         raise ValueError(f"{who}: cannot read {path}:\n  " + "\n  ".join(errors[:20]))
     rank = ranks.pop()

@@ -70,7 +70,7 @@ import safetensors.numpy
 from jax.experimental import multihost_utils
 
 from jlora._config import LoraConfig, Rule
-from jlora._foreign import name_mapping, one_layer, user_path, with_index, write_folder
+from jlora._foreign import name_mapping, one_layer, restack, stack_shape, user_path, with_index, write_folder
 from jlora._layout import default_layout
 from jlora._paths import flatten, nest
 from jlora._plan import Plan
@@ -226,6 +226,12 @@ def _expert_patterns(experts) -> list[tuple[str, str | None]]:
     return items
 
 
+def _expert_of(patterns, path: str) -> tuple[int, str] | None:
+    """``(order of its pattern, torch parameter name)`` of an expert kernel, None for any other leaf."""
+    return next(((k, name or path.rsplit("/", 1)[-1]) for k, (pattern, name) in enumerate(patterns)
+                 if re.fullmatch(pattern, path)), None)
+
+
 def _expert_slots(namer, patterns, kernels: Mapping[str, tuple[int, ...]]):
     """Where each expert kernel's layers go in PEFT's file.
 
@@ -238,8 +244,7 @@ def _expert_slots(namer, patterns, kernels: Mapping[str, tuple[int, ...]]):
     on_module: dict[str, list[tuple[int, str, str, tuple[int, ...]]]] = {}
     errors = []
     for path, layers in kernels.items():
-        order, name = next((k, n or path.rsplit("/", 1)[-1]) for k, (pattern, n) in enumerate(patterns)
-                           if re.fullmatch(pattern, path))
+        order, name = _expert_of(patterns, path)
         for index in np.ndindex(*layers):
             try:
                 module = _module_of(namer, path, index)
@@ -472,12 +477,16 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
             continue
         lay = t.layout
         stack, layer_shape, in_axes = one_layer(lay, t.shape)
-        if any(re.fullmatch(pattern, path) for pattern, _ in expert_patterns):
-            why = ("it has no stack axis for its experts (stack_axes, as jlora.infer_layouts finds)"
-                   if not stack
-                   else f"one expert's kernel is {layer_shape}, and PEFT's expert parameters are (E, out, in)"
-                   if len(layer_shape) != 2 else "DoRA is not defined on PEFT's parameter targets"
-                   if config.dora else "it is a conv kernel" if is_conv else "")
+        if _expert_of(expert_patterns, path) is not None:
+            why = ""
+            if not stack:
+                why = "it has no stack axis for its experts (stack_axes, as jlora.infer_layouts finds)"
+            elif len(layer_shape) != 2:
+                why = f"one expert's kernel is {layer_shape}, and PEFT's expert parameters are (E, out, in)"
+            elif config.dora:
+                why = "DoRA is not defined on PEFT's parameter targets"
+            elif is_conv:
+                why = "it is a conv kernel"
             if why:
                 errors.append(f"{path} (shape {t.shape}) is no expert kernel PEFT can adapt: {why}")
             else:
@@ -526,9 +535,10 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
             alphas[module] = t.alpha
     slots, slot_errors = _expert_slots(namer, expert_patterns, expert_kernels)
     errors += slot_errors
+    host = {path: [np.asarray(x) for x in values[path][:2]] for path in expert_kernels}  # once per kernel
     for (path, index), (module, param) in slots.items():
         t = targets[path]
-        a, b = (np.asarray(x) for x in values[path][:2])
+        a, b = host[path]
         big_a, big_b = _experts_to_torch(a[index], b[index], t.rank)
         where = f"{path} layer {index}" if index else path
         put(f"{module}.lora_A.weight", big_a, where)
@@ -830,9 +840,8 @@ def import_peft(directory, params, *, module_name=None, layouts: LoraConfig | No
     by_name: dict[str, list[tuple[str, tuple[int, ...]]]] = {}  # "module.param" -> (leaf path, layer)
     expert_kernels, errors = {}, []  # expert kernel path -> its layer stack shape
     for path, leaf in leaves.items():
-        rule = None if layouts is None else layouts.rule_for(path)
-        stack = tuple(np.shape(leaf)[i] for i in rule.stack_axes) if rule is not None else ()
-        if any(re.fullmatch(pattern, path) for pattern, _ in expert_patterns):
+        stack = stack_shape(layouts, path, np.shape(leaf))
+        if _expert_of(expert_patterns, path) is not None:
             if stack:
                 expert_kernels[path] = stack[:-1]
             else:
@@ -953,8 +962,8 @@ def import_peft(directory, params, *, module_name=None, layouts: LoraConfig | No
         groups.setdefault((*group, in_axes, ()), []).append(path)
     for path, got in layers.items():  # stack each stacked kernel's layers back into its layout
         rule = layouts.rule_for(path)
-        stack = expert_kernels.get(path, tuple(np.shape(leaves[path])[i] for i in rule.stack_axes))
-        missing = [i for i in np.ndindex(*stack) if i not in got]
+        stack = expert_kernels.get(path, stack_shape(layouts, path, np.shape(leaves[path])))
+        stacked, missing = restack({i: adapter for i, (adapter, _) in got.items()}, stack)
         kinds = {g for _, g in got.values()}
         if missing:
             more = " ..." if len(missing) > 5 else ""
@@ -966,9 +975,7 @@ def import_peft(directory, params, *, module_name=None, layouts: LoraConfig | No
             errors.append(f"{path}: its layers have different ranks/alphas {sorted(kinds)}; one stacked "
                           "kernel takes one rank and alpha")
             continue
-        first = got[next(iter(np.ndindex(*stack)))][0]
-        adapters[path] = {factor: np.stack([got[i][0][factor] for i in np.ndindex(*stack)]).reshape(
-            *stack, *first[factor].shape) for factor in first}
+        adapters[path] = stacked
         layout = default_layout(path, len(np.shape(leaves[path])), rule.in_axes, rule.stack_axes)
         groups.setdefault((*kinds.pop(), layout.in_axes, layout.stack_axes), []).append(path)
 

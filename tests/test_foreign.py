@@ -2,9 +2,11 @@
 
 import os
 
+import numpy as np
 import pytest
 
-from jlora._foreign import name_mapping, one_layer, with_index, write_file
+import jlora
+from jlora._foreign import name_mapping, one_layer, restack, stack_shape, with_index, write_file
 from jlora._layout import Layout
 
 
@@ -35,6 +37,25 @@ def test_the_index_follows_the_layer_container():
     assert with_index("transformer.h.attn", (0,)) == "transformer.h.0.attn"
     assert with_index("encoder.mlp", (1, 2)) == "encoder.1.2.mlp"  # no container: after the first part
     assert with_index("model.layers.q", ()) == "model.layers.q"
+
+
+def test_stack_shape_reads_the_layouts_stack_axes():
+    layouts = jlora.LoraConfig(rank=2, targets=jlora.Rule(pattern=r".*/scan/.*", stack_axes=(1, 0)))
+    assert stack_shape(layouts, "p/scan/kernel", (3, 5, 8, 4)) == (5, 3)
+    assert stack_shape(layouts, "p/other/kernel", (3, 5, 8, 4)) == ()
+    assert stack_shape(None, "p/scan/kernel", (3, 5, 8, 4)) == ()
+
+
+def test_restack_orders_layers_row_major_and_names_the_missing():
+    got = {(i, j): {"a": np.full((2, 1), 10 * i + j), "b": np.full((1, 3), -(10 * i + j))}
+           for i in range(2) for j in range(3)}
+    factors, missing = restack(got, (2, 3))
+    assert missing == [] and factors["a"].shape == (2, 3, 2, 1) and factors["b"].shape == (2, 3, 1, 3)
+    assert factors["a"][1, 2, 0, 0] == 12 and factors["b"][0, 1, 0, 2] == -1
+    del got[1, 0], got[0, 2]
+    assert restack(got, (2, 3)) == ({}, [(0, 2), (1, 0)])
+    one, none_missing = restack({(): {"a": np.ones(2)}}, ())
+    assert none_missing == [] and one["a"].shape == (2,)
 
 
 def test_one_layer_takes_the_stack_axes_out():
