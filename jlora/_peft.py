@@ -544,9 +544,6 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
         put(f"{module}.lora_A.weight", big_a, where)
         put(f"{module}.lora_B.weight", big_b, where)
         ranks[param], alphas[param] = t.rank, t.alpha  # PEFT's patterns match the parameter's name
-    if slots and fan_in_fan_out:
-        errors.append("fan_in_fan_out=True with expert kernels: PEFT refuses fan_in_fan_out on parameter "
-                      "targets; export the Conv1D modules' adapters separately")
     if not errors:
         clash = sorted({param.rsplit(".", 1)[0] for _, param in slots.values()} & (set(ranks) | full_modules))
         if clash:
@@ -569,11 +566,12 @@ def export_peft(directory, trainable, config: LoraConfig, *, frozen=None, module
         )
     elif fan_in_fan_out is None:
         fan_in_fan_out = any(linear_2d.values())
-        if fan_in_fan_out and expert_kernels:
-            errors.append("the 2-D kernels are used transposed (fan_in_fan_out), which PEFT refuses beside "
-                          "expert parameters; export the experts' adapters and the others separately")
     elif not isinstance(fan_in_fan_out, bool):
         raise TypeError(f"export_peft: fan_in_fan_out must be True, False or None, got {fan_in_fan_out!r}.")
+    if fan_in_fan_out and expert_kernels:
+        errors.append("fan_in_fan_out (passed, or read off 2-D kernels used transposed) beside expert "
+                      "kernels: PEFT refuses it on parameter targets; export the experts' adapters and the "
+                      "others separately")
     if errors:
         raise ValueError("export_peft: cannot write a PEFT adapter:\n  " + "\n  ".join(errors))
 

@@ -1250,9 +1250,13 @@ def test_moe_refusals_name_the_kernels_and_the_fix(tmp_path):
         import_peft(MOE / "experts", params, module_name=smollm2.hf_module_name, layouts=layouts)
     with pytest.raises(ValueError, match=r"experts pattern matches it, but layouts give it no stack axis"):
         import_peft(MOE / "experts", params, module_name=smollm2.hf_module_name, experts=EXPERTS)
+    with pytest.raises(ValueError, match=r"fan_in_fan_out \(passed, or read off 2-D kernels used "
+                                         r"transposed\) beside expert kernels: PEFT refuses it"):
+        export_peft(tmp_path / "w", trainable, config, module_name=smollm2.hf_module_name, experts=EXPERTS,
+                    fan_in_fan_out=True)
     with pytest.raises(TypeError, match=r"experts must be a regex"):
         export_peft(tmp_path / "z", trainable, config, experts=3)
-    assert not any((tmp_path / d).exists() for d in "xyz")
+    assert not any((tmp_path / d).exists() for d in "wxyz")
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
